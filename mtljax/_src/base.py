@@ -1,0 +1,188 @@
+"""The method contract: a multi-task method is a pair of pure functions plus what it needs.
+
+A method either yields **weights** ``w ∈ ℝᵀ`` (the shared update is ``Jᵀw``) or a **direction**
+(an arbitrary function of the Jacobian). It declares what it needs so that the train step computes
+only that:
+
+* ``"losses"``: the loss vector only (one backward, like equal weighting);
+* ``"gramian"``: the Gramian ``G = J Jᵀ`` of the task Jacobian (a weighting that depends on the
+  gradients only through their inner products; works on parameter- or feature-level Jacobians);
+* ``"jacobian"``: the Jacobian itself (e.g. element-wise operations on gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+Needs = Literal["losses", "gramian", "jacobian"]
+ParamSubset = Literal["all", "last"]
+HeadGrads = Literal["weighted", "unit"]
+
+WeightsFn = Callable[
+    [jax.Array, jax.Array | None, PyTree, jax.Array | None], tuple[jax.Array, PyTree]
+]
+DirectionFn = Callable[[PyTree, jax.Array, PyTree, jax.Array | None], tuple[PyTree, PyTree]]
+
+_NEEDS = ("losses", "gramian", "jacobian")
+
+
+class Method(NamedTuple):
+    """A multi-task method: ``init`` and either ``weights`` or ``direction``, all pure.
+
+    Attributes:
+      name: the factory's name (``"upgrad"``, ``"uw"``...).
+      init: ``num_tasks -> state``, a pytree of arrays (may be an empty tuple).
+      needs: ``"losses"``, ``"gramian"`` or ``"jacobian"`` (see the module docstring).
+      weights: ``(losses, gramian, state, key) -> (w, state)`` with ``w: f32[T]``; ``gramian`` is
+        ``None`` when ``needs == "losses"``. Exactly one of ``weights`` and ``direction`` is set.
+      direction: ``(jacobian, losses, state, key) -> (direction, state)``, the jacobian a pytree
+        whose leaves have a leading task axis and the direction the same structure without it.
+      params: which shared parameters the Jacobian/Gramian is taken over: ``"all"`` of them or the
+        ``"last"`` shared layer only (GradNorm's default), as declared by the model.
+      head_grads: what task-specific parameters receive in the train step: ``"weighted"``
+        (``wᵢ∇Lᵢ``, the gradient of the weighted objective) or ``"unit"`` (``∇Lᵢ``).
+      min_tasks: the fewest tasks the method is defined for.
+    """
+
+    name: str
+    init: Callable[[int], PyTree]
+    needs: Needs = "losses"
+    weights: WeightsFn | None = None
+    direction: DirectionFn | None = None
+    params: ParamSubset = "all"
+    head_grads: HeadGrads = "weighted"
+    min_tasks: int = 1
+
+
+def make_method(
+    name: str,
+    init: Callable[[int], PyTree],
+    *,
+    needs: Needs,
+    weights: WeightsFn | None = None,
+    direction: DirectionFn | None = None,
+    params: ParamSubset = "all",
+    head_grads: HeadGrads = "weighted",
+    min_tasks: int = 1,
+) -> Method:
+    """Builds a :class:`Method`, checking its declaration and wrapping ``init`` to check ``T``."""
+    if needs not in _NEEDS:
+        raise ValueError(f"{name}: needs must be one of {_NEEDS}, got {needs!r}")
+    if (weights is None) == (direction is None):
+        raise ValueError(f"{name}: give exactly one of `weights` and `direction`")
+    if direction is not None and needs != "jacobian":
+        raise ValueError(f"{name}: a direction method needs the jacobian, declared {needs!r}")
+    if params not in ("all", "last"):
+        raise ValueError(f"{name}: params must be 'all' or 'last', got {params!r}")
+    if head_grads not in ("weighted", "unit"):
+        raise ValueError(f"{name}: head_grads must be 'weighted' or 'unit', got {head_grads!r}")
+
+    def checked_init(num_tasks: int) -> PyTree:
+        check_num_tasks(name, num_tasks, min_tasks)
+        return init(int(num_tasks))
+
+    return Method(name, checked_init, needs, weights, direction, params, head_grads, min_tasks)
+
+
+def check_num_tasks(name: str, num_tasks: Any, min_tasks: int) -> None:
+    if not isinstance(num_tasks, int) or isinstance(num_tasks, bool):
+        raise TypeError(f"{name}.init: num_tasks must be an int, got {num_tasks!r}")
+    if num_tasks < min_tasks:
+        raise ValueError(f"{name} needs at least {min_tasks} tasks, got num_tasks={num_tasks}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Jacobian pytrees
+
+
+def num_tasks_of(jacobian: PyTree) -> int:
+    leaves = jax.tree_util.tree_leaves(jacobian)
+    if not leaves:
+        raise ValueError("the jacobian has no leaves")
+    sizes = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
+    if len(sizes) != 1 or None in sizes:
+        shapes = [leaf.shape for leaf in leaves]
+        raise ValueError(
+            f"every jacobian leaf needs the same leading task axis; got leaf shapes {shapes}"
+        )
+    return sizes.pop()
+
+
+def gramian(jacobian: PyTree) -> jax.Array:
+    """``G = J Jᵀ`` (T×T), summed over the leaves of a Jacobian pytree, in float32 or wider."""
+    leaves = jax.tree_util.tree_leaves(jacobian)
+    t = num_tasks_of(jacobian)
+    g = jnp.zeros((t, t), jnp.promote_types(leaves[0].dtype, jnp.float32))
+    for leaf in leaves:
+        m = leaf.reshape(t, -1).astype(g.dtype)
+        g = g + jnp.matmul(m, m.T, precision=jax.lax.Precision.HIGHEST)
+    return 0.5 * (g + g.T)
+
+
+def combine(weights: jax.Array, jacobian: PyTree) -> PyTree:
+    """``Jᵀw``: the weighted sum of the task rows of every leaf."""
+    return jax.tree_util.tree_map(
+        lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1), jacobian
+    )
+
+
+def _check_losses(name: str, losses: jax.Array, t: int) -> jax.Array:
+    losses = jnp.asarray(losses)
+    if losses.shape != (t,):
+        raise ValueError(
+            f"{name}: losses must have shape (T,) = ({t},) to match the jacobian's task axis, "
+            f"got {losses.shape}"
+        )
+    return losses
+
+
+def aggregate(
+    method: Method,
+    jacobian: PyTree,
+    losses: jax.Array,
+    state: PyTree,
+    *,
+    key: jax.Array | None = None,
+) -> tuple[PyTree, PyTree]:
+    """Applies ``method`` to a task Jacobian: returns ``(direction, new_state)``.
+
+    ``jacobian`` is a pytree whose leaves carry a leading task axis of size ``T`` (a ``(T, P)``
+    matrix is one); ``direction`` has the same structure without the task axis. Pure and
+    jittable: ``jax.jit(functools.partial(mtljax.aggregate, method))``.
+    """
+    if not isinstance(method, Method):
+        raise TypeError(f"aggregate: expected an mtljax Method, got {type(method).__name__}")
+    t = num_tasks_of(jacobian)
+    check_num_tasks(method.name, t, method.min_tasks)
+    losses = _check_losses(method.name, losses, t)
+    if method.weights is not None:
+        g = gramian(jacobian) if method.needs != "losses" else None
+        w, state = method.weights(losses, g, state, key)
+        return combine(w, jacobian), state
+    return method.direction(jacobian, losses, state, key)
+
+
+def weights_from_gramian(
+    method: Method,
+    gramian_matrix: jax.Array,
+    losses: jax.Array,
+    state: PyTree,
+    *,
+    key: jax.Array | None = None,
+) -> tuple[jax.Array, PyTree]:
+    """Runs a weighting method on a Gramian alone (parameter- or feature-level)."""
+    if method.weights is None:
+        raise ValueError(
+            f"{method.name} yields a direction from the full jacobian, not weights from a Gramian"
+        )
+    g = jnp.asarray(gramian_matrix)
+    if g.ndim != 2 or g.shape[0] != g.shape[1]:
+        raise ValueError(f"{method.name}: the Gramian must be square (T, T), got {g.shape}")
+    check_num_tasks(method.name, g.shape[0], method.min_tasks)
+    losses = _check_losses(method.name, losses, g.shape[0])
+    return method.weights(losses, g if method.needs != "losses" else None, state, key)

@@ -1,0 +1,83 @@
+"""Uncertainty weighting (Kendall, Gal & Cipolla 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtljax._src.base import Method, make_method
+from mtljax._src.methods import _common
+
+_KINDS = ("regression", "classification")
+
+
+class UWState(NamedTuple):
+    log_vars: jax.Array  # sᵢ = log σᵢ², f32[T]
+    opt_state: optax.OptState
+
+
+def uw(
+    kinds: str | Sequence[str] = "regression",
+    *,
+    learning_rate: float = 1e-3,
+    optimizer: optax.GradientTransformation | None = None,
+    init_log_var: float = 0.0,
+) -> Method:
+    """Homoscedastic uncertainty weighting.
+
+    Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses for Scene
+    Geometry and Semantics", CVPR 2018. With ``sᵢ = log σᵢ²`` learned per task, the objective is
+
+    * regression tasks (Gaussian likelihood, eq. 7): ``½ e^{-sᵢ} Lᵢ + ½ sᵢ``;
+    * classification tasks (scaled softmax, eq. 10): ``e^{-sᵢ} Lᵢ + ½ sᵢ``.
+
+    The model's update uses the weights ``wᵢ = ½e^{-sᵢ}`` (regression) or ``e^{-sᵢ}``
+    (classification) evaluated at the current ``s``; ``s`` is updated in the same step by the
+    method's own optimizer (Adam, ``learning_rate``) with the gradient of that objective,
+    ``∂/∂sᵢ = ½ − cᵢ e^{-sᵢ} Lᵢ`` (``cᵢ`` = ½ or 1). At stationarity ``e^{sᵢ} = Lᵢ`` for a
+    regression task and ``e^{sᵢ} = 2Lᵢ`` for a classification task.
+
+    Args:
+      kinds: ``"regression"``, ``"classification"``, or one of these per task.
+      learning_rate: Adam's learning rate for ``s`` (ignored when ``optimizer`` is given).
+      optimizer: an optax optimizer for ``s``.
+      init_log_var: the initial ``sᵢ``.
+
+    Scale: weights are ``½e^{-s}`` or ``e^{-s}`` (1/2 or 1 at initialisation). Task-specific
+    parameters get ``wᵢ∇Lᵢ``, the gradient of the objective above.
+    """
+    name = "uw"
+    opt = _common.weight_optimizer(optimizer, learning_rate, name)
+    if isinstance(kinds, str):
+        _common.check_choice(name, "kinds", kinds, _KINDS)
+    else:
+        kinds = tuple(kinds)
+        for k in kinds:
+            _common.check_choice(name, "kinds", k, _KINDS)
+    s0 = float(init_log_var)
+
+    def coefficients(num_tasks: int) -> jax.Array:
+        if isinstance(kinds, str):
+            return jnp.full((num_tasks,), 0.5 if kinds == "regression" else 1.0)
+        if len(kinds) != num_tasks:
+            raise ValueError(f"uw: {len(kinds)} kinds were given but there are {num_tasks} tasks")
+        return jnp.asarray([0.5 if k == "regression" else 1.0 for k in kinds])
+
+    def init(num_tasks: int) -> UWState:
+        coefficients(num_tasks)
+        log_vars = jnp.full((num_tasks,), s0, jnp.float32)
+        return UWState(log_vars, opt.init(log_vars))
+
+    def weights(losses, gramian, state: UWState, key):
+        c = coefficients(losses.shape[0]).astype(state.log_vars.dtype)
+        w = c * jnp.exp(-state.log_vars)
+        grad_s = 0.5 - w * jax.lax.stop_gradient(losses).astype(w.dtype)
+        updates, opt_state = opt.update(grad_s, state.opt_state, state.log_vars)
+        new_state = UWState(optax.apply_updates(state.log_vars, updates), opt_state)
+        return w.astype(losses.dtype), new_state
+
+    return make_method(name, init, needs="losses", weights=weights)

@@ -1,0 +1,43 @@
+"""Homogeneous task heads stacked along a task axis and applied as one batched matmul."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class StackedLinear(nnx.Module):
+    """``T`` linear heads in one kernel ``(T, in, out)`` and bias ``(T, out)``.
+
+    Applied to a shared representation ``x: (..., in)`` it returns ``(T, ..., out)``; applied to
+    per-task inputs ``x: (T, ..., in)`` with ``per_task=True`` it maps each task's input by its
+    own head. Either way it is one batched matmul, not ``T`` small ones.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_tasks: int, *, rngs: nnx.Rngs):
+        if min(in_features, out_features, num_tasks) < 1:
+            raise ValueError(
+                "StackedLinear: in_features, out_features and num_tasks must be positive, got "
+                f"{(in_features, out_features, num_tasks)}"
+            )
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(
+            jax.vmap(lambda k: init(k, (in_features, out_features)))(
+                jax.random.split(rngs.params(), num_tasks)
+            )
+        )
+        self.bias = nnx.Param(jnp.zeros((num_tasks, out_features)))
+        self.num_tasks = num_tasks
+
+    def __call__(self, x: jax.Array, *, per_task: bool = False) -> jax.Array:
+        kernel, bias = self.kernel[...], self.bias[...]
+        bias = bias.reshape((bias.shape[0],) + (1,) * (x.ndim - per_task - 1) + bias.shape[1:])
+        if per_task:
+            if x.shape[0] != self.num_tasks:
+                raise ValueError(
+                    f"StackedLinear: per-task input needs a leading axis of {self.num_tasks} "
+                    f"tasks, got shape {x.shape}"
+                )
+            return jnp.einsum("t...i,tio->t...o", x, kernel) + bias
+        return jnp.einsum("...i,tio->t...o", x, kernel) + bias

@@ -1,0 +1,37 @@
+"""Problem registry: name -> factory ``(seed, **options) -> Problem``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mtljax._src.problems.base import Problem
+
+_PROBLEMS: dict[str, Callable[..., Problem]] = {}
+
+
+def register(name: str) -> Callable:
+    def deco(factory: Callable[..., Problem]) -> Callable[..., Problem]:
+        if name in _PROBLEMS:
+            raise ValueError(f"problem {name!r} is registered twice")
+        _PROBLEMS[name] = factory
+        return factory
+
+    return deco
+
+
+def names() -> tuple[str, ...]:
+    _load_all()
+    return tuple(_PROBLEMS)
+
+
+def get(name: str, *, seed: int = 0, **options) -> Problem:
+    """Builds a built-in problem by name."""
+    _load_all()
+    if name not in _PROBLEMS:
+        raise ValueError(f"unknown problem {name!r}; valid problems: {', '.join(_PROBLEMS)}")
+    return _PROBLEMS[name](seed=seed, **options)
+
+
+def _load_all() -> None:
+    # Importing the modules registers their problems.
+    from mtljax._src.problems import gradnorm_toy, uw_noise  # noqa: F401
