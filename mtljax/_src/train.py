@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -161,6 +162,7 @@ class TrainStep:
         )
         self._checked = False
         self.jitted = jax.jit(self._step)
+        self._scan_jitted = jax.jit(self._scan, static_argnums=1)
 
     def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         key, method_key = jax.random.split(state.key)
@@ -183,7 +185,7 @@ class TrainStep:
             keep = state._replace(key=key, step=state.step + 1, skipped=state.skipped + 1)
             new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, keep)
             metrics["finite"] = ok
-        metrics["update_norm"] = optax.global_norm(updates)
+        metrics["update_norm"] = optax.tree.norm(updates)
         return new, metrics
 
     def __call__(self, state: TrainState, batch: Batch):
@@ -191,6 +193,24 @@ class TrainStep:
             self.model.check(state.params, batch)
             self._checked = True
         return self.jitted(state, batch)
+
+    def _scan(self, state, sample, keys):
+        def body(s, k):
+            return self._step(s, sample(k))
+
+        return jax.lax.scan(body, state, keys)
+
+    def scan(
+        self, state: TrainState, sample: Callable[[jax.Array], Batch], keys: jax.Array
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """Runs ``len(keys)`` steps as one jitted ``lax.scan``, step ``i`` on ``sample(keys[i])``.
+
+        Returns the final state and the metrics of every step, stacked along a leading axis.
+        """
+        if not self._checked:
+            self.model.check(state.params, jax.eval_shape(sample, keys[0]))
+            self._checked = True
+        return self._scan_jitted(state, sample, keys)
 
 
 def make_train_step(
