@@ -1,0 +1,82 @@
+"""Dynamic Weight Average (Liu, Johns & Davison 2019)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mtljax._src.base import Method, make_method
+from mtljax._src.methods import _common
+
+
+class DWAState(NamedTuple):
+    last: jax.Array  # Lᵢ(t−1): the mean loss of the last completed period, f32[T]
+    before_last: jax.Array  # Lᵢ(t−2), f32[T]
+    completed: jax.Array  # number of completed periods (saturates at 2), i32
+    window_sum: jax.Array  # Σ of the losses seen in the current period, f32[T]
+    window_count: jax.Array  # steps seen in the current period, i32
+
+
+def dwa(temperature: float = 2.0, *, period: int = 1) -> Method:
+    """Dynamic Weight Average: weights from the relative rate of descent of each loss.
+
+    Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019:
+
+        rᵢ(t−1) = Lᵢ(t−1) / Lᵢ(t−2),    wᵢ(t) = T · exp(rᵢ(t−1)/τ) / Σⱼ exp(rⱼ(t−1)/τ),
+
+    with temperature ``τ = 2`` and ``wᵢ = 1`` for the first two periods, when no ratio exists
+    yet. A task whose loss fell slowly (large ``rᵢ``) gets more weight.
+
+    The paper's ``Lᵢ(t)`` is the loss averaged over epoch ``t`` and the weights stay fixed within
+    an epoch. Here a *period* is ``period`` consecutive steps: ``period=1`` (the default) uses
+    the previous two steps' losses; ``period = steps per epoch`` is the paper's epoch-level rule
+    (the mean loss over each period, weights recomputed once per period from the last two
+    completed periods and constant within a period). The state holds the two last period means.
+
+    Guards: a ratio with ``Lᵢ(t−2) = 0`` is taken as 1, and ratios are clipped to a finite range
+    so that the softmax stays finite for any finite losses.
+
+    Args:
+      temperature: the softmax temperature ``τ > 0`` (paper: 2).
+      period: steps per period (≥ 1); set it to the number of steps in an epoch for the paper's
+        epoch-averaged variant.
+
+    Scale: ``Σᵢ wᵢ = T`` (equal weights are all 1, as for ``ew()``). Task-specific parameters get
+    ``wᵢ∇Lᵢ``.
+    """
+    name = "dwa"
+    tau = _common.check_positive(name, "temperature", temperature)
+    if not isinstance(period, int) or isinstance(period, bool) or period < 1:
+        raise ValueError(f"{name}: period must be an int ≥ 1, got {period!r}")
+
+    def init(num_tasks: int) -> DWAState:
+        zeros = jnp.zeros((num_tasks,), jnp.float32)
+        zero = jnp.zeros((), jnp.int32)
+        return DWAState(zeros, zeros, zero, zeros, zero)
+
+    def weights(losses, gramian, state: DWAState, key):
+        t, dtype = losses.shape[0], losses.dtype
+        losses = jax.lax.stop_gradient(losses).astype(state.last.dtype)
+        big = jnp.finfo(state.last.dtype).max / 4
+        ratio = _common.safe_div(state.last, state.before_last)
+        ratio = jnp.where(state.before_last == 0, 1.0, ratio)
+        ratio = jnp.clip(jnp.nan_to_num(ratio, nan=1.0, posinf=big, neginf=-big), -big, big)
+        w_dwa = t * jax.nn.softmax(ratio / tau)
+        w = jnp.where(state.completed >= 2, w_dwa, jnp.ones_like(w_dwa))
+
+        window_sum = state.window_sum + losses
+        window_count = state.window_count + 1
+        done = window_count >= period
+        mean = window_sum / window_count.astype(window_sum.dtype)
+        new_state = DWAState(
+            last=jnp.where(done, mean, state.last),
+            before_last=jnp.where(done, state.last, state.before_last),
+            completed=jnp.where(done, jnp.minimum(state.completed + 1, 2), state.completed),
+            window_sum=jnp.where(done, jnp.zeros_like(window_sum), window_sum),
+            window_count=jnp.where(done, jnp.zeros_like(window_count), window_count),
+        )
+        return w.astype(dtype), new_state
+
+    return make_method(name, init, needs="losses", weights=weights)

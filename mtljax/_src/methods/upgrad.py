@@ -1,0 +1,86 @@
+"""UPGrad (Quinton & Rey 2024): the mean of the task gradients projected onto the dual cone."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+
+from mtljax._src import solvers
+from mtljax._src.base import Method, make_method
+from mtljax._src.methods import _common
+
+
+def check_pref_vector(name: str, pref_vector: Sequence[float] | None) -> tuple[float, ...] | None:
+    """Validates a preference vector: finite, non-negative entries, not all zero."""
+    if pref_vector is None:
+        return None
+    try:
+        values = tuple(float(v) for v in pref_vector)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name}: pref_vector must be a sequence of numbers, got {pref_vector!r}"
+        ) from None
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) == 0:
+        raise ValueError(
+            f"{name}: pref_vector must hold finite, non-negative numbers, not all zero; "
+            f"got {pref_vector!r}"
+        )
+    return values
+
+
+def pref_weights(name: str, pref: tuple[float, ...] | None, num_tasks: int) -> jnp.ndarray:
+    """The preference vector ``u`` (``1/T`` by default)."""
+    if pref is None:
+        return jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)
+    return _common.per_task_vector(name, "pref_vector", pref, num_tasks)
+
+
+def upgrad(pref_vector: Sequence[float] | None = None) -> Method:
+    """UPGrad: project each task gradient onto the dual cone of all of them, then average.
+
+    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", arXiv:2406.16232
+    (2024). With ``π_J`` the projection onto the dual cone ``{x : Jx ≥ 0}`` (the directions
+    that conflict with no task), the aggregation is
+
+        ``d = Σᵢ uᵢ π_J(gᵢ)``,   ``u = 1/T`` by default (the mean of the projections).
+
+    In Gramian terms ``π_J(Jᵀeᵢ) = Jᵀvᵢ`` with ``vᵢ = argmin_{v ≥ eᵢ} vᵀGv`` (Proposition 1 of
+    the paper), so ``d = Jᵀw`` with ``w = Σᵢ uᵢ vᵢ``: T box-constrained QPs, solved as one batch
+    on device by :func:`mtljax._src.solvers.project_dual_cone`. Properties (paper, Section 3):
+    non-conflicting (``Jd ≥ 0``); linear under scaling (scaling the rows by ``c > 0`` gives
+    ``d = Σᵢ cᵢuᵢ π_J(gᵢ)``, linear in ``c``; in particular ``d`` scales linearly with ``J``);
+    weighted (``d = Jᵀw``).
+
+    Regularisation: the paper projects exactly; its authors' library (torchjd) normalises ``G``
+    by its trace and adds ``10⁻⁴ I`` before calling a QP solver. Here ``G`` is rescaled and
+    given the much smaller relative ridge of :func:`mtljax._src.solvers.regularize` (``10⁻⁶``
+    in float32, ``10⁻¹⁰`` in float64), so ``Jd ≥ 0`` holds to that relative precision.
+
+    No state. Task-specific parameters get their own gradients ``∇Lᵢ``
+    (``head_grads="unit"``), as with Jacobian descent's multi-task backward.
+
+    Args:
+      pref_vector: the weights ``u`` combining the projected gradients (non-negative, one per
+        task); ``None`` for the mean, as in the paper.
+
+    Scale: with the default ``u = 1/T``, ``d`` equals the mean gradient when no two gradients
+    conflict (each ``gᵢ`` is then its own projection).
+    """
+    name = "upgrad"
+    pref = check_pref_vector(name, pref_vector)
+
+    def init(num_tasks: int):
+        pref_weights(name, pref, num_tasks)
+        return ()
+
+    def weights(losses, gramian, state, key):
+        t = losses.shape[0]
+        g = jnp.asarray(gramian)
+        dtype = solvers.compute_dtype(g)
+        u = pref_weights(name, pref, t).astype(dtype)
+        v = solvers.project_dual_cone(g.astype(dtype), jnp.eye(t, dtype=dtype))
+        return jnp.sum(u[:, None] * v, axis=0), state
+
+    return make_method(name, init, needs="gramian", weights=weights, head_grads="unit")

@@ -1,0 +1,365 @@
+"""Losses-only methods (DWA, RLW, GLS, FAMO, STCH): each one's defining property, checked
+against a direct computation, plus the contract every method must meet."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mtljax as mtl
+from mtljax._src.methods.gls import geometric_mean
+from mtljax._src.methods.stch import smooth_tchebycheff
+
+NAMES = ("dwa", "rlw", "gls", "famo", "stch")
+
+
+def weights_sequence(method, losses_seq, key=None):
+    """Runs ``method.weights`` on successive loss vectors; returns the weights and last state."""
+    state = method.init(len(losses_seq[0]))
+    fn = jax.jit(lambda l, s, k: method.weights(l, None, s, k))
+    out = []
+    for i, l in enumerate(losses_seq):
+        k = None if key is None else jax.random.fold_in(key, i)
+        w, state = fn(jnp.asarray(l, jnp.float32), state, k)
+        out.append(np.asarray(w))
+    return out, state
+
+
+# ----------------------------------------------------------------------------------------------
+# DWA
+
+
+def test_dwa_weights_from_hand_computed_ratios():
+    seq = [[2.0, 1.0, 4.0], [1.5, 0.9, 1.0], [1.2, 0.3, 0.9], [1.0, 0.2, 0.8]]
+    ws, _ = weights_sequence(mtl.methods.dwa(), seq)
+    np.testing.assert_allclose(ws[0], np.ones(3))
+    np.testing.assert_allclose(ws[1], np.ones(3))
+    for t in (2, 3):
+        r = np.asarray(seq[t - 1]) / np.asarray(seq[t - 2])
+        e = np.exp(r / 2.0)
+        np.testing.assert_allclose(ws[t], 3 * e / e.sum(), rtol=1e-6)
+        np.testing.assert_allclose(ws[t].sum(), 3.0, rtol=1e-6)
+    # The task whose loss fell least (task 0 at t=2: ratio 0.75 vs 0.9 and 0.25) weighs most.
+    assert np.argmax(ws[2]) == 1
+
+
+def test_dwa_temperature_and_period_average():
+    seq = np.abs(np.random.default_rng(0).normal(size=(9, 2))) + 0.5
+    ws, _ = weights_sequence(mtl.methods.dwa(temperature=5.0, period=3), seq)
+    for t in range(6):  # two periods without a ratio
+        np.testing.assert_allclose(ws[t], np.ones(2))
+    r = seq[3:6].mean(0) / seq[0:3].mean(0)
+    e = np.exp(r / 5.0)
+    for t in range(6, 9):  # constant within the third period
+        np.testing.assert_allclose(ws[t], 2 * e / e.sum(), rtol=1e-6)
+
+
+def test_dwa_zero_previous_loss_counts_as_ratio_one():
+    ws, _ = weights_sequence(mtl.methods.dwa(), [[0.0, 1.0], [0.5, 1.0], [0.5, 1.0]])
+    np.testing.assert_allclose(ws[2], np.ones(2), rtol=1e-6)  # ratios (1 by rule, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# RLW
+
+
+@pytest.mark.parametrize(
+    "distribution", ["normal", "uniform", "dirichlet", "bernoulli", "constrained_bernoulli"]
+)
+def test_rlw_reproducible_random_and_on_simplex(distribution):
+    method = mtl.methods.rlw(distribution)
+    losses = jnp.ones(3)
+    fn = jax.jit(jax.vmap(lambda k: method.weights(losses, None, (), k)[0]))
+    keys = jax.random.split(jax.random.key(0), 3000)
+    ws = np.asarray(fn(keys))
+    np.testing.assert_allclose(ws.sum(1), 1.0, rtol=1e-5)
+    assert np.all(ws >= 0)
+    np.testing.assert_array_equal(ws, fn(keys))  # same keys, same weights
+    assert len({tuple(np.round(w, 6)) for w in ws[:50]}) > 1  # different keys, different weights
+    np.testing.assert_allclose(ws.mean(0), np.full(3, 1 / 3), atol=0.03)  # exchangeable tasks
+    if distribution == "constrained_bernoulli":
+        assert np.all(np.sort(ws, 1)[:, :-1] == 0)
+    if distribution == "bernoulli":  # a uniform split over the selected tasks
+        for w in ws[:50]:
+            nz = w[w > 0]
+            np.testing.assert_allclose(nz, 1.0 / nz.size, rtol=1e-6)
+
+
+def test_rlw_default_is_softmax_of_a_standard_normal():
+    key = jax.random.key(7)
+    w, _ = mtl.methods.rlw().weights(jnp.ones(3), None, (), key)
+    np.testing.assert_allclose(w, jax.nn.softmax(jax.random.normal(key, (3,))), rtol=1e-6)
+
+
+def test_rlw_needs_a_key():
+    with pytest.raises(ValueError, match="key"):
+        mtl.aggregate(mtl.methods.rlw(), jnp.eye(2), jnp.ones(2), ())
+
+
+# ----------------------------------------------------------------------------------------------
+# GLS
+
+
+def test_gls_weights_are_the_gradient_of_the_geometric_mean():
+    losses = jnp.asarray([0.3, 2.0, 7.5, 1e-3])
+    w, _ = mtl.methods.gls().weights(losses, None, (), None)
+    g = jax.grad(lambda l: jnp.prod(l) ** (1 / 4))(losses)
+    np.testing.assert_allclose(w, g, rtol=1e-5)
+    np.testing.assert_allclose(w, geometric_mean(losses) / (4 * losses), rtol=1e-5)
+    # G is 1-homogeneous: Σ Lᵢ ∂G/∂Lᵢ = G.
+    np.testing.assert_allclose(jnp.dot(w, losses), geometric_mean(losses), rtol=1e-5)
+
+
+def test_gls_non_positive_losses_get_zero_weight():
+    losses = jnp.asarray([0.0, -1.0, 2.0, 0.5])
+    w, _ = mtl.methods.gls().weights(losses, None, (), None)
+    g = jax.grad(lambda l: geometric_mean(l, 1e-8))(jnp.asarray([0.5e-8, 0.5e-8, 2.0, 0.5]))
+    np.testing.assert_allclose(w[2:], g[2:], rtol=1e-5)
+    np.testing.assert_array_equal(w[:2], 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# FAMO
+
+
+def softmax(v):
+    e = np.exp(v - np.max(v))
+    return e / e.sum()
+
+
+def test_famo_first_weights_and_logit_update_by_hand():
+    beta, gamma = 0.1, 0.05
+    method = mtl.methods.famo(gamma=gamma, optimizer=optax.sgd(beta))
+    seq = np.asarray([[2.0, 0.5, 1.0], [1.0, 0.45, 0.5], [0.6, 0.4, 0.2]], np.float32)
+    ws, state = weights_sequence(method, seq)
+    # Step 0: ξ = 0, z uniform; w ∝ z / ℓ, normalised.
+    np.testing.assert_allclose(ws[0], (1 / seq[0]) / np.sum(1 / seq[0]), rtol=1e-6)
+    # Step t: ξ ← ξ − β(J_zᵀ δ + γ ξ), δ = log ℓ(t−1) − log ℓ(t); then w ∝ softmax(ξ)/ℓ(t).
+    xi = np.zeros(3)
+    for t in (1, 2):
+        delta = np.log(seq[t - 1]) - np.log(seq[t])
+        z = softmax(xi)
+        jac = np.diag(z) - np.outer(z, z)
+        xi = xi - beta * (jac.T @ delta + gamma * xi)
+        w = softmax(xi) / seq[t]
+        np.testing.assert_allclose(ws[t], w / w.sum(), rtol=1e-5)
+        np.testing.assert_allclose(ws[t].sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(state.logits, xi, rtol=1e-5, atol=1e-7)
+    # Task 2's log-loss fell most and task 1's least: the logits rank them accordingly.
+    assert np.argmin(xi) == 2 and np.argmax(xi) == 1
+
+
+def test_famo_default_steps_logits_with_adam_and_respects_min_losses():
+    seq = [[2.0, 1.0], [1.0, 0.9]]
+    _, state = weights_sequence(mtl.methods.famo(), seq)
+    # Adam's first step moves each logit by β against the sign of its gradient.
+    delta = np.log(seq[0]) - np.log(seq[1])
+    direction = 0.5 * (delta - delta.mean())
+    np.testing.assert_allclose(state.logits, -0.025 * np.sign(direction), rtol=1e-3)
+    # A floor ℓ*: weights ∝ 1/(ℓ − ℓ*) at the first step.
+    floored = mtl.methods.famo(min_losses=(-1.0, 0.5))
+    w, _ = floored.weights(jnp.asarray([1.0, 1.0]), None, floored.init(2), None)
+    np.testing.assert_allclose(w, [0.2, 0.8], rtol=1e-5)  # ∝ 1/(2, 0.5)
+
+
+def run_separable(method, steps=300, lr=2e-4):
+    """SGD on ℓ₁ = x², ℓ₂ = 100 y² (no shared curvature): log-loss decrease per task."""
+    c = jnp.asarray([1.0, 100.0])
+    opt = optax.sgd(lr)
+
+    def step(carry, _):
+        theta, state, opt_state = carry
+        losses, vjp = jax.vjp(lambda th: c * th**2, theta)
+        w, state = method.weights(losses, None, state, None)
+        updates, opt_state = opt.update(vjp(w)[0], opt_state, theta)
+        return (optax.apply_updates(theta, updates), state, opt_state), jnp.log(losses)
+
+    theta = jnp.ones(2)
+    carry = (theta, method.init(2), opt.init(theta))
+    _, logs = jax.jit(lambda c0: jax.lax.scan(step, c0, None, length=steps))(carry)
+    return np.asarray(logs[-101] - logs[-1])
+
+
+def test_famo_equalises_the_rate_of_decrease_of_log_losses():
+    ew_rates = run_separable(mtl.methods.ew("mean"))
+    famo_rates = run_separable(mtl.methods.famo())
+    assert ew_rates[1] / ew_rates[0] > 50  # equal weights: the stiff task races ahead
+    np.testing.assert_allclose(famo_rates[0], famo_rates[1], rtol=0.02)
+    assert np.all(famo_rates > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# STCH
+
+
+def test_stch_weights_are_the_gradient_of_the_smooth_tchebycheff_value():
+    losses = jnp.asarray([0.4, 1.3, 0.9])
+    pref, ideal = jnp.asarray([0.2, 0.5, 0.3]), jnp.asarray([0.1, 0.0, -0.2])
+    for mu in (0.05, 0.5, 3.0):
+        m = mtl.methods.stch(mu=mu, preference=pref.tolist(), ideal=ideal.tolist())
+        w, _ = m.weights(losses, None, m.init(3), None)
+        g = jax.grad(lambda l, mu=mu: smooth_tchebycheff(l, mu, pref, ideal))(losses)
+        np.testing.assert_allclose(w, g, rtol=1e-5)
+    m = mtl.methods.stch(mu=0.7, log_losses=True)
+    w, _ = m.weights(losses, None, m.init(3), None)
+    g = jax.grad(lambda l: smooth_tchebycheff(jnp.log(l), 0.7, jnp.ones(3), jnp.zeros(3)))(losses)
+    np.testing.assert_allclose(w, g, rtol=1e-5)
+
+
+def test_stch_approaches_the_tchebycheff_max_as_mu_vanishes():
+    losses = jnp.asarray([0.4, 1.3, 0.9])
+    pref = jnp.asarray([2.0, 0.5, 1.0])  # λ(L − z) = (0.8, 0.65, 0.9): task 2 is the worst
+    worst = float(jnp.max(pref * losses))
+    values = [float(smooth_tchebycheff(losses, mu, pref, jnp.zeros(3))) for mu in (1, 0.1, 1e-3)]
+    assert values[0] > values[1] > values[2] >= worst
+    assert values[2] - worst < 1e-2
+    m = mtl.methods.stch(mu=1e-3, preference=pref.tolist())
+    w, _ = m.weights(losses, None, m.init(3), None)
+    np.testing.assert_allclose(w, [0.0, 0.0, 1.0], atol=1e-6)
+    m = mtl.methods.stch(mu=1e3)  # large μ: nearly uniform convex weights
+    w, _ = m.weights(losses, None, m.init(3), None)
+    np.testing.assert_allclose(w, np.full(3, 1 / 3), rtol=1e-3)
+
+
+def test_stch_warmup_estimates_the_ideal_point():
+    seq = np.asarray([[2.0, 1.0], [1.0, 3.0], [1.0, 1.0], [0.5, 1.0]], np.float32)
+    ws, state = weights_sequence(mtl.methods.stch(log_losses=True, warmup_steps=2), seq)
+    np.testing.assert_allclose(ws[0], 1 / seq[0], rtol=1e-6)  # ∇ Σ log Lᵢ during warm-up
+    np.testing.assert_allclose(ws[1], 1 / seq[1], rtol=1e-6)
+    z = np.log(seq[:2].mean(0))  # = log(1.5, 2)
+    for t in (2, 3):
+        g = jax.grad(lambda l: smooth_tchebycheff(jnp.log(l), 1.0, jnp.ones(2), jnp.asarray(z)))
+        np.testing.assert_allclose(ws[t], g(jnp.asarray(seq[t])), rtol=1e-5)
+    assert int(state.count) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Contract: every losses-only method
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_registered_and_needs_losses_only(name):
+    assert name in mtl.methods.names()
+    method = mtl.methods.get(name)
+    assert method.name == name and method.needs == "losses" and method.weights is not None
+
+
+DEGENERATE = {
+    "zeros": [0.0, 0.0, 0.0],
+    "huge": [1e30, 3e35, 1e30],
+    "tiny": [1e-30, 1e-38, 1e-20],
+    "mixed": [1e-30, 1e30, 1.0],
+    "negative": [-2.0, 0.5, -1e10],
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_finite_on_degenerate_losses(name):
+    method = mtl.methods.get(name)
+    fn = jax.jit(lambda l, s, k: method.weights(l, None, s, k))
+    for case, values in DEGENERATE.items():
+        state = method.init(3)
+        for i, l in enumerate([values, [1.0, 2.0, 3.0], values, values]):
+            w, state = fn(jnp.asarray(l, jnp.float32), state, jax.random.key(i))
+            assert np.all(np.isfinite(w)), (case, i, w)
+        assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state)), case
+    assert fn._cache_size() == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_without_retracing_and_vmap(name):
+    method = mtl.methods.get(name)
+    jac = jax.random.normal(jax.random.key(0), (5, 3, 8))
+    losses = jnp.abs(jax.random.normal(jax.random.key(1), (5, 3))) + 0.1
+    keys = jax.random.split(jax.random.key(2), 5)
+    fn = jax.jit(lambda j, l, s, k: mtl.aggregate(method, j, l, s, key=k))
+    state = method.init(3)
+    for i in range(4):  # the state changes along the way; the trace must not
+        d, state = fn(jac[i], losses[i], state, keys[i])
+        assert np.all(np.isfinite(d))
+    assert fn._cache_size() == 1
+    s0 = method.init(3)
+    states = jax.tree_util.tree_map(lambda x: jnp.stack([x] * 5), s0)
+    batched, _ = jax.jit(jax.vmap(lambda j, l, s, k: mtl.aggregate(method, j, l, s, key=k)))(
+        jac, losses, states, keys
+    )
+    for i in (0, 3):
+        np.testing.assert_allclose(batched[i], fn(jac[i], losses[i], s0, keys[i])[0], rtol=1e-5)
+
+
+def linear_model(num_tasks=3):
+    """Shared ``W`` (4×2), one bias per task, MSE per task: a tiny plain-JAX model."""
+
+    def losses_fn(shared, specific, batch):
+        pred = batch["x"] @ shared["w"]  # (n, 2)
+        err = pred[None] + specific[:, None, :] - batch["y"]  # (T, n, 2)
+        return jnp.mean(err**2, axis=(1, 2))
+
+    params = mtl.Params({"w": jnp.full((4, 2), 0.1, jnp.float32)}, jnp.zeros((num_tasks, 2)))
+    kx, ky = jax.random.split(jax.random.key(3))
+    batch = {"x": jax.random.normal(kx, (8, 4)), "y": jax.random.normal(ky, (num_tasks, 8, 2))}
+    names = tuple(f"t{i}" for i in range(num_tasks))
+    return mtl.Model(names, losses_fn), params, batch
+
+
+def test_train_path_gradient_is_the_weighted_loss_gradient():
+    """Through ``mtljax.gradients`` (the train step's path), every method's update is
+    ``∇ Σᵢ wᵢ Lᵢ`` for the weights it reports, with one backward pass."""
+    model, params, batch = linear_model()
+    methods = [mtl.methods.get(name) for name in NAMES]
+
+    @jax.jit
+    def all_gradients(params, states, key):
+        return [
+            mtl.gradients(model, m, params, s, batch, key)
+            for m, s in zip(methods, states, strict=True)
+        ]
+
+    states = [m.init(3) for m in methods]
+    for i in range(3):
+        outs = all_gradients(params, states, jax.random.key(i))
+        states = [state for _, state, _ in outs]
+        for name, (grads, _, metrics) in zip(NAMES, outs, strict=True):
+            w = metrics["weights"]
+            assert np.all(np.isfinite(w)), name
+            direct = jax.grad(lambda p, w=w: jnp.dot(w, model.losses(p, batch)))(params)
+            np.testing.assert_allclose(grads.shared["w"], direct.shared["w"], rtol=1e-5)
+            np.testing.assert_allclose(grads.specific, direct.specific, rtol=1e-5, atol=1e-7)
+        params = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, outs[0][0])
+    assert all_gradients._cache_size() == 1
+
+
+BAD = [
+    ("dwa", {"temperature": 0.0}, "temperature"),
+    ("dwa", {"temperature": float("nan")}, "temperature"),
+    ("dwa", {"period": 0}, "period"),
+    ("rlw", {"distribution": "gaussian"}, "distribution"),
+    ("rlw", {"distribution": "dirichlet", "alpha": -1.0}, "alpha"),
+    ("rlw", {"distribution": "bernoulli", "p": 0.0}, "p"),
+    ("gls", {"eps": 0.0}, "eps"),
+    ("famo", {"learning_rate": -0.1}, "learning_rate"),
+    ("famo", {"gamma": -1.0}, "gamma"),
+    ("famo", {"min_losses": float("inf")}, "min_losses"),
+    ("famo", {"eps": 0.0}, "eps"),
+    ("stch", {"mu": 0.0}, "mu"),
+    ("stch", {"preference": [1.0, -1.0]}, "preference"),
+    ("stch", {"ideal": [0.0, float("nan")]}, "ideal"),
+    ("stch", {"warmup_steps": -1}, "warmup_steps"),
+    ("stch", {"ideal": 0.0, "warmup_steps": 3}, "warmup_steps"),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "param"), BAD)
+def test_bad_hyper_parameters_raise(name, kwargs, param):
+    with pytest.raises(ValueError, match=param):
+        mtl.methods.get(name, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("famo", {"min_losses": [0.0, 0.0]}), ("stch", {"preference": [1.0, 2.0]})],
+)
+def test_per_task_vectors_must_match_the_number_of_tasks(name, kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        mtl.methods.get(name, **kwargs).init(3)

@@ -1,0 +1,377 @@
+"""The on-device solvers against their optimality conditions, with scipy as the judge.
+
+All problems of a dtype go through one vmapped, jitted batch (one compilation): random problems
+with their scipy references (SLSQP, L-BFGS-B and root finding, in float64), known closed forms,
+and degenerate Gramians.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import optimize
+
+from mtljax._src import solvers
+
+T, P = 5, 12
+C_VALUES = (0.0, 0.4, 0.9)
+FAIR_P = 0.5  # p = 1/α for FairGrad's α = 2
+# Tolerances relative to the largest squared gradient norm: float32 results carry the 1e-6
+# relative ridge and float32 rounding; float64 results the 1e-10 ridge.
+TOL = {"float32": 2e-5, "float64": 1e-8}
+N_RANDOM = 6
+ROW_SCALES = np.array([1e-3, 0.1, 1.0, 10.0, 1e3])
+ORTHO_NORMS = np.array([1e-4, 0.5, 3.0, 0.0, 1.0])
+GRADED = np.array([1e-3, 1e-2, 1.0, 1e2, 1e3])
+
+
+def jacobians(seed, n=N_RANDOM, t=T, p=P):
+    """Random Jacobians: independent rows, and rows sharing a common component (less
+    conflict), with row scales spread over two decades."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        j = rng.normal(size=(t, p))
+        if k % 2:
+            j = j + 1.5 * rng.normal(size=(1, p))
+        out.append(j * 10.0 ** rng.uniform(-1, 1, size=(t, 1)))
+    return np.stack(out)
+
+
+def degenerate_jacobians():
+    scales = np.diag(10.0 ** np.array([-10, -5, 0, 5, 10]))
+    return {
+        "zero": np.zeros((T, P)),
+        "identical": np.tile(np.arange(1.0, P + 1), (T, 1)),
+        "opposite": np.concatenate([np.ones((2, P)), -np.ones((3, P))]),
+        "collinear_scaled": scales @ np.ones((T, P)),
+        "scaled": scales @ jacobians(7, n=1)[0],
+        "tiny": 1e-30 * jacobians(8, n=1)[0],
+        "huge": 1e17 * jacobians(9, n=1)[0],
+    }
+
+
+def _all_solvers(g):
+    """Every solver on one Gramian; the projections of UPGrad (u = eᵢ) and DualProj (u = 1/T)
+    as one batch, CAGrad for every c as one batch (c is traced)."""
+    us = jnp.concatenate([jnp.eye(T, dtype=g.dtype), jnp.full((1, T), 1.0 / T, g.dtype)])
+    cs = jnp.asarray(C_VALUES, g.dtype)
+    return {
+        "mgda": solvers.min_norm_simplex(g),
+        "proj": solvers.project_dual_cone(g, us),
+        "nash": solvers.solve_potential(g, 1.0),
+        "fair": solvers.solve_potential(g, FAIR_P),
+        "cagrad": jax.vmap(lambda c: solvers.cagrad_simplex(g, c)[1])(cs),
+    }
+
+
+@functools.cache
+def _batched():
+    return jax.jit(jax.vmap(_all_solvers))
+
+
+@functools.cache
+def solved(dtype_name):
+    """Everything solved in ``dtype_name``: ``{group: (jacobians, gramians, outputs)}``, all
+    float64 numpy (the Gramians computed in float64 from the Jacobians)."""
+    random = jacobians(0)
+    extra = [
+        random[0] * ROW_SCALES[:, None],
+        np.diag(ORTHO_NORMS) @ np.eye(T, P),
+        random[1] * GRADED[:, None],
+        random[2] * GRADED[::-1, None],
+    ]
+    degenerate = list(degenerate_jacobians().values())
+    js = np.stack([*random, *extra, *degenerate])
+    if dtype_name == "float32":
+        j32 = js.astype(np.float32)
+        gs_in = np.einsum("bip,bjp->bij", j32, j32)
+    else:
+        gs_in = np.einsum("bip,bjp->bij", js, js)
+    with jax.enable_x64(dtype_name == "float64"):
+        out = _batched()(jnp.asarray(gs_in, dtype=dtype_name))
+        out = {k: np.asarray(v, np.float64) for k, v in out.items()}
+    gs = np.einsum("bip,bjp->bij", js, js)
+    groups = {"random": slice(0, N_RANDOM), "extra": slice(N_RANDOM, N_RANDOM + len(extra))}
+    groups["degenerate"] = slice(N_RANDOM + len(extra), len(js))
+    return {
+        name: (js[sl], gs[sl], {k: v[sl] for k, v in out.items()}) for name, sl in groups.items()
+    }
+
+
+DTYPES = ["float32", "float64"]
+
+
+# ----------------------------------------------------------------------------------------------
+# MGDA: min over the simplex of αᵀGα
+
+
+def _slsqp_min_norm(g):
+    t = g.shape[0]
+    res = optimize.minimize(
+        lambda a: a @ g @ a,
+        np.full(t, 1.0 / t),
+        jac=lambda a: 2 * g @ a,
+        bounds=[(0, 1)] * t,
+        constraints=[{"type": "eq", "fun": lambda a: a.sum() - 1, "jac": lambda a: np.ones(t)}],
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 500},
+    )
+    return res.x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_min_norm_kkt_and_scipy(dtype):
+    _, gs, out = solved(dtype)["random"]
+    tol = TOL[dtype]
+    for g, a in zip(gs, out["mgda"], strict=True):
+        s = np.max(np.diag(g))
+        ga, val = g @ a, a @ g @ a
+        assert np.all(a >= 0) and abs(a.sum() - 1) < 1e-6
+        # KKT: (Gα)ᵢ ≥ αᵀGα, with equality on the support.
+        assert np.all(ga >= val - tol * s)
+        np.testing.assert_allclose(ga[a > 1e-4], val, atol=tol * s)
+        ref = _slsqp_min_norm(g)
+        assert val <= ref @ g @ ref + tol * s
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_min_norm_graded_rows(dtype):
+    # Gradient norms from 1e-4 to 1e4 (squared: 8 decades): the KKT conditions hold relative
+    # to the magnitudes of the terms, so the small gradients are resolved, not swamped.
+    js, gs, out = solved(dtype)["extra"]
+    for k in (2, 3):
+        g, a = gs[k], out["mgda"][k]
+        ga, val = g @ a, a @ g @ a
+        mag = np.abs(g) @ a + val
+        assert np.all(ga >= val - TOL[dtype] * mag)
+        np.testing.assert_allclose(ga[a > 1e-4], val, atol=TOL[dtype] * val)
+        assert val <= (lambda r: r @ g @ r)(_slsqp_min_norm(g)) * (1 + 1e-3)
+
+
+@functools.cache
+def _two_task_batch():
+    """MGDA and CAGrad (every c) on a batch of two-task Gramians (float32)."""
+    rng = np.random.default_rng(3)
+    js = [rng.normal(size=(2, 4)) for _ in range(4)]
+    js += [
+        np.array([[1.0, 0, 0, 0], [0.9, 0.1, 0, 0]]),
+        np.array([[1.0, 2, 0, 0], [-1, -2, 0, 0]]),
+        np.array([[3.0, 0, 0, 0], [0, 4.0, 0, 0]]),
+        np.array([[1.0, 1, 0, 0], [2, 2, 0, 0]]),
+        np.array([[0.0, 2, 0, 0], [2.0, 0, 0, 0]]),  # orthogonal, equal norms
+    ]
+    gs = np.stack([j @ j.T for j in js])
+    cs = jnp.asarray(C_VALUES, jnp.float32)
+
+    def both(g):
+        cagrad = jax.vmap(lambda c: solvers.cagrad_simplex(g, c))(cs)
+        return solvers.min_norm_simplex(g), cagrad
+
+    mgda, (w, lam) = jax.jit(jax.vmap(both))(jnp.asarray(gs, jnp.float32))
+    return gs, np.asarray(mgda, np.float64), np.asarray(w, np.float64), np.asarray(lam, np.float64)
+
+
+def test_min_norm_two_tasks_closed_form():
+    # α₁ = clip((g₂ − g₁)·g₂ / ‖g₁ − g₂‖², 0, 1) for two gradients.
+    gs, got, _, _ = _two_task_batch()
+    for g, a in zip(gs, got, strict=True):
+        den = g[0, 0] + g[1, 1] - 2 * g[0, 1]
+        a1 = np.clip((g[1, 1] - g[0, 1]) / den, 0, 1)
+        np.testing.assert_allclose(a, [a1, 1 - a1], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dual-cone projections: min_{v ≥ u} vᵀGv
+
+
+def _slsqp_projection(j, x):
+    """The projection of ``x`` onto ``{y : Jy ≥ 0}``, solved in parameter space."""
+    res = optimize.minimize(
+        lambda y: 0.5 * np.sum((y - x) ** 2),
+        x.copy(),
+        jac=lambda y: y - x,
+        constraints=[{"type": "ineq", "fun": lambda y: j @ y, "jac": lambda y: j}],
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 500},
+    )
+    return res.x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dual_cone_projections_match_scipy(dtype):
+    js, _, out = solved(dtype)["random"]
+    tol = TOL[dtype]
+    us = np.concatenate([np.eye(T), np.full((1, T), 1.0 / T)])
+    for j, vs in zip(js, out["proj"], strict=True):
+        scale = np.max(np.linalg.norm(j, axis=1))
+        for u, v in zip(us, vs, strict=True):
+            assert np.all(v >= u - 1e-6)
+            d = j.T @ v
+            # The dual-cone property, and the projection itself.
+            assert np.all(j @ d >= -tol * scale * np.linalg.norm(d))
+            np.testing.assert_allclose(d, _slsqp_projection(j, j.T @ u), atol=10 * tol * scale)
+
+
+def test_projection_linear_under_row_scaling():
+    # π(cᵢgᵢ) = cᵢ π(gᵢ): scaling the rows by c > 0 does not change the dual cone.
+    j = jacobians(0)[0]
+    v = solved("float32")["random"][2]["proj"][0]
+    v_scaled = solved("float32")["extra"][2]["proj"][0]
+    for i in range(T):
+        d = j.T @ v[i]
+        d_scaled = (ROW_SCALES[:, None] * j).T @ v_scaled[i]
+        atol = 1e-5 * ROW_SCALES[i] * np.abs(d).max()
+        np.testing.assert_allclose(d_scaled, ROW_SCALES[i] * d, rtol=1e-4, atol=atol)
+
+
+# ----------------------------------------------------------------------------------------------
+# Potential equations: (Gα)ᵢ = αᵢ^{-p}  (Nash-MTL: p = 1; FairGrad: p = 1/α)
+
+
+def _scipy_potential(g, p):
+    """Minimises ½wᵀGw + Σ h_p(w) (L-BFGS-B), then solves Gw = w^{-p} from there (hybr)."""
+    t = g.shape[0]
+
+    def value(w):
+        h = -np.log(w) if p == 1 else -(w ** (1 - p)) / (1 - p)
+        return 0.5 * w @ g @ w + np.sum(h), g @ w - w ** (-p)
+
+    res = optimize.minimize(
+        value,
+        np.ones(t),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(1e-12, None)] * t,
+        options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10_000},
+    )
+    root = optimize.root(lambda w: (g @ w) * w**p - 1.0, res.x, method="hybr", tol=1e-14)
+    return root.x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nash_bargaining_equations(dtype):
+    js, gs, out = solved(dtype)["random"]
+    for j, g, alpha in zip(js, gs, out["nash"], strict=True):
+        d = j.T @ alpha
+        assert np.all(alpha > 0)
+        # αᵢ (gᵢ · d) = 1, hence ‖d‖² = T.
+        np.testing.assert_allclose(alpha * (j @ d), 1.0, atol=TOL[dtype])
+        np.testing.assert_allclose(d @ d, T, rtol=TOL[dtype])
+        np.testing.assert_allclose(alpha, _scipy_potential(g, 1.0), rtol=10 * TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fairgrad_equations_and_scipy(dtype):
+    _, gs, out = solved(dtype)["random"]
+    for g, w in zip(gs, out["fair"], strict=True):
+        assert np.all(w > 0)
+        np.testing.assert_allclose((g @ w) * w**FAIR_P, 1.0, atol=TOL[dtype])
+        np.testing.assert_allclose(w, _scipy_potential(g, FAIR_P), rtol=10 * TOL[dtype])
+
+
+def test_potential_orthogonal_closed_form():
+    # Orthogonal gradients: αᵢ = ‖gᵢ‖^{-2/(1+p)}; a zero gradient takes no part: αᵢ = 0.
+    out = solved("float32")["extra"][2]
+    safe = np.where(ORTHO_NORMS > 0, ORTHO_NORMS, 1.0)
+    for key, p in (("nash", 1.0), ("fair", FAIR_P)):
+        want = np.where(ORTHO_NORMS > 0, safe ** (-2 / (1 + p)), 0.0)
+        np.testing.assert_allclose(out[key][1], want, rtol=1e-5)
+
+
+def test_potential_warm_start_and_one_task():
+    js, gs, out = solved("float32")["random"]
+    g = jnp.asarray(gs[0], jnp.float32)
+    starts = np.stack([out["nash"][0] * 1.3, np.full(T, 1e4), np.full(T, np.nan)])
+    fn = jax.jit(jax.vmap(lambda x0: solvers.solve_potential(g, 1.0, x0)))
+    got = fn(jnp.asarray(starts, jnp.float32))
+    np.testing.assert_allclose(got, np.tile(out["nash"][0], (3, 1)), rtol=1e-5)
+    # One task: α^{1+p} = 1/G, without iterations.
+    for p in (1.0, FAIR_P):
+        one = solvers.solve_potential(jnp.asarray([[4.0]]), p)
+        np.testing.assert_allclose(one, [4.0 ** (-1 / (1 + p))], rtol=1e-6)
+    with pytest.raises(ValueError, match="p must be > 0"):
+        solvers.solve_potential(jnp.eye(2), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# CAGrad: max_d minᵢ gᵢ·d over the ball ‖d − g₀‖ ≤ c‖g₀‖
+
+
+def _slsqp_cagrad(j, c):
+    """The max-min value, solved in parameter space over (d, t): max t, Jd ≥ t, in the ball."""
+    t, p = j.shape
+    g0 = j.mean(0)
+    r = c * np.linalg.norm(g0)
+    cons = [
+        {
+            "type": "ineq",
+            "fun": lambda x: j @ x[:p] - x[p],
+            "jac": lambda x: np.hstack([j, -np.ones((t, 1))]),
+        },
+        {
+            "type": "ineq",
+            "fun": lambda x: r**2 - np.sum((x[:p] - g0) ** 2),
+            "jac": lambda x: np.concatenate([-2 * (x[:p] - g0), [0.0]]),
+        },
+    ]
+    res = optimize.minimize(
+        lambda x: -x[p],
+        np.concatenate([g0, [np.min(j @ g0)]]),
+        jac=lambda x: np.concatenate([np.zeros(p), [-1.0]]),
+        constraints=cons,
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 1000},
+    )
+    return np.min(j @ res.x[:p])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cagrad_max_min_property(dtype):
+    js, gs, out = solved(dtype)["random"]
+    for j, g, lams in zip(js, gs, out["cagrad"], strict=True):
+        s = np.max(np.diag(g))
+        g0 = j.mean(0)
+        for c, lam in zip(C_VALUES, lams, strict=True):
+            d = j.T @ lam
+            # In the ball, and no direction of the ball does better for the worst task.
+            assert np.linalg.norm(d - g0) <= c * np.linalg.norm(g0) * (1 + 1e-5) + 1e-7 * s**0.5
+            assert np.min(j @ d) >= _slsqp_cagrad(j, c) - TOL[dtype] * s
+
+
+def test_cagrad_two_task_cases():
+    gs, _, ws, lams = _two_task_batch()
+    # Orthogonal gradients of equal norm: w = (½, ½) and d = (1 + c) g₀.
+    for c, w, lam in zip(C_VALUES, ws[-1], lams[-1], strict=True):
+        np.testing.assert_allclose(w, [0.5, 0.5], atol=1e-6)
+        np.testing.assert_allclose(lam, [(1 + c) / 2] * 2, rtol=1e-5)
+    # Opposite gradients: g₀ = 0, so d = g₀ = 0 whatever c.
+    np.testing.assert_allclose(lams[5] @ np.array([[1.0, 2], [-1, -2]]), 0.0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Degenerate inputs
+
+
+def test_degenerate_gramians_give_finite_sensible_outputs():
+    js, _, out = solved("float32")["degenerate"]
+    for name, value in out.items():
+        assert np.all(np.isfinite(value)), name
+    cases = dict(zip(degenerate_jacobians(), range(len(js)), strict=True))
+    mgda = out["mgda"]
+    # Zero gradients: uniform MGDA, UPGrad and DualProj weights; Nash/FairGrad weights 0.
+    np.testing.assert_allclose(mgda[cases["zero"]], np.full(T, 1 / T), atol=1e-6)
+    np.testing.assert_allclose(out["proj"][cases["zero"]][-1], np.full(T, 1 / T), atol=1e-6)
+    np.testing.assert_array_equal(out["nash"][cases["zero"]], 0.0)
+    # Identical rows: the min-norm point is that row; opposite rows: 0, and the dual cone is
+    # the orthogonal complement, so both projections vanish.
+    k = cases["identical"]
+    np.testing.assert_allclose(js[k].T @ mgda[k], js[k][0], rtol=1e-5)
+    k = cases["opposite"]
+    assert np.linalg.norm(js[k].T @ mgda[k]) < 1e-5 * np.linalg.norm(js[k][0])
+    assert np.abs(js[k].T @ out["proj"][k].T).max() < 1e-5 * np.abs(js[k]).max()
+    # Collinear rows scaled from 1e-10 to 1e10: MGDA picks the smallest.
+    k = cases["collinear_scaled"]
+    np.testing.assert_allclose(mgda[k], np.eye(T)[0], atol=1e-6)
