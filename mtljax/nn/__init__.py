@@ -1,7 +1,57 @@
-"""Flax NNX building blocks for multi-task models (each in ``mtljax/_src/nn/<name>.py``)."""
+"""Flax NNX building blocks for multi-task models (each in ``mtljax/_src/nn/<name>.py``).
 
+Every block declares which of its parameters are shared by several tasks' losses
+(``block.shared_filter``, ``block.shared_paths``) and, where it has one, its last shared layer
+(``block.last_shared``); :func:`from_block` passes both to :func:`mtljax.from_nnx`, and
+:func:`check_shared_split` verifies the split numerically.
+"""
+
+from mtljax._src.nn.cascade import Cascade
+from mtljax._src.nn.cross_stitch import CrossStitch, CrossStitchUnit, cross_stitch_init
+from mtljax._src.nn.dselect_k import DSelectK, selector_weights, smooth_step
 from mtljax._src.nn.hard_sharing import HardSharing
+from mtljax._src.nn.low_level import LowLevelSupervision
 from mtljax._src.nn.mlp import MLP
+from mtljax._src.nn.mmoe import MMoE, OMoE
+from mtljax._src.nn.mtan import MTAN
+from mtljax._src.nn.ple import CGC, PLE, ExtractionLayer
+from mtljax._src.nn.soft_sharing import HybridSharing, SoftSharing
+from mtljax._src.nn.split import (
+    PathPrefixes,
+    SplitReport,
+    check_shared_split,
+    from_block,
+    last_shared,
+    shared_filter,
+)
 from mtljax._src.nn.stacked import StackedLinear
+from mtljax._src.nn.towers import StackedMLP
 
-__all__ = ["MLP", "HardSharing", "StackedLinear"]
+__all__ = [
+    "CGC",
+    "MLP",
+    "MMoE",
+    "MTAN",
+    "OMoE",
+    "PLE",
+    "Cascade",
+    "CrossStitch",
+    "CrossStitchUnit",
+    "DSelectK",
+    "ExtractionLayer",
+    "HardSharing",
+    "HybridSharing",
+    "LowLevelSupervision",
+    "PathPrefixes",
+    "SoftSharing",
+    "SplitReport",
+    "StackedLinear",
+    "StackedMLP",
+    "check_shared_split",
+    "cross_stitch_init",
+    "from_block",
+    "last_shared",
+    "selector_weights",
+    "shared_filter",
+    "smooth_step",
+]

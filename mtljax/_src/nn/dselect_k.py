@@ -1,0 +1,177 @@
+"""DSelect-k gates (Hazimeh et al. 2021) in a multi-gate mixture of experts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtljax._src.nn.mmoe import check_input
+from mtljax._src.nn.split import PathPrefixes
+from mtljax._src.nn.stacked import StackedLinear
+from mtljax._src.nn.towers import StackedMLP, check_features, check_positive
+
+
+def smooth_step(t: jax.Array, gamma: float) -> jax.Array:
+    """Hazimeh et al.'s smooth-step: 0 for ``t ≤ −γ/2``, 1 for ``t ≥ γ/2``, and
+    ``−2t³/γ³ + 3t/(2γ) + 1/2`` between (continuously differentiable, exactly 0/1 outside)."""
+    cubic = -2.0 / gamma**3 * t**3 + 1.5 / gamma * t + 0.5
+    return jnp.where(t <= -gamma / 2, 0.0, jnp.where(t >= gamma / 2, 1.0, cubic))
+
+
+def _codes(num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bits ``(2^m, m)`` of every code and the code→expert map ``(2^m, n)`` (code mod n)."""
+    m = max(1, math.ceil(math.log2(num_experts)))
+    codes = np.arange(2**m)
+    bits = ((codes[:, None] >> np.arange(m)[None, :]) & 1).astype(np.float32)
+    to_expert = np.zeros((2**m, num_experts), np.float32)
+    to_expert[codes, codes % num_experts] = 1.0
+    return bits, to_expert
+
+
+def selector_weights(z: jax.Array, gamma: float, num_experts: int) -> jax.Array:
+    """Single-expert selectors: ``z (..., m)`` -> ``r(z) (..., n)``, a point of the simplex.
+
+    ``r(z)_l = Πⱼ [S(zⱼ) if bit j of l is 1 else 1 − S(zⱼ)]`` (Hazimeh et al. eq. 4); it is
+    one-hot once every ``|zⱼ| ≥ γ/2``. When ``n`` is not a power of two, code ``l`` selects
+    expert ``l mod n``.
+    """
+    bits, to_expert = _codes(num_experts)
+    s = smooth_step(z, gamma)[..., None, :]  # (..., 1, m)
+    per_code = jnp.prod(bits * s + (1.0 - bits) * (1.0 - s), axis=-1)  # (..., 2^m)
+    return per_code @ to_expert
+
+
+def entropy(p: jax.Array, axis: int = -1) -> jax.Array:
+    """``−Σ p log p`` along ``axis`` (``0 log 0 = 0``)."""
+    safe = jnp.where(p > 0, p, 1.0)
+    return -jnp.sum(jnp.where(p > 0, p * jnp.log(safe), 0.0), axis=axis)
+
+
+class DSelectK(nnx.Module):
+    """Multi-gate mixture of experts with DSelect-k gates.
+
+    Hazimeh, Zhao, Chowdhery, Sathiamoorthy, Chen, Mazumder, Hong & Chi, "DSelect-k:
+    Differentiable Selection in the Mixture of Experts with Applications to Multi-Task
+    Learning", NeurIPS 2021. Each task's gate combines ``k`` single-expert selectors
+    (binary codes of ``m = ⌈log₂ n⌉`` smooth-step bits, :func:`selector_weights`):
+
+        q(x) = Σᵢ softmax(α)ᵢ r(z⁽ⁱ⁾),    yₜ = hₜ(Σₑ qₑ(x) fₑ(x)),
+
+    so at most ``k`` experts have a non-zero weight once the selectors have converged. With
+    ``per_example=True`` (the per-example gate of §3.2) ``z⁽ⁱ⁾ = Z⁽ⁱ⁾x`` and ``α = Ax``
+    (stacked over tasks); otherwise ``z`` and ``α`` are parameters (the static gate).
+
+    The entropy regularizer ``λ Σᵢ h(r(z⁽ⁱ⁾))`` (averaged over the batch for per-example gates)
+    pushes the selectors to binary; :meth:`forward` returns it per task, ``f32[T]``, to add to
+    the task losses (task ``t``'s term depends on gate ``t`` only).
+
+    **Shared / task-specific split.** Experts: shared. Gates and towers: task-specific.
+    Input ``(batch, in)``; output ``(T, batch, tower_features[-1])``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        expert_features: Sequence[int],
+        tower_features: Sequence[int],
+        num_tasks: int,
+        *,
+        k: int,
+        rngs: nnx.Rngs,
+        gamma: float = 1.0,
+        per_example: bool = True,
+        entropy_weight: float = 0.0,
+        activation: Callable[[jax.Array], jax.Array] = nnx.relu,
+    ):
+        check_positive(
+            "DSelectK", in_features=in_features, num_experts=num_experts, num_tasks=num_tasks, k=k
+        )
+        if num_experts < 2:
+            raise ValueError("DSelectK: needs at least 2 experts to select from")
+        if k > num_experts:
+            raise ValueError(f"DSelectK: k={k} exceeds the number of experts {num_experts}")
+        if not float(gamma) > 0.0:
+            raise ValueError(f"DSelectK: gamma must be > 0, got {gamma!r}")
+        if not float(entropy_weight) >= 0.0:
+            raise ValueError(f"DSelectK: entropy_weight must be ≥ 0, got {entropy_weight!r}")
+        ef = check_features("DSelectK expert_features", (in_features, *expert_features))
+        tf = check_features("DSelectK tower_features", (ef[-1], *tower_features))
+        m = max(1, math.ceil(math.log2(num_experts)))
+        self.experts = StackedMLP(
+            ef, num_experts, rngs=rngs, activation=activation, final_activation=True
+        )
+        if per_example:
+            self.z_gate = StackedLinear(in_features, k * m, num_tasks, rngs=rngs)
+            # z starts inside (−γ/2, γ/2), where the smooth-step has a gradient.
+            self.z_gate.kernel[...] = self.z_gate.kernel[...] * (gamma / 8.0)
+            self.alpha_gate = StackedLinear(in_features, k, num_tasks, rngs=rngs)
+            self.alpha_gate.kernel[...] = jnp.zeros_like(self.alpha_gate.kernel[...])
+        else:
+            self.z = nnx.Param(
+                jax.random.uniform(
+                    rngs.params(), (num_tasks, k, m), minval=-gamma / 4, maxval=gamma / 4
+                )
+            )
+            self.alpha = nnx.Param(jnp.zeros((num_tasks, k)))
+        self.towers = StackedMLP(tf, num_tasks, rngs=rngs, activation=activation)
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.num_tasks = num_tasks
+        self.k, self.m, self.gamma = k, m, float(gamma)
+        self.per_example = per_example
+        self.entropy_weight = float(entropy_weight)
+
+    @property
+    def shared_paths(self) -> tuple[str, ...]:
+        return ("experts",)
+
+    @property
+    def shared_filter(self) -> PathPrefixes:
+        return PathPrefixes(*self.shared_paths)
+
+    @property
+    def last_shared(self) -> str:
+        return f"experts/layers/{len(self.experts.layers) - 1}"
+
+    def gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(q, selectors)``: expert weights ``(T, batch, n)`` and selectors
+        ``(T, batch, k, n)`` (batch axis of size 1 for the static gate)."""
+        t = self.num_tasks
+        if self.per_example:
+            z = self.z_gate(x).reshape((t,) + x.shape[:-1] + (self.k, self.m))
+            alpha = self.alpha_gate(x)
+        else:
+            z = self.z[...][:, None]
+            alpha = self.alpha[...][:, None]
+        r = selector_weights(z, self.gamma, self.num_experts)
+        q = jnp.einsum("tbk,tbkn->tbn", jax.nn.softmax(alpha, axis=-1), r)
+        return q, r
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """The experts' outputs ``(n, batch, h)``."""
+        check_input("DSelectK", x, self.in_features)
+        return self.experts(x)
+
+    def forward(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(predictions (T, batch, out), entropy term f32[T])``."""
+        return self.predict_and_entropy(self.encode(x), x)
+
+    def predict_and_entropy(self, z: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        q, r = self.gates(x)
+        mixed = jnp.einsum(
+            "tbn,nbh->tbh", jnp.broadcast_to(q, q.shape[:1] + z.shape[1:2] + q.shape[2:]), z
+        )
+        reg = self.entropy_weight * jnp.mean(jnp.sum(entropy(r), axis=-1), axis=-1)
+        return self.towers(mixed, per_task=True), reg
+
+    def predict(self, z: jax.Array, x: jax.Array) -> jax.Array:
+        return self.predict_and_entropy(z, x)[0]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.forward(x)[0]

@@ -1,0 +1,212 @@
+"""Which parameters are shared: path filters for blocks, and a numerical check of the split.
+
+A parameter is **shared** when more than one task's loss depends on it; the engine takes the
+per-task Jacobian w.r.t. the shared parameters only, and gives every task-specific parameter the
+gradient of its own task's loss. Every block of :mod:`mtljax.nn` declares its split through
+``shared_paths`` (path prefixes such as ``"experts"`` or ``"levels/0/task_gates"``) and
+``shared_filter`` (the NNX filter to pass to :func:`mtljax.from_nnx`); :func:`check_shared_split`
+verifies numerically that the Jacobian of the losses w.r.t. the task-specific parameters is
+block-structured: each task-specific scalar moves at most one task's loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from mtljax._src import tree as tree_lib
+from mtljax._src.model import Batch, Model, Params, from_nnx
+
+PyTree = Any
+
+
+def _path_str(path: Sequence[Any]) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+class PathPrefixes:
+    """An NNX filter matching the parameters whose path starts with one of ``prefixes``.
+
+    ``PathPrefixes("experts", "levels/0")`` matches ``experts/layers/0/kernel`` and
+    ``levels/0/task_gates/kernel`` but not ``levels/1/…`` nor ``experts_bias``. Pass it as
+    ``shared=`` to :func:`mtljax.from_nnx`.
+    """
+
+    def __init__(self, *prefixes: str):
+        cleaned = tuple(p.strip("/") for p in prefixes)
+        if any(not p for p in cleaned):
+            raise ValueError(f"PathPrefixes: empty path prefix in {prefixes!r}")
+        self.prefixes = cleaned
+
+    def matches(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in self.prefixes)
+
+    def __call__(self, path: Sequence[Any], value: Any) -> bool:
+        return self.matches(_path_str(path))
+
+    def __repr__(self) -> str:
+        return f"PathPrefixes{self.prefixes!r}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PathPrefixes) and other.prefixes == self.prefixes
+
+    def __hash__(self) -> int:
+        return hash(self.prefixes)
+
+
+def shared_filter(module: Any) -> Any:
+    """The NNX filter of a block's shared parameters (``"encoder"`` for :class:`HardSharing`)."""
+    f = getattr(module, "shared_filter", None)
+    if f is not None:
+        return f
+    from mtljax._src.nn.hard_sharing import HardSharing
+
+    if isinstance(module, HardSharing):
+        return "encoder"
+    raise TypeError(
+        f"{type(module).__name__} declares no shared parameters; mtljax.nn blocks expose "
+        "`shared_filter` (pass any NNX filter to mtljax.from_nnx(shared=...) for other modules)"
+    )
+
+
+def last_shared(module: Any) -> str | None:
+    """The path prefix of a block's last shared layer, for methods that differentiate it only."""
+    ls = getattr(module, "last_shared", None)
+    if ls is not None:
+        return ls
+    from mtljax._src.nn.hard_sharing import HardSharing
+
+    if isinstance(module, HardSharing) and hasattr(module.encoder, "last_layer_path"):
+        return f"encoder/{module.encoder.last_layer_path}"
+    return None
+
+
+def from_block(
+    module: Any,
+    *,
+    task_names: Sequence[str],
+    losses: Callable[[Any, Batch], jax.Array] | None = None,
+    encode: Callable[[Any, Batch], PyTree] | None = None,
+    heads: Callable[[Any, PyTree, Batch], jax.Array] | None = None,
+) -> tuple[Model, Params]:
+    """:func:`mtljax.from_nnx` with the block's own shared filter and last shared layer."""
+    return from_nnx(
+        module,
+        task_names=task_names,
+        shared=shared_filter(module),
+        losses=losses,
+        encode=encode,
+        heads=heads,
+        last_shared=last_shared(module),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitReport:
+    """The result of :func:`check_shared_split`.
+
+    Attributes:
+      ok: no task-specific scalar moves more than one task's loss.
+      violations: ``{path: (number of offending scalars, tasks they move)}`` for task-specific
+        leaves that move several tasks' losses (these must be declared shared).
+      owners: ``{path: int array shaped like the leaf}`` for task-specific leaves: the task whose
+        loss each scalar moves, ``-1`` where none does (at this point), ``-2`` where several do.
+      shared_tasks: ``{path: int}`` for shared leaves: the largest number of tasks any one of
+        their scalars moves. A shared leaf at ``≤ 1`` could be task-specific (or is unused at
+        this point, e.g. behind a dead ReLU).
+      unused: paths of leaves (shared or specific) that move no loss at all at this point.
+      shared_reach: ``(T,)`` how many shared scalars each task's loss moves with (a task at 0
+        shares nothing with the others).
+    """
+
+    ok: bool
+    violations: dict[str, tuple[int, tuple[int, ...]]]
+    owners: dict[str, np.ndarray]
+    shared_tasks: dict[str, int]
+    unused: tuple[str, ...]
+    shared_reach: np.ndarray
+
+    def over_shared(self) -> tuple[str, ...]:
+        """Shared leaves none of whose scalars moves more than one task's loss."""
+        return tuple(p for p, n in self.shared_tasks.items() if n <= 1)
+
+
+def _dependence(jac_leaf: jax.Array, rtol: float) -> np.ndarray:
+    """``(T, *shape)`` Jacobian -> bool ``(T, *shape)``: does task t's loss move with the scalar."""
+    a = np.abs(np.asarray(jac_leaf, dtype=np.float64))
+    scale = a.max() if a.size else 0.0
+    return a > rtol * scale if scale > 0 else np.zeros(a.shape, bool)
+
+
+def check_shared_split(
+    model: Model,
+    params: Params,
+    batch: Batch,
+    *,
+    rtol: float = 1e-6,
+    raise_on_error: bool = True,
+) -> SplitReport:
+    """Checks numerically that each task-specific parameter moves only its own task's loss.
+
+    Computes the Jacobian ``∂L/∂θ`` (``T`` rows) of the losses w.r.t. every parameter at
+    ``params`` on ``batch`` and reads its sparsity: for the task-specific parameters it must be
+    block-structured (each scalar's column has at most one non-zero). An entry counts as
+    non-zero when it exceeds ``rtol`` times the largest entry of its leaf. Use a batch and
+    parameters in general position (random, not all-zero) so that a dependence does not vanish
+    by accident.
+
+    Raises ``ValueError`` naming the offending parameters unless ``raise_on_error=False``;
+    returns a :class:`SplitReport` either way.
+    """
+    t = model.num_tasks
+    jac_shared, jac_specific = jax.jit(jax.jacrev(model.losses_fn, argnums=(0, 1)))(
+        params.shared, params.specific, batch
+    )
+    violations: dict[str, tuple[int, tuple[int, ...]]] = {}
+    owners: dict[str, np.ndarray] = {}
+    shared_tasks: dict[str, int] = {}
+    unused: list[str] = []
+    reach = np.zeros((t,), np.int64)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jac_specific)[0]:
+        name = tree_lib.path_str(path)
+        if leaf.shape[:1] != (t,):
+            raise ValueError(f"check_shared_split: the losses must have shape ({t},)")
+        dep = _dependence(leaf, rtol)
+        count = dep.sum(axis=0)
+        owner = np.where(count == 0, -1, np.where(count == 1, dep.argmax(axis=0), -2))
+        owners[name] = owner
+        if (count > 1).any():
+            tasks = tuple(int(i) for i in np.nonzero(dep[:, count > 1].any(axis=1))[0])
+            violations[name] = (int((count > 1).sum()), tasks)
+        if not dep.any():
+            unused.append(name)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jac_shared)[0]:
+        name = tree_lib.path_str(path)
+        dep = _dependence(leaf, rtol)
+        shared_tasks[name] = int(dep.sum(axis=0).max()) if dep.size else 0
+        reach += dep.reshape(t, -1).sum(axis=1)
+        if not dep.any():
+            unused.append(name)
+    report = SplitReport(not violations, violations, owners, shared_tasks, tuple(unused), reach)
+    if violations and raise_on_error:
+        lines = [
+            f"  {p}: {n} scalar(s) move the losses of tasks {[model.task_names[i] for i in tasks]}"
+            for p, (n, tasks) in violations.items()
+        ]
+        raise ValueError(
+            "check_shared_split: these task-specific parameters move more than one task's loss "
+            "and must be declared shared:\n" + "\n".join(lines)
+        )
+    return report
+
+
+def stacked_owner_ok(owner: np.ndarray, axis: int = 0) -> bool:
+    """Whether every used scalar of a leaf stacked along a task ``axis`` belongs to its index."""
+    shape = [1] * owner.ndim
+    shape[axis] = -1
+    idx = np.broadcast_to(np.arange(owner.shape[axis]).reshape(shape), owner.shape)
+    return bool(np.all((owner == idx) | (owner == -1)))

@@ -1,0 +1,74 @@
+"""Homogeneous per-task (or per-expert) MLPs stacked along a leading axis."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+from flax import nnx
+
+from mtljax._src.nn.stacked import StackedLinear
+
+
+def check_features(owner: str, features: Sequence[int], *, min_len: int = 2) -> tuple[int, ...]:
+    """Validates a ``(in, hidden…, out)`` size list; returns it as a tuple of ints."""
+    feats = tuple(int(f) for f in features)
+    if len(feats) < min_len or min(feats, default=0) < 1:
+        raise ValueError(
+            f"{owner}: features must list ≥ {min_len} positive sizes (input, …, output), got "
+            f"{tuple(features)}"
+        )
+    return feats
+
+
+def check_positive(owner: str, **values: int) -> None:
+    for name, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
+
+
+class StackedMLP(nnx.Module):
+    """``n`` MLPs of identical shape stacked along a leading axis, applied as batched matmuls.
+
+    Layer ``l`` is a :class:`StackedLinear` with kernel ``(n, f_l, f_{l+1})`` at path
+    ``layers/l``. Applied to a shared input ``x: (..., f_0)`` it returns ``(n, ..., f_L)``;
+    applied to stacked inputs ``x: (n, ..., f_0)`` with ``per_task=True`` each stack member
+    maps its own input. No activation after the last layer unless ``final_activation``.
+
+    Used for task towers (``n = T``) and for mixture-of-experts experts (``n = E``).
+    """
+
+    def __init__(
+        self,
+        features: Sequence[int],
+        num_stacks: int,
+        *,
+        rngs: nnx.Rngs,
+        activation: Callable[[jax.Array], jax.Array] = nnx.relu,
+        final_activation: bool = False,
+    ):
+        feats = check_features("StackedMLP", features)
+        check_positive("StackedMLP", num_stacks=num_stacks)
+        self.layers = nnx.List(
+            [
+                StackedLinear(a, b, num_stacks, rngs=rngs)
+                for a, b in zip(feats[:-1], feats[1:], strict=True)
+            ]
+        )
+        self.features = feats
+        self.num_stacks = num_stacks
+        self.activation = activation
+        self.final_activation = final_activation
+
+    def __call__(self, x: jax.Array, *, per_task: bool = False) -> jax.Array:
+        if x.shape[-1] != self.features[0]:
+            raise ValueError(
+                f"StackedMLP: expected inputs with {self.features[0]} features in the last axis, "
+                f"got shape {x.shape}"
+            )
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, per_task=per_task or i > 0)
+            if i < n - 1 or self.final_activation:
+                x = self.activation(x)
+        return x

@@ -1,0 +1,542 @@
+"""Tests of the architecture blocks of mtljax.nn: shapes, jit, NNX round trip, the
+shared/task-specific split (checked numerically), gradient flow, feature-level split and short
+training runs with several methods."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import mtljax as mtl
+from mtljax import nn as mnn
+from mtljax._src import tree as tree_lib
+from mtljax._src.nn.split import stacked_owner_ok
+
+T = 3
+B = 16
+D = 5
+
+
+def _mse(pred: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.mean((pred - y) ** 2, axis=tuple(range(1, y.ndim)))
+
+
+def _vector_batch(key: jax.Array, t: int = T, out: int = 1) -> dict[str, jax.Array]:
+    kx, ka = jax.random.split(key)
+    x = jax.random.normal(kx, (B, D))
+    a = jax.random.normal(ka, (t, D, out))
+    return {"x": x, "y": jnp.tanh(jnp.einsum("bd,tdo->tbo", x, a))}
+
+
+def _image_batch(key: jax.Array) -> dict[str, jax.Array]:
+    kx, ka = jax.random.split(key)
+    x = jax.random.normal(kx, (3, 4, 4, 2))
+    a = jax.random.normal(ka, (2, 2, 2))
+    return {"x": x, "y": jnp.tanh(jnp.einsum("bhwc,tco->tbo", x, a) / 4.0)}
+
+
+def _plain_losses(m: Any, b: dict) -> jax.Array:
+    return _mse(m(b["x"]), b["y"])
+
+
+def _soft_losses(m: Any, b: dict) -> jax.Array:
+    return _mse(m(b["x"]), b["y"]) + m.penalty_per_task()
+
+
+def _dselect_losses(m: Any, b: dict) -> jax.Array:
+    pred, reg = m.forward(b["x"])
+    return _mse(pred, b["y"]) + reg
+
+
+def _cascade_losses(m: Any, b: dict) -> jax.Array:
+    preds = m(b["x"])
+    ce = -jnp.mean(jnp.sum(jax.nn.log_softmax(preds[0]) * b["labels"], axis=-1))
+    rest = [jnp.mean((p - y) ** 2) for p, y in zip(preds[1:], b["y"][1:], strict=True)]
+    return jnp.stack([ce, *rest]) + m.successive_penalty(b["anchor"], 0.1)
+
+
+def _cascade_batch(key: jax.Array) -> dict[str, jax.Array]:
+    b = _vector_batch(key)
+    labels = jax.nn.one_hot(jnp.argmax(b["x"][:, :3], axis=1), 3)
+    return {**b, "labels": labels}
+
+
+@dataclasses.dataclass
+class Spec:
+    build: Callable[[], nnx.Module]
+    batch: Callable[[jax.Array], dict]
+    losses: Callable[[Any, dict], jax.Array]
+    out_shape: tuple[int, ...] | None
+    stacked: tuple[str, ...] = ()  # task-specific leaves stacked along a task axis (axis 0)
+    feature: bool = True  # has encode/predict
+    over_shared_ok: bool = False
+    num_tasks: int = T
+
+
+SPECS: dict[str, Spec] = {
+    "hard_sharing": Spec(
+        lambda: mnn.HardSharing(
+            mnn.MLP((D, 8), rngs=nnx.Rngs(0), final_activation=True),
+            mnn.StackedMLP((8, 6, 1), T, rngs=nnx.Rngs(1)),
+        ),
+        _vector_batch,
+        _plain_losses,
+        (T, B, 1),
+        stacked=("heads/layers/0/kernel", "heads/layers/1/bias"),
+    ),
+    "soft_sharing": Spec(
+        lambda: mnn.SoftSharing((D, 8, 1), T, rngs=nnx.Rngs(0), penalty_weight=0.1),
+        _vector_batch,
+        _soft_losses,
+        (T, B, 1),
+        feature=False,
+        over_shared_ok=True,
+    ),
+    "hybrid_sharing": Spec(
+        lambda: mnn.HybridSharing(
+            mnn.MLP((D, 8), rngs=nnx.Rngs(0), final_activation=True),
+            (8, 6, 1),
+            T,
+            rngs=nnx.Rngs(1),
+            penalty="pairwise",
+        ),
+        _vector_batch,
+        _soft_losses,
+        (T, B, 1),
+        stacked=("towers/layers/0/kernel", "towers/layers/1/kernel", "towers/layers/1/bias"),
+    ),
+    "cross_stitch": Spec(
+        lambda: mnn.CrossStitch((D, 8, 8, 1), T, rngs=nnx.Rngs(0)),
+        _vector_batch,
+        _plain_losses,
+        (T, B, 1),
+        stacked=("stitches/1/alpha", "layers/2/kernel", "layers/2/bias"),
+    ),
+    "mmoe": Spec(
+        lambda: mnn.MMoE(D, 4, (8,), (6, 1), T, rngs=nnx.Rngs(0)),
+        _vector_batch,
+        _plain_losses,
+        (T, B, 1),
+        stacked=("gates/kernel", "gates/bias", "towers/layers/0/kernel", "towers/layers/1/bias"),
+    ),
+    "omoe": Spec(
+        lambda: mnn.OMoE(D, 4, (8,), (6, 1), T, rngs=nnx.Rngs(0)),
+        _vector_batch,
+        _plain_losses,
+        (T, B, 1),
+        stacked=("towers/layers/0/kernel", "towers/layers/1/bias"),
+    ),
+    "cgc": Spec(
+        lambda: mnn.CGC(D, (8,), 2, 1, (6, 1), T, rngs=nnx.Rngs(0)),
+        _vector_batch,
+        _plain_losses,
+        (T, B, 1),
+        stacked=("levels/0/task_experts/layers/0/kernel", "levels/0/task_gates/kernel"),
+    ),
+    "ple": Spec(
+        lambda: mnn.PLE(D, (8,), 2, 1, (6, 1), T, rngs=nnx.Rngs(0), num_levels=3),
+        _vector_batch,
+        _plain_losses,
+        (T, B, 1),
+        stacked=(
+            "levels/1/task_gates/kernel",
+            "levels/2/task_gates/kernel",
+            "levels/2/task_experts/layers/0/kernel",
+        ),
+    ),
+    "dselect_k": Spec(
+        lambda: mnn.DSelectK(D, 5, (8,), (6, 1), T, k=2, rngs=nnx.Rngs(0), entropy_weight=0.05),
+        _vector_batch,
+        _dselect_losses,
+        (T, B, 1),
+        stacked=("z_gate/kernel", "alpha_gate/bias", "towers/layers/0/kernel"),
+    ),
+    "dselect_k_static": Spec(
+        lambda: mnn.DSelectK(
+            D, 4, (8,), (6, 1), T, k=2, rngs=nnx.Rngs(0), per_example=False, entropy_weight=0.05
+        ),
+        _vector_batch,
+        _dselect_losses,
+        (T, B, 1),
+        stacked=("z", "alpha"),
+    ),
+    "mtan": Spec(
+        lambda: mnn.MTAN(2, (3, 4), 2, 2, rngs=nnx.Rngs(0)),
+        _image_batch,
+        _plain_losses,
+        (2, 3, 2),
+        stacked=("attention/0/0/kernel", "attention/1/1/kernel", "heads/kernel"),
+        feature=False,
+        num_tasks=2,
+    ),
+    "mtan_task_extractors": Spec(
+        lambda: mnn.MTAN(2, (3, 4), 2, 2, rngs=nnx.Rngs(0), share_extractor=False),
+        _image_batch,
+        _plain_losses,
+        (2, 3, 2),
+        stacked=("extractors/0/kernel", "attention/1/0/kernel", "heads/bias"),
+        num_tasks=2,
+    ),
+    "low_level": Spec(
+        lambda: mnn.LowLevelSupervision(D, 8, 1, (1, 2, 4), rngs=nnx.Rngs(0)),
+        _vector_batch,
+        _plain_losses,
+        (T, B, 1),
+        stacked=("heads/kernel", "heads/bias"),
+    ),
+    "cascade": Spec(
+        lambda: mnn.Cascade(
+            D,
+            8,
+            (3, 1, 1),
+            rngs=nnx.Rngs(0),
+            kinds=("classification", "regression", "regression"),
+            embed_features=6,
+        ),
+        _cascade_batch,
+        _cascade_losses,
+        None,
+        feature=False,
+    ),
+}
+
+
+SLOW_SPECS = ("mtan_task_extractors", "dselect_k_static")
+
+
+def _names() -> list:
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_SPECS else n for n in SPECS]
+
+
+def _setup(name: str):
+    spec = SPECS[name]
+    module = spec.build()
+    batch = spec.batch(jax.random.key(1))
+    if name == "cascade":
+        batch["anchor"] = module.anchor()
+    names = [f"task{i}" for i in range(spec.num_tasks)]
+    model, params = mnn.from_block(module, task_names=names, losses=spec.losses)
+    return spec, module, batch, model, params
+
+
+def _perturb(params: mtl.Params, scale: float = 0.05) -> mtl.Params:
+    """Moves the parameters off their initial values (zero biases, identity-like stitches)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef,
+        [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)],
+    )
+
+
+def _first(tree: Any) -> jax.Array:
+    return jax.tree_util.tree_leaves(tree)[0]
+
+
+@pytest.mark.parametrize("name", _names())
+def test_shapes_jit_and_roundtrip(name):
+    spec, module, batch, model, params = _setup(name)
+    graphdef, state = nnx.split(module)
+
+    @jax.jit
+    def forward(s, b):  # NNX split -> merge inside jit
+        m = nnx.merge(graphdef, s)
+        return m(b["x"]), spec.losses(m, b)
+
+    out, module_losses = forward(state, batch)
+    if spec.out_shape is not None:
+        assert out.shape == spec.out_shape
+    else:
+        assert [o.shape for o in out] == [(B, 3), (B, 1), (B, 1)]
+    # The Model built from the block gives the module's losses, and to_nnx rebuilds the module.
+    losses = jax.jit(model.losses)(params, batch)
+    assert losses.shape == (spec.num_tasks,)
+    np.testing.assert_allclose(losses, module_losses, rtol=1e-5)
+    _, rebuilt_state = nnx.split(mtl.to_nnx(model, params))
+    rebuilt_out, _ = forward(rebuilt_state, batch)
+    np.testing.assert_allclose(_first(rebuilt_out), _first(out), rtol=1e-6)
+    model.check(params, batch)
+
+
+@pytest.mark.parametrize("name", _names())
+def test_shared_split_and_gradient_flow(name):
+    spec, module, batch, model, params = _setup(name)
+    params = _perturb(params)
+    report = mnn.check_shared_split(model, params, batch)
+    assert report.ok
+    # Every declared-shared leaf really moves several tasks' losses (nothing needlessly shared).
+    if not spec.over_shared_ok:
+        assert report.over_shared() == (), report.shared_tasks
+    # No parameter is dead, and every task's loss reaches the shared parameters.
+    assert report.unused == ()
+    assert np.all(report.shared_reach > 0)
+    # Gradients: the slice t of a task-stacked specific leaf gets task t's gradient only.
+    jac = jax.jit(jax.jacrev(model.losses))(params, batch)
+    flat = {
+        tree_lib.path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(jac.specific)[0]
+    }
+    for path in spec.stacked:
+        assert stacked_owner_ok(report.owners[path]), path
+        g = np.asarray(flat[path])  # (T_losses, T_slices, ...)
+        for i in range(spec.num_tasks):
+            assert np.any(g[i, i] != 0.0), (path, i)
+            assert np.all(np.delete(g[i], i, axis=0) == 0.0), (path, i)
+
+
+def test_check_shared_split_catches_a_wrong_split():
+    module = mnn.MMoE(D, 4, (8,), (6, 1), T, rngs=nnx.Rngs(0))
+    batch = _vector_batch(jax.random.key(0))
+    # Declaring the experts task-specific is wrong: they move every task's loss.
+    model, params = mtl.from_nnx(
+        module, task_names=["a", "b", "c"], shared="gates", losses=_plain_losses
+    )
+    with pytest.raises(ValueError, match="experts"):
+        mnn.check_shared_split(model, params, batch)
+    report = mnn.check_shared_split(model, params, batch, raise_on_error=False)
+    assert not report.ok and any(p.startswith("experts") for p in report.violations)
+    # Declaring the MMoE gates shared is safe but needlessly so: each moves one task only.
+    model, params = mtl.from_nnx(
+        mnn.MMoE(D, 4, (8,), (6, 1), T, rngs=nnx.Rngs(0)),
+        task_names=["a", "b", "c"],
+        shared=mnn.PathPrefixes("experts", "gates"),
+        losses=_plain_losses,
+    )
+    report = mnn.check_shared_split(model, params, batch)
+    assert set(report.over_shared()) == {"gates/kernel", "gates/bias"}
+
+
+def _encode_heads(name: str):
+    if name in ("soft_sharing", "hybrid_sharing"):
+        return (
+            lambda m, b: m.encode(b["x"]),
+            lambda m, z, b: _mse(m.predict(z), b["y"]) + m.penalty_per_task(),
+        )
+    if name.startswith("dselect_k"):
+        return (
+            lambda m, b: m.encode(b["x"]),
+            lambda m, z, b: (lambda pr: _mse(pr[0], b["y"]) + pr[1])(
+                m.predict_and_entropy(z, b["x"])
+            ),
+        )
+    if name in ("mmoe", "omoe", "cgc", "ple"):
+        return (lambda m, b: m.encode(b["x"]), lambda m, z, b: _mse(m.predict(z, b["x"]), b["y"]))
+    return (lambda m, b: m.encode(b["x"]), lambda m, z, b: _mse(m.predict(z), b["y"]))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n in SLOW_SPECS else n
+        for n, s in SPECS.items()
+        if s.feature
+    ],
+)
+def test_feature_level_split_matches_parameter_level(name):
+    """encode touches shared parameters only and heads task-specific ones: the feature-level
+    gradient of the summed losses equals the ordinary one."""
+    spec, module, batch, model, params = _setup(name)
+    encode, heads = _encode_heads(name)
+    assert spec.feature
+    fmodel, fparams = mnn.from_block(
+        spec.build(), task_names=model.task_names, encode=encode, heads=heads
+    )
+    params = _perturb(params)
+    np.testing.assert_allclose(fmodel.losses(params, batch), model.losses(params, batch), rtol=1e-5)
+
+    @jax.jit
+    def both(p):
+        losses, _, vjp, _ = mtl.feature_jacobian(fmodel, p, batch)
+        want = jax.grad(lambda q: jnp.sum(model.losses(q, batch)))(p)
+        return vjp(jnp.ones_like(losses)), want
+
+    got, want = both(params)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+
+
+def _methods() -> list[str]:
+    names = ["ew", "uw"]
+    if "pcgrad" in mtl.methods.names():
+        names.append("pcgrad")
+    return names
+
+
+# A few blocks train in the default run; the others (same code path, longer compiles) are
+# marked slow to keep the default suite short on two cores.
+FAST_TRAIN = ("hard_sharing", "mmoe", "cross_stitch")
+TRAIN_BLOCKS = [
+    "hard_sharing",
+    "soft_sharing",
+    "hybrid_sharing",
+    "cross_stitch",
+    "mmoe",
+    "omoe",
+    "cgc",
+    "ple",
+    "dselect_k",
+    "mtan",
+    "low_level",
+    "cascade",
+]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in FAST_TRAIN else pytest.param(n, marks=pytest.mark.slow) for n in TRAIN_BLOCKS],
+)
+def test_short_training_lowers_every_task_loss(name):
+    spec, module, batch, model, params = _setup(name)
+    before = np.asarray(model.losses(params, batch))
+    for method_name in _methods():
+        kwargs = {"learning_rate": 1e-2} if method_name == "uw" else {}
+        method = mtl.methods.get(method_name, **kwargs)
+        step = mtl.make_train_step(model, method, optax.adam(1e-2))
+        state = mtl.init_train_state(model, params, method, optax.adam(1e-2), jax.random.key(0))
+        for _ in range(40):
+            state, metrics = step(state, batch)
+        after = np.asarray(model.losses(state.params, batch))
+        assert np.all(after < before), (method_name, before, after)
+        assert int(state.skipped) == 0
+
+
+# -- blocks' own maths ------------------------------------------------------------------------
+
+
+def test_soft_sharing_penalty_forms_and_gradients():
+    m = mnn.SoftSharing((D, 4, 1), T, rngs=nnx.Rngs(0), penalty_weight=0.3, penalty="pairwise")
+    kernels = [layer.kernel[...] for layer in m.towers.layers] + [
+        layer.bias[...] for layer in m.towers.layers
+    ]
+    pairwise = sum(
+        jnp.sum((k[i] - k[j]) ** 2) for k in kernels for i in range(T) for j in range(i + 1, T)
+    )
+    np.testing.assert_allclose(m.penalty(), 0.3 * pairwise, rtol=1e-5)
+    np.testing.assert_allclose(jnp.sum(m.penalty_per_task()), m.penalty(), rtol=1e-5)
+    # The per-task split has the same gradient as the full penalty.
+    graphdef, state = nnx.split(m)
+
+    def full(s):
+        return nnx.merge(graphdef, s).penalty()
+
+    def split(s):
+        return jnp.sum(nnx.merge(graphdef, s).penalty_per_task())
+
+    for a, b in zip(
+        jax.tree_util.tree_leaves(jax.grad(full)(state)),
+        jax.tree_util.tree_leaves(jax.grad(split)(state)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    mean = mnn.SoftSharing((D, 4, 1), T, rngs=nnx.Rngs(0), penalty_weight=0.3 * T)
+    np.testing.assert_allclose(mean.penalty(), m.penalty(), rtol=1e-5)
+
+
+def test_cross_stitch_initialisation():
+    a = mnn.cross_stitch_init(2)
+    np.testing.assert_allclose(a, [[0.9, 0.1], [0.1, 0.9]], rtol=1e-6)
+    a3 = mnn.cross_stitch_init(3, alpha_same=0.8)
+    np.testing.assert_allclose(a3.sum(axis=1), 1.0, rtol=1e-6)
+    unit = mnn.CrossStitchUnit(2, channels=3)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 3))
+    np.testing.assert_allclose(unit(x)[0], 0.9 * x[0] + 0.1 * x[1], rtol=1e-5)
+
+
+def test_dselect_k_gate_properties():
+    gamma = 1.0
+    t = jnp.linspace(-1, 1, 101)
+    s = mnn.smooth_step(t, gamma)
+    assert float(s[0]) == 0.0 and float(s[-1]) == 1.0
+    assert np.all(np.diff(np.asarray(s)) >= 0)
+    np.testing.assert_allclose(mnn.smooth_step(jnp.zeros(()), gamma), 0.5)
+    # Selectors are on the simplex; binary z (|z| ≥ γ/2) picks exactly one expert.
+    z = jax.random.normal(jax.random.key(0), (7, 3))
+    r = mnn.selector_weights(z, gamma, 5)
+    np.testing.assert_allclose(r.sum(-1), 1.0, rtol=1e-6)
+    assert np.all(np.asarray(r) >= 0)
+    zb = jnp.array([[1.0, -1.0, 1.0]])  # code 0b101 = 5 -> expert 5 mod 5 = 0
+    np.testing.assert_allclose(mnn.selector_weights(zb, gamma, 5), [[1, 0, 0, 0, 0]])
+    zb = jnp.array([[-1.0, 1.0]])  # code 0b10 = 2
+    np.testing.assert_allclose(mnn.selector_weights(zb, gamma, 4), [[0, 0, 1, 0]])
+    m = mnn.DSelectK(D, 4, (8,), (6, 1), T, k=2, rngs=nnx.Rngs(0), entropy_weight=1.0)
+    q, _ = m.gates(jax.random.normal(jax.random.key(1), (B, D)))
+    np.testing.assert_allclose(q.sum(-1), 1.0, rtol=1e-5)
+    _, ent = m.forward(jax.random.normal(jax.random.key(1), (B, D)))
+    assert ent.shape == (T,) and np.all(np.asarray(ent) > 0)
+
+
+def test_low_level_supervision_split_follows_depths():
+    m = mnn.LowLevelSupervision(D, 8, 1, (1, 3, 3, 5), rngs=nnx.Rngs(0))
+    assert m.shared_paths == ("layers/0", "layers/1", "layers/2")
+
+
+def test_ple_split_by_level():
+    m = mnn.PLE(D, (8,), 2, 1, (6, 1), T, rngs=nnx.Rngs(0), num_levels=3)
+    assert set(m.shared_paths) == {
+        "levels/0/shared_experts",
+        "levels/0/shared_gate",
+        "levels/0/task_experts",
+        "levels/0/task_gates",
+        "levels/1/shared_experts",
+        "levels/1/shared_gate",
+        "levels/1/task_experts",
+        "levels/2/shared_experts",
+    }
+    assert mnn.CGC(D, (8,), 2, 1, (6, 1), T, rngs=nnx.Rngs(0)).shared_paths == (
+        "levels/0/shared_experts",
+    )
+
+
+def test_cascade_successive_regularization():
+    m = mnn.Cascade(D, 6, (3, 2, 1), rngs=nnx.Rngs(0))
+    anchor = m.anchor()
+    np.testing.assert_allclose(m.successive_penalty(anchor, 0.5), 0.0)
+    m.layers[0].bias[...] = m.layers[0].bias[...] + 1.0  # task 0's parameters move by 6 units²
+    pen = np.asarray(m.successive_penalty(anchor, 0.5))
+    np.testing.assert_allclose(pen, [0.0, 3.0, 3.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: mnn.MMoE(D, 0, (8,), (1,), T, rngs=nnx.Rngs(0)), "num_experts"),
+        (lambda: mnn.MMoE(D, 4, (8,), (1,), T, rngs=nnx.Rngs(0), num_gates=2), "num_gates"),
+        (lambda: mnn.DSelectK(D, 4, (8,), (1,), T, k=5, rngs=nnx.Rngs(0)), "k=5"),
+        (lambda: mnn.DSelectK(D, 4, (8,), (1,), T, k=2, gamma=0.0, rngs=nnx.Rngs(0)), "gamma"),
+        (lambda: mnn.CrossStitch((D, 4, 1), 1, rngs=nnx.Rngs(0)), "2 tasks"),
+        (
+            lambda: mnn.CrossStitch((D, 4, 1), T, stitch_after=(3,), rngs=nnx.Rngs(0)),
+            "stitch_after",
+        ),
+        (
+            lambda: mnn.SoftSharing((D, 4, 1), T, penalty_weight=-1.0, rngs=nnx.Rngs(0)),
+            "penalty_weight",
+        ),
+        (lambda: mnn.SoftSharing((D, 4, 1), T, penalty="l1", rngs=nnx.Rngs(0)), "penalty"),
+        (lambda: mnn.LowLevelSupervision(D, 4, 1, (0, 2), rngs=nnx.Rngs(0)), "depths"),
+        (lambda: mnn.Cascade(D, 4, (2,), rngs=nnx.Rngs(0)), "out_features"),
+        (lambda: mnn.Cascade(D, 4, (2, 2), kinds="ranking", rngs=nnx.Rngs(0)), "kinds"),
+        (lambda: mnn.StackedMLP((D,), T, rngs=nnx.Rngs(0)), "features"),
+    ],
+)
+def test_bad_hyper_parameters_raise(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="MMoE"):
+        mnn.MMoE(D, 4, (8,), (1,), T, rngs=nnx.Rngs(0))(jnp.zeros((2, D + 1)))
+    with pytest.raises(ValueError, match="MTAN"):
+        mnn.MTAN(2, (3, 4), 2, 2, rngs=nnx.Rngs(0))(jnp.zeros((1, 7, 8, 2)))
+    with pytest.raises(ValueError, match="task axis"):
+        mnn.CrossStitchUnit(3)(jnp.zeros((2, 4)))
+    with pytest.raises(TypeError, match="shared"):
+        mnn.shared_filter(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))

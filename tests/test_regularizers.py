@@ -1,0 +1,254 @@
+"""Tests of mtljax.regularizers: values on hand-computed cases, proximal operators against their
+definition (scipy), exact row sparsity of ℓ1/ℓ2 proximal gradient, and agreement with
+scikit-learn's MultiTaskLasso."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtljax import regularizers as reg
+
+jax.config.update("jax_enable_x64", False)
+
+W = jnp.array([[3.0, 0.0, -1.0], [4.0, 0.0, 2.0]])  # (T=2, d=3)
+
+
+def test_group_norm_values():
+    # Columns (features) across the 2 tasks: (3,4) -> 5, (0,0) -> 0, (-1,2) -> √5.
+    np.testing.assert_allclose(reg.l1_l2(W), 5.0 + np.sqrt(5.0), rtol=1e-6)
+    np.testing.assert_allclose(reg.l1_linf(W), 4.0 + 0.0 + 2.0, rtol=1e-6)
+    # Groups along the other axis: rows -> ‖(3,0,-1)‖ + ‖(4,0,2)‖.
+    np.testing.assert_allclose(reg.l1_l2(W, axes=1), np.sqrt(10) + np.sqrt(20), rtol=1e-6)
+    # Several axes: (T, in, out) kernels grouped by input feature.
+    k = jnp.arange(12.0).reshape(2, 3, 2)
+    want = sum(np.linalg.norm(np.asarray(k)[:, j, :]) for j in range(3))
+    np.testing.assert_allclose(reg.l1_l2(k, axes=(0, 2)), want, rtol=1e-6)
+
+
+def test_trace_norm_mean_and_clustering_values():
+    np.testing.assert_allclose(reg.trace_norm(jnp.diag(jnp.array([3.0, -2.0]))), 5.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        reg.trace_norm(W), np.linalg.svd(np.asarray(W), compute_uv=False).sum(), rtol=1e-6
+    )
+    # Mean-regularized: w̄ = (3.5, 0, 0.5); deviations ±(0.5, 0, 1.5) -> 2 × 2.5 = 5.
+    np.testing.assert_allclose(reg.mean_regularized(W), 5.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        reg.mean_regularized(W, mean_weight=2.0), 5.0 + 2.0 * (3.5**2 + 0.5**2), rtol=1e-6
+    )
+    # Clusters {0, 1} and {2} on 1-D task weights 0, 2, 10.
+    w = jnp.array([[0.0], [2.0], [10.0]])
+    a = jnp.array([0, 0, 1])
+    mean = 4.0
+    within = 1.0 + 1.0
+    between = 2 * (1.0 - mean) ** 2 + 1 * (10.0 - mean) ** 2
+    got = reg.task_clustering(
+        w, a, num_clusters=2, mean_weight=0.5, between_weight=0.25, within_weight=2.0
+    )
+    np.testing.assert_allclose(got, 0.5 * 3 * mean**2 + 0.25 * between + 2.0 * within, rtol=1e-6)
+    # A soft one-hot assignment gives the same value; between + within = total variance.
+    soft = jax.nn.one_hot(a, 2)
+    np.testing.assert_allclose(
+        reg.task_clustering(w, soft, between_weight=1.0, within_weight=1.0),
+        reg.mean_regularized(w),
+        rtol=1e-6,
+    )
+
+
+def test_assign_clusters_finds_the_groups():
+    key = jax.random.key(0)
+    centers = jnp.array([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
+    labels = jnp.array([0, 1, 2, 0, 1, 2, 2, 0])
+    w = centers[labels] + 0.1 * jax.random.normal(key, (8, 3))
+    got = np.asarray(jax.jit(lambda x: reg.assign_clusters(x, 3))(w))
+    # Same partition up to relabelling.
+    same = np.equal.outer(got, got)
+    want = np.equal.outer(np.asarray(labels), np.asarray(labels))
+    np.testing.assert_array_equal(same, want)
+    # It minimises the clustering penalty (ε_W > ε_B) over a few other partitions.
+    best = reg.task_clustering(w, got, num_clusters=3, between_weight=0.1, within_weight=1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        other = jnp.asarray(rng.integers(0, 3, size=8))
+        assert (
+            best
+            <= reg.task_clustering(w, other, num_clusters=3, between_weight=0.1, within_weight=1.0)
+            + 1e-5
+        )
+
+
+def test_task_relationship_prior():
+    key = jax.random.key(1)
+    w = jax.random.normal(key, (4, 6))  # T = 4 tasks, d = 6
+    omega = reg.update_task_covariance(w)
+    np.testing.assert_allclose(jnp.trace(omega), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(omega, omega.T, atol=1e-6)
+    assert np.all(np.linalg.eigvalsh(np.asarray(omega)) > 0)
+    # Closed form: (WᵀW)^{1/2}/tr(·) with WᵀW the task Gram matrix.
+    gram = np.asarray(w @ w.T, np.float64)
+    vals, vecs = np.linalg.eigh(gram)
+    root = vecs @ np.diag(np.sqrt(vals)) @ vecs.T
+    np.testing.assert_allclose(omega, root / np.trace(root), rtol=1e-4, atol=1e-6)
+    # At the update, the penalty equals the squared trace norm, and it is the minimum over Ω.
+    best = reg.task_relationship_penalty(w, omega)
+    np.testing.assert_allclose(best, reg.trace_norm(w) ** 2, rtol=1e-4)
+    for s in range(5):
+        a = jax.random.normal(jax.random.key(10 + s), (4, 4))
+        other = a @ a.T + 0.1 * jnp.eye(4)
+        other = other / jnp.trace(other)
+        assert best <= reg.task_relationship_penalty(w, other) * (1 + 1e-5)
+    # Penalty value on a hand case: Ω = I/2, W rows e1, 2e2 -> tr(2 WWᵀ) = 2(1 + 4).
+    w2 = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+    np.testing.assert_allclose(reg.task_relationship_penalty(w2, jnp.eye(2) / 2), 10.0)
+
+
+def _np_l1_l2(w, axes=(0,)):
+    return np.sum(np.sqrt(np.sum(w * w, axis=axes)))
+
+
+def _np_l1_linf(w, axes=(0,)):
+    return np.sum(np.max(np.abs(w), axis=axes))
+
+
+def _np_trace(w):
+    return np.linalg.svd(w.reshape(w.shape[0], -1), compute_uv=False).sum()
+
+
+@pytest.mark.parametrize(
+    "norm, prox, step, shape",
+    [
+        (_np_l1_l2, reg.prox_l1_l2, 0.7, (3, 4)),
+        (_np_l1_linf, reg.prox_l1_linf, 0.7, (3, 4)),
+        (_np_trace, reg.prox_trace_norm, 0.9, (3, 4)),
+        (
+            lambda w: _np_l1_l2(w, (0, 2)),
+            lambda w, s: reg.prox_l1_l2(w, s, axes=(0, 2)),
+            0.8,
+            (3, 2, 2),
+        ),
+        (
+            lambda w: _np_l1_linf(w, (0, 2)),
+            lambda w, s: reg.prox_l1_linf(w, s, axes=(0, 2)),
+            0.5,
+            (3, 2, 2),
+        ),
+    ],
+)
+def test_proximal_operators_match_their_definition(norm, prox, step, shape):
+    """prox(v) = argmin_x ½‖x − v‖² + step·R(x), with R written independently in numpy."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=shape)
+    v[:, 0] *= 0.2  # a group close to the threshold
+    p = np.asarray(prox(jnp.asarray(v, jnp.float32), step), np.float64)
+
+    def objective(x):
+        x = x.reshape(v.shape)
+        return 0.5 * np.sum((x - v) ** 2) + step * norm(x)
+
+    best = None
+    for x0 in (v.ravel(), p.ravel() + 0.05 * rng.normal(size=p.size), np.zeros(v.size)):
+        res = minimize(
+            objective, x0, method="Powell", options={"xtol": 1e-9, "ftol": 1e-13, "maxiter": 50000}
+        )
+        best = res if best is None or res.fun < best.fun else best
+    # The objective is 1-strongly convex: F(x) − F(prox) ≥ ½‖x − prox‖². The prox must be at
+    # least as good as scipy's minimiser, and scipy's near-minimiser must lie close to it.
+    assert objective(p.ravel()) <= best.fun + 1e-5
+    gap = max(best.fun - objective(p.ravel()), 0.0)
+    assert np.linalg.norm(best.x - p.ravel()) <= np.sqrt(2 * gap + 1e-5) + 1e-3
+
+
+def test_prox_edge_cases():
+    np.testing.assert_array_equal(reg.prox_l1_l2(W, 0.0), W)
+    np.testing.assert_allclose(reg.prox_l1_linf(W, 0.0), W, atol=1e-7)
+    assert float(jnp.abs(reg.prox_l1_l2(W, 100.0)).max()) == 0.0
+    assert float(jnp.abs(reg.prox_l1_linf(W, 100.0)).max()) == 0.0
+    np.testing.assert_allclose(reg.prox_trace_norm(W, 0.0), W, atol=1e-5)
+    # ℓ1 ball projection: inside points stay; the result has ℓ1 norm = radius otherwise.
+    v = jnp.array([[0.1, -0.2, 0.3], [3.0, -1.0, 0.5]])
+    pr = reg.project_l1_ball(v, 1.0)
+    np.testing.assert_allclose(pr[0], v[0])
+    np.testing.assert_allclose(jnp.abs(pr[1]).sum(), 1.0, rtol=1e-6)
+    # Jittable.
+    jax.jit(reg.prox_l1_linf, static_argnums=2)(W, 0.5, 0)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="step"):
+        reg.prox_l1_l2(W, -1.0)
+    with pytest.raises(ValueError, match="axis"):
+        reg.l1_l2(W, axes=2)
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        reg.trace_norm(jnp.ones(3))
+    with pytest.raises(ValueError, match="omega"):
+        reg.task_relationship_penalty(W, jnp.eye(3))
+    with pytest.raises(ValueError, match="3 entries for 2 tasks"):
+        reg.task_clustering(W, jnp.array([0, 1, 0]), num_clusters=2)
+    with pytest.raises(ValueError, match="num_clusters"):
+        reg.task_clustering(W, jnp.array([0, 1]))
+    with pytest.raises(ValueError, match="clusters for only"):
+        reg.assign_clusters(W, 3)
+
+
+def _multitask_data(seed: int, n: int = 60, d: int = 12, t: int = 3, relevant: int = 4):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    coef = np.zeros((t, d))
+    coef[:, :relevant] = rng.normal(size=(t, relevant)) * 2.0
+    y = x @ coef.T + 0.1 * rng.normal(size=(n, t))
+    return x.astype(np.float32), y.astype(np.float32), coef
+
+
+def _proximal_gradient(x, y, alpha, iters=3000):
+    """FISTA on (1/(2n))‖Y − XWᵀ‖² + α‖W‖₁,₂ with W: (T, d) (groups = features)."""
+    x, y = jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64)
+    n = x.shape[0]
+    lip = float(np.linalg.eigvalsh(np.asarray(x.T @ x, np.float64) / n).max())
+    step = 1.0 / lip
+
+    def grad(w):
+        return ((x @ w.T - y).T @ x) / n
+
+    def body(_, carry):
+        w, z, tk = carry
+        w_new = reg.prox_l1_l2(z - step * grad(z), step * alpha, axes=0)
+        t_new = (1 + jnp.sqrt(1 + 4 * tk**2)) / 2
+        z = w_new + ((tk - 1) / t_new) * (w_new - w)
+        return w_new, z, t_new
+
+    w0 = jnp.zeros((y.shape[1], x.shape[1]), jnp.float64)
+    w, _, _ = jax.lax.fori_loop(0, iters, body, (w0, w0, jnp.asarray(1.0, jnp.float64)))
+    return np.asarray(w)
+
+
+@pytest.fixture
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", False)
+
+
+def test_l1_l2_selects_shared_features_exactly(x64):
+    x, y, coef = _multitask_data(0)
+    w = _proximal_gradient(x, y, alpha=0.3)
+    row_norms = np.linalg.norm(w, axis=0)  # one per feature, across tasks
+    assert np.all(row_norms[:4] > 0.5)
+    # Irrelevant features are exactly zero for every task (not merely small).
+    assert np.all(w[:, 4:] == 0.0)
+
+
+def test_l1_l2_matches_sklearn_multitask_lasso(x64):
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    x, y, _ = _multitask_data(1)
+    alpha = 0.2
+    ours = _proximal_gradient(x, y, alpha=alpha, iters=5000)
+    lasso = sklearn.MultiTaskLasso(alpha=alpha, fit_intercept=False, tol=1e-10, max_iter=100000)
+    lasso.fit(x.astype(np.float64), y.astype(np.float64))
+    np.testing.assert_allclose(ours, lasso.coef_, atol=1e-5)
+    np.testing.assert_array_equal(
+        np.linalg.norm(ours, axis=0) == 0, np.linalg.norm(lasso.coef_, axis=0) == 0
+    )
