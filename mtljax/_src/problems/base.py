@@ -26,6 +26,17 @@ class Problem:
       optimizer: the problem's default optax optimizer for the model.
       steps: the default number of training steps.
       info: problem constants worth reporting (noise levels, scales…), JSON-serialisable.
+      evaluate_split: ``(params, split) -> {metric: f32[T]}`` on a named held-out split, one
+        of ``splits`` (``"validation"`` for model selection, ``"test"`` read once at the
+        end); a metric undefined for a task is NaN there. ``None`` when the problem has no
+        separate splits. Called eagerly (it may jit internally).
+      metrics: ``{task: (metric, higher_is_better)}``: the metric that scores each task, a key
+        of ``evaluate_split``'s result, and its direction. Empty when not declared.
+      auxiliary: tasks that are trained but are not a goal in themselves ("hints"): model
+        selection and Δm% use the other (main) tasks only.
+      splits: the split names ``evaluate_split`` accepts.
+      init_params: ``key -> Params``: fresh initial parameters of the same model, for runs
+        over several seeds on the same data; ``None`` when not provided.
     """
 
     name: str
@@ -36,7 +47,57 @@ class Problem:
     steps: int
     evaluate: Callable[[Params], dict[str, jax.Array]] | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    evaluate_split: Callable[[Params, str], dict[str, jax.Array]] | None = None
+    metrics: dict[str, tuple[str, bool]] = dataclasses.field(default_factory=dict)
+    auxiliary: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ("validation", "test")
+    init_params: Callable[[jax.Array], Params] | None = None
+
+    def __post_init__(self):
+        names = self.model.task_names
+        object.__setattr__(self, "auxiliary", tuple(self.auxiliary))
+        unknown = [t for t in (*self.metrics, *self.auxiliary) if t not in names]
+        if unknown:
+            raise ValueError(
+                f"problem {self.name!r}: tasks {unknown} in `metrics`/`auxiliary` are not among "
+                f"the model's tasks {names}"
+            )
+        if self.auxiliary and set(self.auxiliary) == set(names):
+            raise ValueError(f"problem {self.name!r}: every task is auxiliary; keep a main task")
+        if self.metrics and set(self.metrics) != set(names):
+            missing = [t for t in names if t not in self.metrics]
+            raise ValueError(f"problem {self.name!r}: `metrics` lacks tasks {missing}")
 
     @property
     def task_names(self) -> tuple[str, ...]:
         return self.model.task_names
+
+    @property
+    def main_tasks(self) -> tuple[str, ...]:
+        """The tasks that are not auxiliary, in the model's order."""
+        return tuple(t for t in self.task_names if t not in self.auxiliary)
+
+    def higher_is_better(self) -> tuple[bool, ...]:
+        """Per task, whether its metric is better when higher (needs ``metrics``)."""
+        return tuple(bool(self.metrics[t][1]) for t in self.task_names)
+
+    def task_metrics(self, params: Params, split: str) -> dict[str, float]:
+        """``{task: its metric on split}`` from :attr:`evaluate_split` and :attr:`metrics`."""
+        if self.evaluate_split is None or not self.metrics:
+            raise ValueError(
+                f"problem {self.name!r} declares no `evaluate_split` and `metrics` (no "
+                "validation/test splits to score tasks on)"
+            )
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(self.splits)}")
+        values = self.evaluate_split(params, split)
+        out = {}
+        for i, task in enumerate(self.task_names):
+            metric = self.metrics[task][0]
+            if metric not in values:
+                raise ValueError(
+                    f"problem {self.name!r}: evaluate_split gave no {metric!r} (task {task!r}); "
+                    f"it gave {sorted(values)}"
+                )
+            out[task] = float(values[metric][i])
+        return out

@@ -30,6 +30,7 @@ def gradnorm_toy(
     hidden: int = 100,
     num_train: int = 10_000,
     num_test: int = 2_000,
+    num_validation: int | None = None,
     batch_size: int = 100,
     learning_rate: float = 1e-3,
 ) -> Problem:
@@ -42,6 +43,9 @@ def gradnorm_toy(
     ``σᵢ`` set each task's loss and gradient magnitude; by default ``σᵢ = i`` for
     ``i = 1..T``. GradNorm's behaviour to reproduce: its final weights are ordered inversely
     to ``σᵢ``.
+
+    Held-out splits: ``"validation"`` (``num_validation`` points, default ``num_test``) and
+    ``"test"``, scored by each task's MSE (lower is better).
     """
     if num_tasks < 2:
         raise ValueError(f"gradnorm_toy: num_tasks must be ≥ 2, got {num_tasks}")
@@ -60,6 +64,9 @@ def gradnorm_toy(
     x_test = jax.random.normal(kt, (num_test, in_features))
     y_train = targets(x_train, b, eps, sigma_j)
     y_test = targets(x_test, b, eps, sigma_j)
+    n_val = num_test if num_validation is None else int(num_validation)
+    x_val = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 1), (n_val, in_features))
+    y_val = targets(x_val, b, eps, sigma_j)
     names = tuple(f"task{i}" for i in range(num_tasks))
     model, params = _regression.trunk_and_heads(
         (in_features, hidden, hidden, hidden, hidden), out_features, names, seed
@@ -67,6 +74,19 @@ def gradnorm_toy(
 
     def evaluate(p):
         return {"mse": model.losses(p, {"x": x_test, "y": y_test})}
+
+    splits = {"validation": {"x": x_val, "y": y_val}, "test": {"x": x_test, "y": y_test}}
+    mse = jax.jit(model.losses)
+
+    def evaluate_split(p, split):
+        if split not in splits:
+            raise ValueError(f"gradnorm_toy: unknown split {split!r}; valid: validation, test")
+        return {"mse": mse(p, splits[split])}
+
+    def init_params(key):
+        return _regression.trunk_and_heads(
+            (in_features, hidden, hidden, hidden, hidden), out_features, names, key
+        )[1]
 
     return Problem(
         name="gradnorm_toy",
@@ -77,4 +97,7 @@ def gradnorm_toy(
         steps=3000,
         evaluate=evaluate,
         info={"sigma": sigma.tolist()},
+        evaluate_split=evaluate_split,
+        metrics={n: ("mse", False) for n in names},
+        init_params=init_params,
     )

@@ -21,6 +21,7 @@ def uw_noise(
     hidden: int = 64,
     num_train: int = 20_000,
     num_test: int = 4_000,
+    num_validation: int | None = None,
     batch_size: int = 256,
     learning_rate: float = 1e-3,
 ) -> Problem:
@@ -31,6 +32,9 @@ def uw_noise(
     the homoscedastic (task-dependent) noise of Kendall, Gal & Cipolla, "Multi-Task Learning
     Using Uncertainty to Weigh Losses for Scene Geometry and Semantics", CVPR 2018. Behaviour
     to reproduce: uncertainty weighting's learned ``σᵢ² = e^{sᵢ}`` tracks each task's MSE.
+
+    Held-out splits: ``"validation"`` (``num_validation`` points, default ``num_test``) and
+    ``"test"``, scored by each task's MSE (lower is better).
     """
     sigma = np.asarray(noise_std, np.float32)
     if sigma.ndim != 1 or sigma.size < 2 or not np.all(sigma >= 0):
@@ -49,11 +53,24 @@ def uw_noise(
 
     x_train, y_train = data(kx, kn, num_train)
     x_test, y_test = data(kxt, knt, num_test)
+    kxv, knv = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1))
+    x_val, y_val = data(kxv, knv, num_test if num_validation is None else int(num_validation))
     names = tuple(f"noise{s:g}" for s in sigma)
     model, params = _regression.trunk_and_heads((in_features, hidden, hidden), 1, names, seed)
 
     def evaluate(p):
         return {"mse": model.losses(p, {"x": x_test, "y": y_test})}
+
+    splits = {"validation": {"x": x_val, "y": y_val}, "test": {"x": x_test, "y": y_test}}
+    mse = jax.jit(model.losses)
+
+    def evaluate_split(p, split):
+        if split not in splits:
+            raise ValueError(f"uw_noise: unknown split {split!r}; valid: validation, test")
+        return {"mse": mse(p, splits[split])}
+
+    def init_params(key):
+        return _regression.trunk_and_heads((in_features, hidden, hidden), 1, names, key)[1]
 
     return Problem(
         name="uw_noise",
@@ -64,4 +81,7 @@ def uw_noise(
         steps=3000,
         evaluate=evaluate,
         info={"noise_std": sigma.tolist(), "noise_var": (sigma**2).tolist()},
+        evaluate_split=evaluate_split,
+        metrics={n: ("mse", False) for n in names},
+        init_params=init_params,
     )
