@@ -158,12 +158,15 @@ def measure(num_tasks: int, hidden: int, batch_size: int, reps: int, methods, to
         {"T": num_tasks, "method": "plain JAX jacrev+mean", "mode": "-", "ms": jac},
         {"T": num_tasks, "method": "plain JAX last-layer products", "mode": "-", "ms": products},
     ]
+    rep = jax.eval_shape(encode, params.shared, batch)
     for name in methods:
-        method = mtl.methods.get(name, **method_kwargs(name, num_tasks))
+        method = mtl.methods.get(name, like=params.shared, **method_kwargs(name, num_tasks))
         if num_tasks < method.min_tasks:
             continue
         modes = ["parameter"] if method.needs == "losses" else ["parameter", "feature"]
         for mode in modes:
+            if mode == "feature":  # methods with gradient-shaped state take the feature shape
+                method = mtl.methods.get(name, like=rep, **method_kwargs(name, num_tasks))
             fn, state = mtljax_step(method, model, params, mode)
             ms = median_ms(
                 fn,
@@ -218,13 +221,16 @@ def torch_measurements(num_tasks, hidden, batch_size, reps):
         torch.nn.Linear(hidden, 256),
         torch.nn.ReLU(),
     )
-    head = torch.nn.Linear(256, num_tasks)
+    heads_t = torch.nn.ModuleList(torch.nn.Linear(256, 1) for _ in range(num_tasks))
     x, y = torch.randn(batch_size, 128), torch.randn(batch_size, num_tasks)
-    params = list(enc.parameters()) + list(head.parameters())
+    params = list(enc.parameters()) + list(heads_t.parameters())
     opt = torch.optim.SGD(params, lr=LR)
 
+    def task_losses(z):
+        return [((h(z)[:, 0] - y[:, i]) ** 2).mean() for i, h in enumerate(heads_t)]
+
     def losses():
-        return ((head(enc(x)) - y) ** 2).mean(0)
+        return torch.stack(task_losses(enc(x)))
 
     def ew():
         opt.zero_grad()
@@ -262,22 +268,23 @@ def torch_measurements(num_tasks, hidden, batch_size, reps):
         }
     )
     try:
-        from torchjd import mtl_backward
         from torchjd.aggregation import UPGrad
+        from torchjd.autojac import jac_to_grad, mtl_backward
 
         agg = UPGrad()
+        shared = list(enc.parameters())
 
         def jd():
             opt.zero_grad()
             z = enc(x)
-            ls = ((head(z) - y) ** 2).mean(0)
-            mtl_backward(losses=list(ls), features=z, aggregator=agg)
+            mtl_backward(task_losses(z), features=z)
+            jac_to_grad(shared, agg)
             opt.step()
 
         out.append(
             {
                 "T": num_tasks,
-                "method": "torchjd mtl_backward + UPGrad",
+                "method": "torchjd 0.18 mtl_backward + UPGrad",
                 "mode": "-",
                 "ms": timed(jd),
             }

@@ -5,41 +5,87 @@ task-specific ones; a method (``mtljax.methods``) turns the losses, the Gramian 
 of the shared parameters into an update, inside one jitted train step.
 """
 
-from mtljax import methods, nn, problems
+from mtljax import analysis, bench, methods, nn, problems, regularizers
 from mtljax._src.base import Method, aggregate, combine, gramian, weights_from_gramian
+from mtljax._src.checkpoint import Checkpointer, CheckpointMismatchError, Restored
 from mtljax._src.engine import feature_jacobian, jacobian, task_jacobian
-from mtljax._src.model import Model, Params, from_nnx, to_nnx
+from mtljax._src.model import (
+    BatchField,
+    Model,
+    Params,
+    batch_axes_of,
+    batch_spec_like,
+    check_batch,
+    from_nnx,
+    to_nnx,
+)
+from mtljax._src.sharding import (
+    DataParallelStep,
+    data_parallel,
+    initialize_distributed,
+    make_mesh,
+    replicate,
+    set_cpu_devices,
+    shard_batch,
+    state_shardings,
+    to_host,
+)
 from mtljax._src.train import (
+    NonFiniteError,
     TrainState,
     TrainStep,
     gradients,
+    gramian_by_chunks,
     init_train_state,
     make_train_step,
+    mixed_precision,
     pairwise_cosines,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "analysis",
+    "bench",
+    "BatchField",
+    "CheckpointMismatchError",
+    "Checkpointer",
+    "DataParallelStep",
     "Method",
     "Model",
+    "NonFiniteError",
     "Params",
+    "Restored",
     "TrainState",
     "TrainStep",
     "aggregate",
+    "batch_axes_of",
+    "batch_spec_like",
+    "check_batch",
     "combine",
+    "data_parallel",
     "feature_jacobian",
     "from_nnx",
     "gradients",
     "gramian",
+    "gramian_by_chunks",
     "init_train_state",
+    "initialize_distributed",
     "jacobian",
+    "make_mesh",
     "make_train_step",
     "methods",
+    "mixed_precision",
     "nn",
-    "problems",
     "pairwise_cosines",
+    "problems",
+    "regularizers",
+    "replicate",
+    "set_cpu_devices",
+    "shard_batch",
+    "state_shardings",
     "task_jacobian",
+    "to_host",
     "to_nnx",
     "weights_from_gramian",
 ]

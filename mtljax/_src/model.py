@@ -13,11 +13,248 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtljax._src import tree as tree_lib
 
 PyTree = Any
 Batch = Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch specs
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchField:
+    """What one array of a batch must look like.
+
+    Attributes:
+      shape: one entry per axis: an ``int`` (that exact size), ``"batch"`` (the example axis:
+        the same size in every field, never 0; data parallelism shards it), ``"tasks"`` (one
+        entry per task, in the model's order) or ``None`` (any size).
+      dtype: an exact dtype (``jnp.float32``), a kind (``jnp.floating``, ``jnp.integer``,
+        ``jnp.bool_``), or ``None`` for any.
+      task: the task this array belongs to (its targets, say), named in errors; ``None`` for
+        inputs shared by every task.
+    """
+
+    shape: tuple[int | str | None, ...]
+    dtype: Any = None
+    task: str | None = None
+
+    def __post_init__(self):
+        shape = tuple(self.shape)
+        for d in shape:
+            if not (d is None or d in ("batch", "tasks") or (isinstance(d, int) and d >= 0)):
+                raise ValueError(
+                    f"BatchField: each axis is an int, 'batch', 'tasks' or None; got {shape}"
+                )
+        if shape.count("batch") > 1:
+            raise ValueError(f"BatchField: at most one 'batch' axis, got {shape}")
+        object.__setattr__(self, "shape", shape)
+
+    @property
+    def batch_axis(self) -> int | None:
+        return self.shape.index("batch") if "batch" in self.shape else None
+
+
+def _is_field(x: Any) -> bool:
+    return isinstance(x, BatchField)
+
+
+def _broadcast_prefix(prefix: PyTree, tree: PyTree, name: str) -> PyTree:
+    """Broadcasts a pytree prefix of ints/None/str to the leaves of ``tree``."""
+
+    def is_leaf(x):
+        return x is None or isinstance(x, int | str)
+
+    try:
+        return jax.tree_util.tree_map(
+            lambda p, sub: jax.tree_util.tree_map(lambda _: p, sub),
+            prefix,
+            tree,
+            is_leaf=is_leaf,
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"{name} must be an int, None, or a pytree prefix of the batch; got {prefix!r} for a "
+            f"batch of structure {jax.tree_util.tree_structure(tree)}"
+        ) from e
+
+
+def batch_spec_like(
+    example: Batch,
+    *,
+    batch_axes: PyTree = 0,
+    task_axes: PyTree = None,
+    task_names: Sequence[str] = (),
+) -> PyTree:
+    """A batch spec (a pytree of :class:`BatchField`) that matches ``example`` exactly.
+
+    Every axis keeps its size and every dtype is exact, except the batch axis (``batch_axes``:
+    an int for every field, or a pytree prefix of the batch with an int or ``None`` per field)
+    and the task axis (``task_axes``, likewise; ``None``: no task axis). A field whose path
+    contains a task name (``{"targets": {"depth": ...}}``) is that task's.
+    """
+    batch_axes = _broadcast_prefix(batch_axes, example, "batch_axes")
+    task_axes = _broadcast_prefix(task_axes, example, "task_axes")
+    names = set(task_names)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(example)
+    b_flat = treedef.flatten_up_to(batch_axes)
+    t_flat = treedef.flatten_up_to(task_axes)
+    fields = []
+    for (path, leaf), b_ax, t_ax in zip(flat, b_flat, t_flat, strict=True):
+        shape: list[Any] = list(np.shape(leaf))
+        for ax, label in ((b_ax, "batch"), (t_ax, "tasks")):
+            if ax is not None:
+                if not -len(shape) <= ax < len(shape):
+                    raise ValueError(
+                        f"batch_spec_like: field {tree_lib.path_str(path)!r} of shape "
+                        f"{np.shape(leaf)} has no axis {ax} ({label})"
+                    )
+                shape[ax] = label
+        parts = tree_lib.path_str(path).split("/")
+        task = next((p for p in parts if p in names), None)
+        fields.append(BatchField(tuple(shape), np.dtype(leaf.dtype), task))
+    return jax.tree_util.tree_unflatten(treedef, fields)
+
+
+def batch_axes_of(spec: PyTree) -> PyTree:
+    """The batch axis of every field of a batch spec (``None`` where a field has none)."""
+    return jax.tree_util.tree_map(lambda f: f.batch_axis, spec, is_leaf=_is_field)
+
+
+def _describe_shape(field: BatchField, num_tasks: int) -> str:
+    parts = []
+    for d in field.shape:
+        if d == "tasks":
+            parts.append(f"tasks={num_tasks}")
+        elif d is None:
+            parts.append("*")
+        else:
+            parts.append(str(d))
+    return "(" + ", ".join(parts) + (",)" if len(parts) == 1 else ")")
+
+
+def _lookup(batch: Batch, path: tuple) -> tuple[bool, Any]:
+    node = batch
+    for k in path:
+        try:
+            if isinstance(k, jax.tree_util.DictKey):
+                node = node[k.key]
+            elif isinstance(k, jax.tree_util.SequenceKey):
+                node = node[k.idx]
+            elif isinstance(k, jax.tree_util.GetAttrKey):
+                node = getattr(node, k.name)
+            else:
+                node = node[k.key]
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return False, None
+    return True, node
+
+
+def _dtype_ok(dtype: Any, want: Any) -> bool:
+    if want is None:
+        return True
+    if (
+        isinstance(want, type)
+        and issubclass(want, np.generic)
+        and want
+        in (
+            np.floating,
+            np.integer,
+            np.signedinteger,
+            np.unsignedinteger,
+            np.complexfloating,
+            np.number,
+            np.inexact,
+        )
+    ):
+        return bool(jnp.issubdtype(dtype, want))
+    return np.dtype(dtype) == np.dtype(want)
+
+
+def check_batch(spec: PyTree, batch: Batch, task_names: Sequence[str]) -> None:
+    """Checks ``batch`` against a spec of :class:`BatchField`; errors name the field and task.
+
+    Missing fields, wrong ranks or sizes, a task axis of the wrong length, a batch axis that is
+    empty or differs between fields, and wrong dtypes raise ``ValueError`` (``TypeError`` for
+    dtypes and non-arrays). Fields of the batch that the spec does not mention are ignored.
+    """
+    t = len(task_names)
+    flat, _ = jax.tree_util.tree_flatten_with_path(spec, is_leaf=_is_field)
+    batch_sizes: list[tuple[str, int, int]] = []
+    for path, field in flat:
+        if not _is_field(field):
+            raise TypeError(f"a batch spec's leaves are BatchField, got {field!r}")
+        name = tree_lib.path_str(path) or "<batch>"
+        whose = f" (task {field.task!r})" if field.task else ""
+        found, value = _lookup(batch, path)
+        if not found:
+            what = f"the targets of task {field.task!r}" if field.task else "a model input"
+            raise ValueError(
+                f"the batch is missing field {name!r} ({what}); the batch holds "
+                f"{tree_lib.leaf_paths(batch) or 'no arrays'}"
+            )
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise TypeError(
+                f"batch field {name!r}{whose} must be an array, got {type(value).__name__}"
+            )
+        shape = tuple(value.shape)
+        want = _describe_shape(field, t)
+        if len(shape) != len(field.shape):
+            raise ValueError(
+                f"batch field {name!r}{whose} has shape {shape}, expected {want} "
+                f"({len(field.shape)} axes)"
+            )
+        for ax, (got, d) in enumerate(zip(shape, field.shape, strict=True)):
+            if d == "tasks" and got != t:
+                raise ValueError(
+                    f"batch field {name!r} holds one entry per task on axis {ax}, for the "
+                    f"{t} tasks {tuple(task_names)}; got {got} entries (shape {shape})"
+                )
+            if d == "batch":
+                if got == 0:
+                    raise ValueError(
+                        f"empty batch: field {name!r}{whose} has 0 examples on its batch axis "
+                        f"{ax} (shape {shape})"
+                    )
+                batch_sizes.append((name, ax, got))
+            if isinstance(d, int) and got != d:
+                raise ValueError(
+                    f"batch field {name!r}{whose} has shape {shape}, expected {want}: axis {ax} "
+                    f"has size {got}, not {d}"
+                )
+        if not _dtype_ok(value.dtype, field.dtype):
+            want_dtype = getattr(field.dtype, "__name__", str(field.dtype))
+            raise TypeError(
+                f"batch field {name!r}{whose} has dtype {np.dtype(value.dtype).name}, expected "
+                f"{want_dtype}"
+            )
+    if len({n for _, _, n in batch_sizes}) > 1:
+        sizes = ", ".join(f"{f!r} has {n} (axis {ax})" for f, ax, n in batch_sizes)
+        raise ValueError(f"the batch's fields disagree on the number of examples: {sizes}")
+
+
+def check_batch_generic(batch: Batch) -> None:
+    """Checks that need no spec: every leaf is an array, and none is empty."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        name = tree_lib.path_str(path) or "<batch>"
+        if not hasattr(leaf, "shape"):
+            if isinstance(leaf, int | float | bool | np.generic):
+                continue
+            raise TypeError(f"batch field {name!r} must be an array, got {type(leaf).__name__}")
+        if 0 in tuple(leaf.shape):
+            raise ValueError(f"empty batch: field {name!r} has shape {tuple(leaf.shape)}")
+
+
+def _batch_summary(batch: Batch) -> str:
+    items = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        dtype = getattr(leaf, "dtype", type(leaf).__name__)
+        items.append(f"{tree_lib.path_str(path) or '<batch>'}: {dtype}{list(np.shape(leaf))}")
+    return ", ".join(items) or "no arrays"
 
 
 class Params(NamedTuple):
@@ -39,6 +276,9 @@ class Model:
         it enables feature-level Jacobians.
       last_shared: path prefix (``"encoder/layers/2"``) of the last shared layer inside the
         shared parameters, for methods that differentiate only that layer (GradNorm).
+      batch_spec: optional pytree of :class:`BatchField` that batches must match (checked by
+        the train step's first call, before compilation); it also tells data parallelism
+        which axis of each field holds the examples.
     """
 
     task_names: tuple[str, ...]
@@ -48,6 +288,7 @@ class Model:
     last_shared: str | None = None
     nnx_graphdef: Any = None
     nnx_rest: Any = None
+    batch_spec: Any = None
 
     def __post_init__(self):
         names = tuple(self.task_names)
@@ -80,15 +321,31 @@ class Model:
         task_names: Sequence[str],
         *,
         last_shared: str | None = None,
+        batch_spec: Any = None,
     ) -> Model:
         def losses_fn(shared, specific, batch):
             return heads(specific, encode(shared, batch), batch)
 
-        return cls(tuple(task_names), losses_fn, encode, heads, last_shared)
+        return cls(tuple(task_names), losses_fn, encode, heads, last_shared, batch_spec=batch_spec)
+
+    def check_batch(self, batch: Batch) -> None:
+        """Checks a batch against :attr:`batch_spec` (when given) and for empty fields."""
+        if self.batch_spec is not None:
+            check_batch(self.batch_spec, batch, self.task_names)
+        check_batch_generic(batch)
 
     def check(self, params: Params, batch: Batch) -> None:
-        """Checks, by abstract evaluation (no compilation), that the losses have shape (T,)."""
-        out = jax.eval_shape(self.losses_fn, params.shared, params.specific, batch)
+        """Checks the batch, then, by abstract evaluation (no compilation), that the losses
+        have shape (T,)."""
+        self.check_batch(batch)
+        try:
+            out = jax.eval_shape(self.losses_fn, params.shared, params.specific, batch)
+        except (TypeError, ValueError, IndexError, KeyError) as e:
+            why = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(
+                f"the model's losses cannot be evaluated on this batch ({_batch_summary(batch)}): "
+                f"{why}"
+            ) from e
         if not hasattr(out, "shape") or out.shape != (self.num_tasks,):
             raise ValueError(
                 f"the model's losses must have shape (T,) = ({self.num_tasks},) for tasks "
@@ -115,6 +372,7 @@ def from_nnx(
     encode: Callable[[Any, Batch], PyTree] | None = None,
     heads: Callable[[Any, PyTree, Batch], jax.Array] | None = None,
     last_shared: str | None = None,
+    batch_spec: Any = None,
 ) -> tuple[Model, Params]:
     """Builds a :class:`Model` and its :class:`Params` from a Flax NNX module.
 
@@ -127,6 +385,7 @@ def from_nnx(
       encode: ``(module, batch) -> representation``, touching shared parameters only;
       heads: ``(module, representation, batch) -> f32[T]``, touching task-specific ones only.
       last_shared: path prefix of the last shared layer (see :class:`Model`).
+      batch_spec: what batches must look like (see :class:`Model`).
 
     The functions receive the module rebuilt by ``nnx.merge`` from the parameters being
     differentiated; use ``to_nnx`` to put trained parameters back into a module.
@@ -161,6 +420,7 @@ def from_nnx(
             last_shared=last_shared,
             nnx_graphdef=graphdef,
             nnx_rest=rest,
+            batch_spec=batch_spec,
         )
     else:
         model = Model(
@@ -171,6 +431,7 @@ def from_nnx(
             last_shared=last_shared,
             nnx_graphdef=graphdef,
             nnx_rest=rest,
+            batch_spec=batch_spec,
         )
     return model, Params(shared_state, specific_state)
 

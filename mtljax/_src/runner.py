@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mtljax import bench
 from mtljax import methods as methods_lib
 from mtljax import problems as problems_lib
 from mtljax._src.train import init_train_state, make_train_step
@@ -87,6 +88,72 @@ def _by_task(names: Sequence[str], values: Any) -> dict[str, float]:
 # Training one pair
 
 
+def _infer_batch_axes(problem: Any, example: Any) -> Any:
+    """Each batch field's example axis: from the model's ``batch_spec``, else by convention.
+
+    Without a spec, a field's example axis is axis 0, or axis 1 for a field stacked per task
+    (leading axis of size ``T``, like the targets ``(T, B, out)`` of the built-in regression
+    problems); every field must then agree on the number of examples.
+    """
+    from mtljax._src import model as model_lib
+    from mtljax._src import tree as tree_lib
+
+    spec = getattr(problem.model, "batch_spec", None)
+    if spec is not None:
+        return model_lib.batch_axes_of(spec)
+    t = problem.model.num_tasks
+    flat, treedef = jax.tree_util.tree_flatten_with_path(example)
+    axes, sizes = [], []
+    for path, leaf in flat:
+        shape = np.shape(leaf)
+        if not shape:
+            raise ValueError(
+                f"batch field {tree_lib.path_str(path)!r} is a scalar: it has no example axis"
+            )
+        ax = 1 if len(shape) >= 2 and shape[0] == t else 0
+        axes.append(ax)
+        sizes.append((tree_lib.path_str(path), shape, shape[ax]))
+    if len({n for _, _, n in sizes}) > 1:
+        found = ", ".join(f"{name!r} {shape}" for name, shape, _ in sizes)
+        raise ValueError(
+            f"cannot tell each batch field's example axis ({found}): give the problem's model "
+            "a batch_spec (mtljax.BatchField) to train it on several devices"
+        )
+    return jax.tree_util.tree_unflatten(treedef, axes)
+
+
+def _validation_metric(problem: Any, params: Any) -> float | None:
+    """A scalar to rank checkpoints by (lower is better), or ``None``.
+
+    The mean over main tasks of the validation split's task metrics (negated where higher is
+    better) when the problem declares them; otherwise the mean of its held-out ``evaluate``
+    metric.
+    """
+    try:
+        if (
+            getattr(problem, "evaluate_split", None) is not None
+            and getattr(problem, "metrics", None)
+            and "validation" in getattr(problem, "splits", ())
+        ):
+            values = problem.task_metrics(params, "validation")
+            signed = [
+                -float(values[t]) if problem.metrics[t][1] else float(values[t])
+                for t in problem.main_tasks
+            ]
+            return float(np.mean(signed))
+        if problem.evaluate is not None:
+            ev = jax.jit(problem.evaluate)(params)
+            return float(np.mean(np.asarray(next(iter(ev.values())))))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return None
+
+
+def _metrics_json(metrics: dict[str, Any]) -> dict[str, Any]:
+    keep = ("losses", "weights", "grad_norms", "cosines")
+    return {k: np.asarray(v).tolist() for k, v in metrics.items() if k in keep}
+
+
 def run_training(
     problem_name: str,
     method_name: str,
@@ -99,44 +166,157 @@ def run_training(
     chunk_size: int | None = None,
     log_every: int = 0,
     progress: bool = True,
+    ckpt_dir: str | None = None,
+    save_every: int | None = None,
+    keep: int = 3,
+    resume: bool = False,
+    devices: int | None = None,
+    fsdp: bool = False,
+    nonfinite: str = "skip",
+    compute_dtype: str | None = None,
+    gramian_chunk_size: int | None = None,
 ) -> dict[str, Any]:
-    """Trains ``method_name`` on ``problem_name``; returns a JSON-serialisable result."""
+    """Trains ``method_name`` on ``problem_name``; returns a JSON-serialisable result.
+
+    The batch of step ``i`` is ``problem.sample(fold_in(data_key, i))`` with ``data_key``
+    derived from ``seed``: the data position is the step count, so a run resumed from a
+    checkpoint (``ckpt_dir``, ``resume``) sees exactly the batches the uninterrupted run would
+    have, and ends with bit-identical parameters. ``devices`` > 1 trains data-parallel on that
+    many devices (the same global batches; equal to one device up to float32 rounding).
+    """
+    from mtljax._src import sharding
+    from mtljax._src.checkpoint import Checkpointer
+
     problem = problems_lib.get(problem_name, seed=seed, **(problem_args or {}))
-    method = methods_lib.get(method_name, **(method_args or {}))
+    method = methods_lib.get(method_name, like=problem.params.shared, **(method_args or {}))
     steps = problem.steps if steps is None else int(steps)
     if steps < 1:
         raise ValueError(f"--steps must be ≥ 1, got {steps}")
+    if save_every is not None and save_every < 1:
+        raise ValueError(f"--save-every must be ≥ 1, got {save_every}")
+    if resume and not ckpt_dir:
+        raise ValueError("--resume needs --ckpt-dir")
     model = problem.model
     names = model.task_names
     key_train, key_data = jax.random.split(jax.random.key(seed))
     state = init_train_state(model, problem.params, method, problem.optimizer, key_train)
-    step = make_train_step(model, method, problem.optimizer, mode=mode, chunk_size=chunk_size)
-    sample = jax.jit(problem.sample)
-    data_keys = jax.random.split(key_data, steps)
+    step = make_train_step(
+        model,
+        method,
+        problem.optimizer,
+        mode=mode,
+        chunk_size=chunk_size,
+        nonfinite=nonfinite,
+        compute_dtype=compute_dtype,
+        gramian_chunk_size=gramian_chunk_size,
+    )
+    data_key = np.asarray(jax.random.key_data(key_data))
+    impl = str(jax.random.key_impl(key_data))
+
+    def sample_at(kd, i):
+        return problem.sample(jax.random.fold_in(jax.random.wrap_key_data(kd, impl=impl), i))
+
+    num_devices = 1 if devices is None else int(devices)
+    if num_devices > 1 or fsdp or jax.process_count() > 1:
+        example = jax.eval_shape(sample_at, data_key, np.int32(0))
+        if not jax.tree_util.tree_leaves(example):
+            raise ValueError(f"problem {problem_name!r} has no data to split across devices")
+        mesh = sharding.make_mesh(num_devices if jax.process_count() == 1 else None)
+        num_devices = mesh.size
+        step = sharding.data_parallel(
+            step, mesh, batch_axes=_infer_batch_axes(problem, example), fsdp=fsdp
+        )
+        state = step.place_state(state)
+        sample = jax.jit(sample_at, out_shardings=step.batch_shardings(example))
+    else:
+        sample = jax.jit(sample_at)
+    main_process = jax.process_index() == 0
 
     log_every = log_every or max(1, steps // 100)
     history: dict[str, list] = {"step": [], "losses": [], "weights": []}
+    last_metrics: dict[str, Any] = {}
+    start = 0
+    ckpt = None
+    if ckpt_dir:
+        save_every = save_every or max(1, steps // 10)
+        config = {
+            "problem": problem_name,
+            "problem_args": problem_args or {},
+            "method_args": method_args or {},
+            "seed": seed,
+            "mode": mode,
+            "chunk_size": chunk_size,
+            "gramian_chunk_size": gramian_chunk_size,
+            "compute_dtype": None if compute_dtype is None else str(np.dtype(compute_dtype)),
+        }
+        ckpt = Checkpointer(ckpt_dir, keep=keep, method=method, task_names=names, config=config)
+        latest = ckpt.latest_step()
+        if latest is not None and not resume:
+            ckpt.close()
+            raise ValueError(
+                f"{ckpt_dir} already holds checkpoints (latest: step {latest}); pass --resume "
+                "to continue from it, or choose another --ckpt-dir"
+            )
+        if latest is not None:
+            restored = ckpt.restore(state)
+            state = restored.state
+            start = int(restored.data_position)
+            if start > steps:
+                ckpt.close()
+                raise ValueError(
+                    f"the checkpoint in {ckpt_dir} is at step {start}, beyond --steps {steps}"
+                )
+            history = {k: list(v) for k, v in restored.extra.get("history", history).items()}
+            last_metrics = dict(restored.extra.get("last_metrics", {}))
+            saved_devices = restored.extra.get("devices")
+            if saved_devices not in (None, num_devices) and main_process:
+                sys.stderr.write(
+                    f"note: resuming on {num_devices} device(s) a run saved on {saved_devices}: "
+                    "results match to float32 rounding, not bit for bit\n"
+                )
+        elif resume and main_process:
+            sys.stderr.write(f"note: no checkpoint in {ckpt_dir} yet; starting from step 0\n")
+
     times: list[float] = []
-    bar = Progress(steps, f"{problem_name}/{method_name}", progress)
+    bar = Progress(steps, f"{problem_name}/{method_name}", progress and main_process)
     t_compile = 0.0
     metrics: dict[str, Any] = {}
-    for i in range(steps):
-        batch = sample(data_keys[i])
-        t0 = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(state.params)
-        dt = time.perf_counter() - t0
-        if i == 0:
-            t_compile = dt
-        else:
-            times.append(dt)
-        if (i + 1) % log_every == 0 or i + 1 == steps:
-            losses = np.asarray(metrics["losses"])
-            history["step"].append(i + 1)
-            history["losses"].append(losses.tolist())
-            if "weights" in metrics:
-                history["weights"].append(_tolist(metrics["weights"]))
-            bar.update(i + 1, f"mean loss {float(np.mean(losses)):.4g}")
+    try:
+        for i in range(start, steps):
+            batch = sample(data_key, np.int32(i))
+            t0 = time.perf_counter()
+            state, metrics = step(state, batch)
+            jax.block_until_ready(state.params)
+            dt = time.perf_counter() - t0
+            if i == start:
+                t_compile = dt
+            else:
+                times.append(dt)
+            if (i + 1) % log_every == 0 or i + 1 == steps:
+                losses = np.asarray(metrics["losses"])
+                history["step"].append(i + 1)
+                history["losses"].append(losses.tolist())
+                if "weights" in metrics:
+                    history["weights"].append(_tolist(metrics["weights"]))
+                bar.update(i + 1, f"mean loss {float(np.mean(losses)):.4g}")
+            if ckpt is not None and ((i + 1) % save_every == 0 or i + 1 == steps):
+                last_metrics = _metrics_json(metrics)
+                ckpt.save(
+                    state,
+                    data_position=i + 1,
+                    metric=_validation_metric(problem, sharding.to_host(state.params)),
+                    extra={
+                        "history": history,
+                        "last_metrics": last_metrics,
+                        "devices": num_devices,
+                    },
+                )
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    if metrics:
+        last_metrics = _metrics_json(metrics)
+    params = sharding.to_host(state.params)
 
     result: dict[str, Any] = {
         "problem": problem_name,
@@ -147,26 +327,31 @@ def run_training(
         "steps": steps,
         "mode": mode,
         "task_names": list(names),
-        "final": {"train_losses": _by_task(names, metrics["losses"])},
+        "final": {"train_losses": _by_task(names, last_metrics["losses"])},
         "history": {k: v for k, v in history.items() if v},
         "median_step_ms": 1e3 * float(np.median(times)) if times else float("nan"),
         "first_step_s": t_compile,
-        "skipped_steps": int(state.skipped),
-        "params_sha256": params_sha256(state.params),
+        "skipped_steps": int(sharding.to_host(state.skipped)),
+        "params_sha256": params_sha256(params),
         "info": problem.info,
         "device": str(jax.devices()[0]),
+        "devices": num_devices,
+        "process_count": jax.process_count(),
+        "resumed_from": start,
         "jax_version": jax.__version__,
     }
-    if "weights" in metrics:
-        result["final"]["weights"] = _by_task(names, metrics["weights"])
-    if "grad_norms" in metrics:
-        result["final"]["grad_norms"] = _by_task(names, metrics["grad_norms"])
-        result["final"]["cosines"] = _tolist(metrics["cosines"])
-    learned = method_state_summary(method_name, state.method_state, names)
+    if compute_dtype is not None:
+        result["compute_dtype"] = str(np.dtype(compute_dtype))
+    if "weights" in last_metrics:
+        result["final"]["weights"] = _by_task(names, last_metrics["weights"])
+    if "grad_norms" in last_metrics:
+        result["final"]["grad_norms"] = _by_task(names, last_metrics["grad_norms"])
+        result["final"]["cosines"] = last_metrics["cosines"]
+    learned = method_state_summary(method_name, sharding.to_host(state.method_state), names)
     if learned:
         result["final"]["method_state"] = learned
     if problem.evaluate is not None:
-        ev = jax.jit(problem.evaluate)(state.params)
+        ev = jax.jit(problem.evaluate)(params)
         result["final"]["eval"] = {k: _by_task(names, v) for k, v in ev.items()}
     return result
 
@@ -229,54 +414,37 @@ def summary_table(result: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Suites
+# Suites: the benchmark engine is mtljax.bench (single-task baselines, Δm%, seeds, validation)
 
-SUITES: dict[str, list[tuple[str, str, dict[str, Any], int]]] = {
-    # (problem, method, method args, steps)
-    "quick": [
-        ("gradnorm_toy", "ew", {}, 600),
-        ("gradnorm_toy", "uw", {}, 600),
-        ("gradnorm_toy", "gradnorm", {}, 600),
-        ("uw_noise", "ew", {}, 1500),
-        ("uw_noise", "uw", {"learning_rate": 1e-2}, 1500),
-        ("uw_noise", "gradnorm", {}, 1500),
-    ],
-}
-SUITES["full"] = [(p, m, a, 5 * s) for p, m, a, s in SUITES["quick"]]
+SUITES = bench.SUITES
 
 
-def run_suite(name: str, *, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    if name not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; valid suites: {', '.join(SUITES)}")
-    runs = []
-    for problem, method, args, steps in SUITES[name]:
-        runs.append(
-            run_training(
-                problem, method, steps=steps, seed=seed, method_args=args, progress=progress
-            )
-        )
-    return {"suite": name, "seed": seed, "runs": runs}
+def run_suite(
+    name: str,
+    *,
+    seed: int = 0,
+    seeds: int | None = None,
+    methods: Sequence[str] | None = None,
+    steps: int | None = None,
+    progress: bool = True,
+    plots: str | None = None,
+) -> dict[str, Any]:
+    """Runs the benchmark suite ``name`` (see :func:`mtljax.bench.run_suite`); ``seed`` is the
+    first seed, ``seeds`` how many (the suite's default when ``None``)."""
+    return bench.run_suite(
+        name,
+        base_seed=seed,
+        seeds=seeds,
+        methods=methods,
+        steps=steps,
+        progress=progress,
+        plots=plots,
+    )
 
 
 def suite_table(report: dict[str, Any]) -> str:
-    rows = []
-    for r in report["runs"]:
-        ev = r["final"].get("eval", {})
-        metric = next(iter(ev), None)
-        mean_eval = float(np.mean(list(ev[metric].values()))) if metric else float("nan")
-        rows.append(
-            [
-                r["problem"],
-                r["method"],
-                r["steps"],
-                float(np.mean(list(r["final"]["train_losses"].values()))),
-                mean_eval,
-                r["median_step_ms"],
-            ]
-        )
-    return format_table(
-        ["problem", "method", "steps", "mean train loss", "mean test metric", "step ms"], rows
-    )
+    """The report's leaderboards as text."""
+    return bench.leaderboard_text(report)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,6 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="a problem option (repeatable), e.g. num_tasks=4",
     )
+    t.add_argument(
+        "--arch",
+        default=None,
+        help="the sharing structure, for problems that offer several (mmoe_synthetic: "
+        "shared_bottom, omoe, mmoe, cgc, ple, dselect_k, cross_stitch, soft_sharing)",
+    )
     t.add_argument("--steps", type=int, default=None, help="training steps (problem default)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument(
@@ -323,44 +497,165 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="compute the Jacobian this many tasks at a time (caps memory)",
     )
+    t.add_argument(
+        "--gramian-chunk-size",
+        type=int,
+        default=None,
+        help="weighting methods: accumulate the Gramian this many tasks at a time, never "
+        "forming the T x P Jacobian",
+    )
+    t.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="mixed precision: compute the model in this dtype (float32 master weights, "
+        "float32 Jacobian and solver inputs)",
+    )
+    t.add_argument(
+        "--nonfinite",
+        choices=("skip", "raise"),
+        default="skip",
+        help="a non-finite loss or gradient: skip the step (counted), or stop with an error "
+        "naming the task and step",
+    )
     t.add_argument("--out", default=None, help="write the JSON result here")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c = t.add_argument_group("checkpoints")
+    c.add_argument("--ckpt-dir", default=None, metavar="DIR", help="save checkpoints here")
+    c.add_argument(
+        "--save-every", type=int, default=None, metavar="K", help="save every K steps (steps/10)"
+    )
+    c.add_argument(
+        "--keep", type=int, default=3, metavar="N", help="keep the N latest checkpoints (+ best)"
+    )
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest complete checkpoint in --ckpt-dir (if there is one)",
+    )
+    d = t.add_argument_group("devices")
+    d.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="data-parallel over N devices (simulated on a CPU-only machine); with several "
+        "processes, N devices per process",
+    )
+    d.add_argument(
+        "--fsdp", action="store_true", help="also split parameters and optimizer state (FSDP)"
+    )
+    d.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="multi-process: process 0's address (jax.distributed)",
+    )
+    d.add_argument("--num-processes", type=int, default=None, help="multi-process: how many")
+    d.add_argument("--process-id", type=int, default=None, help="multi-process: this one's index")
 
     b = sub.add_parser(
         "bench",
-        help="run a benchmark suite",
-        description="Run a suite of (problem, method) pairs and print a table.",
+        help="benchmark methods against single-task baselines",
+        description=(
+            "Benchmark methods on built-in problems: single-task baselines, several seeds, "
+            "model selection on the validation split, test metrics, Δm%, step times; prints a "
+            "leaderboard. Suites: " + "; ".join(f"{k}: {v.description}" for k, v in SUITES.items())
+        ),
     )
     b.add_argument("--suite", default="quick", help=f"one of: {', '.join(SUITES)}")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="the first seed")
+    b.add_argument("--seeds", type=int, default=None, help="number of seeds (suite's default)")
+    b.add_argument(
+        "--methods",
+        default=None,
+        metavar="M1,M2,…",
+        help="comma-separated methods to run (default: the suite's)",
+    )
+    b.add_argument("--steps", type=int, default=None, help="steps per run (suite's default)")
     b.add_argument("--out", default=None, help="write the JSON report here")
+    b.add_argument(
+        "--plots", default=None, metavar="DIR", help="write PNG plots here (needs matplotlib)"
+    )
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _setup_devices(args: argparse.Namespace) -> bool:
+    """Multi-process wiring and simulated CPU devices, before JAX starts; True on process 0."""
+    from mtljax._src import sharding
+
+    if args.devices is not None and args.devices < 1:
+        raise ValueError(f"--devices must be ≥ 1, got {args.devices}")
+    distributed = [args.coordinator, args.num_processes, args.process_id]
+    if any(v is not None for v in distributed):
+        if args.coordinator is None or args.num_processes is None or args.process_id is None:
+            raise ValueError(
+                "multi-process runs need --coordinator, --num-processes and --process-id"
+            )
+        sharding.initialize_distributed(
+            args.coordinator, args.num_processes, args.process_id, cpu_devices=args.devices
+        )
+        if args.devices is not None:
+            args.devices = jax.device_count()
+        return jax.process_index() == 0
+    if args.devices is not None and args.devices > 1:
+        sharding.set_cpu_devices(args.devices)
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    main_process = True
     try:
         if args.command == "train":
+            main_process = _setup_devices(args)
             result = run_training(
                 args.problem,
                 args.method,
                 steps=args.steps,
                 seed=args.seed,
                 method_args=parse_method_args(args.method_arg),
-                problem_args=parse_method_args(args.problem_arg),
+                problem_args={
+                    **parse_method_args(args.problem_arg),
+                    **({"arch": args.arch} if args.arch else {}),
+                },
                 mode=args.mode,
                 chunk_size=args.chunk_size,
                 progress=not args.no_progress,
+                ckpt_dir=args.ckpt_dir,
+                save_every=args.save_every,
+                keep=args.keep,
+                resume=args.resume,
+                devices=args.devices,
+                fsdp=args.fsdp,
+                nonfinite=args.nonfinite,
+                compute_dtype=args.compute_dtype,
+                gramian_chunk_size=args.gramian_chunk_size,
             )
-            print(summary_table(result))
+            if main_process:
+                print(summary_table(result))
         else:
-            result = run_suite(args.suite, seed=args.seed, progress=not args.no_progress)
+            methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+            result = run_suite(
+                args.suite,
+                seed=args.seed,
+                seeds=args.seeds,
+                methods=methods,
+                steps=args.steps,
+                progress=not args.no_progress,
+                plots=args.plots,
+            )
             print(suite_table(result))
-    except (ValueError, TypeError) as e:
+            for path in result.get("plots", []):
+                print(f"wrote {path}")
+            result = bench.to_json(result)
+    except (ValueError, TypeError, ImportError) as e:
         parser.exit(2, f"error: {e}\n")
-    if args.out:
+    except (FloatingPointError, RuntimeError) as e:
+        parser.exit(1, f"error: {e}\n")
+    if args.out and main_process:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {args.out}")

@@ -6,10 +6,34 @@ Every factory returns a :class:`mtljax.Method`; use it with :func:`mtljax.aggreg
 
 from __future__ import annotations
 
+import inspect
+
+import jax
+
 from mtljax._src.base import Method
+from mtljax._src.methods.aligned_mtl import aligned_mtl
+from mtljax._src.methods.cagrad import cagrad
+from mtljax._src.methods.config import config
+from mtljax._src.methods.db_mtl import db_mtl
+from mtljax._src.methods.dualproj import dualproj
+from mtljax._src.methods.dwa import dwa
 from mtljax._src.methods.ew import ew
+from mtljax._src.methods.fairgrad import fairgrad
+from mtljax._src.methods.famo import famo
 from mtljax._src.methods.fixed import fixed
+from mtljax._src.methods.gls import gls
+from mtljax._src.methods.graddrop import graddrop
 from mtljax._src.methods.gradnorm import gradnorm
+from mtljax._src.methods.gradvac import gradvac
+from mtljax._src.methods.imtl import imtl
+from mtljax._src.methods.imtl_g import imtl_g
+from mtljax._src.methods.imtl_l import imtl_l
+from mtljax._src.methods.mgda import mgda
+from mtljax._src.methods.nash_mtl import nash_mtl
+from mtljax._src.methods.pcgrad import pcgrad
+from mtljax._src.methods.rlw import rlw
+from mtljax._src.methods.stch import stch
+from mtljax._src.methods.upgrad import upgrad
 from mtljax._src.methods.uw import uw
 
 # Method factories, by name (kept in the order of DESIGN's list; more may be added).
@@ -17,7 +41,27 @@ _FACTORIES = {
     "ew": ew,
     "fixed": fixed,
     "uw": uw,
+    "dwa": dwa,
+    "rlw": rlw,
+    "gls": gls,
+    "famo": famo,
+    "stch": stch,
+    "imtl_l": imtl_l,
     "gradnorm": gradnorm,
+    "mgda": mgda,
+    "pcgrad": pcgrad,
+    "graddrop": graddrop,
+    "gradvac": gradvac,
+    "cagrad": cagrad,
+    "nash_mtl": nash_mtl,
+    "imtl_g": imtl_g,
+    "imtl": imtl,
+    "aligned_mtl": aligned_mtl,
+    "upgrad": upgrad,
+    "dualproj": dualproj,
+    "config": config,
+    "fairgrad": fairgrad,
+    "db_mtl": db_mtl,
 }
 
 
@@ -26,11 +70,21 @@ def names() -> tuple[str, ...]:
     return tuple(_FACTORIES)
 
 
-def get(name: str, **kwargs) -> Method:
-    """Builds a method by name: ``get("uw", learning_rate=1e-2)``."""
+def get(name: str, *, like=None, **kwargs) -> Method:
+    """Builds a method by name: ``get("uw", learning_rate=1e-2)``.
+
+    ``like`` (e.g. the shared parameters, or their ``jax.ShapeDtypeStruct``) is passed on to
+    the factories whose state holds gradient-shaped arrays (``db_mtl``) and ignored by others.
+    """
     if name not in _FACTORIES:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(names())}")
-    return _FACTORIES[name](**kwargs)
+    factory = _FACTORIES[name]
+    takes_like = "like" in inspect.signature(factory).parameters
+    if like is not None and "like" not in kwargs and takes_like:
+        kwargs["like"] = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like
+        )
+    return factory(**kwargs)
 
 
 __all__ = ["Method", "get", "names", *_FACTORIES]

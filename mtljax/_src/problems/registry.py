@@ -34,4 +34,10 @@ def get(name: str, *, seed: int = 0, **options) -> Problem:
 
 def _load_all() -> None:
     # Importing the modules registers their problems.
-    from mtljax._src.problems import gradnorm_toy, uw_noise  # noqa: F401
+    from mtljax._src.problems import (  # noqa: F401
+        gradnorm_toy,
+        mmoe_synthetic,
+        multidigits,
+        toy2d,
+        uw_noise,
+    )
