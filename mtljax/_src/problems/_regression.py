@@ -6,12 +6,14 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from mtljax._src.model import Model, Params, from_nnx
 from mtljax._src.nn.hard_sharing import HardSharing
 from mtljax._src.nn.mlp import MLP
 from mtljax._src.nn.stacked import StackedLinear
+from mtljax._src.problems.base import Problem
 
 
 def mse_per_task(pred: jax.Array, y: jax.Array) -> jax.Array:
@@ -55,3 +57,52 @@ def batch_sampler(x: jax.Array, y: jax.Array, batch_size: int):
         return {"x": x[idx], "y": y[:, idx]}
 
     return sample
+
+
+def regression_problem(
+    name: str,
+    *,
+    trunk: Sequence[int],
+    out_features: int,
+    task_names: Sequence[str],
+    seed: int,
+    train: tuple[jax.Array, jax.Array],
+    validation: tuple[jax.Array, jax.Array],
+    test: tuple[jax.Array, jax.Array],
+    batch_size: int,
+    learning_rate: float,
+    info: dict,
+) -> Problem:
+    """A :class:`Problem` over fixed ``(x, y)`` splits, with the trunk-and-heads model above:
+    per-task MSE (lower is better) on the validation and test splits."""
+    model, params = trunk_and_heads(trunk, out_features, task_names, seed)
+    splits = {
+        "validation": {"x": validation[0], "y": validation[1]},
+        "test": {"x": test[0], "y": test[1]},
+    }
+    mse = jax.jit(model.losses)
+
+    def evaluate(p):
+        return {"mse": model.losses(p, splits["test"])}
+
+    def evaluate_split(p, split):
+        if split not in splits:
+            raise ValueError(f"{name}: unknown split {split!r}; valid: validation, test")
+        return {"mse": mse(p, splits[split])}
+
+    def init_params(key):
+        return trunk_and_heads(trunk, out_features, task_names, key)[1]
+
+    return Problem(
+        name=name,
+        model=model,
+        params=params,
+        sample=batch_sampler(*train, batch_size),
+        optimizer=optax.adam(learning_rate),
+        steps=3000,
+        evaluate=evaluate,
+        info=info,
+        evaluate_split=evaluate_split,
+        metrics={n: ("mse", False) for n in task_names},
+        init_params=init_params,
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mtljax._src.problems import _regression
 from mtljax._src.problems.base import Problem
@@ -67,37 +66,16 @@ def gradnorm_toy(
     n_val = num_test if num_validation is None else int(num_validation)
     x_val = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 1), (n_val, in_features))
     y_val = targets(x_val, b, eps, sigma_j)
-    names = tuple(f"task{i}" for i in range(num_tasks))
-    model, params = _regression.trunk_and_heads(
-        (in_features, hidden, hidden, hidden, hidden), out_features, names, seed
-    )
-
-    def evaluate(p):
-        return {"mse": model.losses(p, {"x": x_test, "y": y_test})}
-
-    splits = {"validation": {"x": x_val, "y": y_val}, "test": {"x": x_test, "y": y_test}}
-    mse = jax.jit(model.losses)
-
-    def evaluate_split(p, split):
-        if split not in splits:
-            raise ValueError(f"gradnorm_toy: unknown split {split!r}; valid: validation, test")
-        return {"mse": mse(p, splits[split])}
-
-    def init_params(key):
-        return _regression.trunk_and_heads(
-            (in_features, hidden, hidden, hidden, hidden), out_features, names, key
-        )[1]
-
-    return Problem(
-        name="gradnorm_toy",
-        model=model,
-        params=params,
-        sample=_regression.batch_sampler(x_train, y_train, batch_size),
-        optimizer=optax.adam(learning_rate),
-        steps=3000,
-        evaluate=evaluate,
+    return _regression.regression_problem(
+        "gradnorm_toy",
+        trunk=(in_features, hidden, hidden, hidden, hidden),
+        out_features=out_features,
+        task_names=tuple(f"task{i}" for i in range(num_tasks)),
+        seed=seed,
+        train=(x_train, y_train),
+        validation=(x_val, y_val),
+        test=(x_test, y_test),
+        batch_size=batch_size,
+        learning_rate=learning_rate,
         info={"sigma": sigma.tolist()},
-        evaluate_split=evaluate_split,
-        metrics={n: ("mse", False) for n in names},
-        init_params=init_params,
     )

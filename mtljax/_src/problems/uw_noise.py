@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mtljax._src.problems import _regression
 from mtljax._src.problems.base import Problem
@@ -55,33 +54,16 @@ def uw_noise(
     x_test, y_test = data(kxt, knt, num_test)
     kxv, knv = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1))
     x_val, y_val = data(kxv, knv, num_test if num_validation is None else int(num_validation))
-    names = tuple(f"noise{s:g}" for s in sigma)
-    model, params = _regression.trunk_and_heads((in_features, hidden, hidden), 1, names, seed)
-
-    def evaluate(p):
-        return {"mse": model.losses(p, {"x": x_test, "y": y_test})}
-
-    splits = {"validation": {"x": x_val, "y": y_val}, "test": {"x": x_test, "y": y_test}}
-    mse = jax.jit(model.losses)
-
-    def evaluate_split(p, split):
-        if split not in splits:
-            raise ValueError(f"uw_noise: unknown split {split!r}; valid: validation, test")
-        return {"mse": mse(p, splits[split])}
-
-    def init_params(key):
-        return _regression.trunk_and_heads((in_features, hidden, hidden), 1, names, key)[1]
-
-    return Problem(
-        name="uw_noise",
-        model=model,
-        params=params,
-        sample=_regression.batch_sampler(x_train, y_train, batch_size),
-        optimizer=optax.adam(learning_rate),
-        steps=3000,
-        evaluate=evaluate,
+    return _regression.regression_problem(
+        "uw_noise",
+        trunk=(in_features, hidden, hidden),
+        out_features=1,
+        task_names=tuple(f"noise{s:g}" for s in sigma),
+        seed=seed,
+        train=(x_train, y_train),
+        validation=(x_val, y_val),
+        test=(x_test, y_test),
+        batch_size=batch_size,
+        learning_rate=learning_rate,
         info={"noise_std": sigma.tolist(), "noise_var": (sigma**2).tolist()},
-        evaluate_split=evaluate_split,
-        metrics={n: ("mse", False) for n in names},
-        init_params=init_params,
     )
