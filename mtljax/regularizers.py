@@ -4,7 +4,8 @@ Block sparsity across tasks (:func:`l1_l2`, :func:`l1_linf` and their proximal o
 rank (:func:`trace_norm`, :func:`prox_trace_norm`), mean-regularized MTL
 (:func:`mean_regularized`), task clustering (:func:`task_clustering`, :func:`assign_clusters`)
 and the matrix-variate normal task-relationship prior (:func:`task_relationship_penalty`,
-:func:`update_task_covariance`).
+:func:`update_task_covariance`); :func:`prox_on` applies a proximal operator to selected
+parameters after each train step (``make_train_step(..., prox=...)``).
 """
 
 from mtljax._src.regularizers import (
@@ -16,6 +17,7 @@ from mtljax._src.regularizers import (
     project_l1_ball,
     prox_l1_l2,
     prox_l1_linf,
+    prox_on,
     prox_trace_norm,
     task_clustering,
     task_relationship_penalty,
@@ -32,6 +34,7 @@ __all__ = [
     "project_l1_ball",
     "prox_l1_l2",
     "prox_l1_linf",
+    "prox_on",
     "prox_trace_norm",
     "task_clustering",
     "task_relationship_penalty",

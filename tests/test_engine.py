@@ -139,3 +139,24 @@ def test_gradnorm_last_layer_does_not_pay_for_full_jacobian():
     ew = _step_flops(model, params, batch, mtl.methods.ew())
     assert last < 0.6 * full
     assert last < ew + 0.6 * (full - ew)
+
+
+def test_no_shared_parameters_give_an_empty_jacobian_and_a_zero_gramian():
+    np.testing.assert_array_equal(mtl.gramian({}, 3), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="no leaves"):
+        mtl.gramian({})
+    with pytest.raises(ValueError, match="expected 2"):
+        mtl.gramian({"w": jnp.ones((3, 4))}, 2)
+    direction, _ = mtl.aggregate(mtl.methods.upgrad(), {}, jnp.ones(3), ())
+    assert direction == {}
+
+    def losses(shared, specific, batch):
+        return jnp.sum(specific["w"] * batch, axis=1)
+
+    model = mtl.Model(("a", "b", "c"), losses)
+    params = mtl.Params({}, {"w": jnp.ones((3, 2))})
+    out, jac, vjp = mtl.jacobian(model, params, jnp.ones((3, 2)), chunk_size=2)
+    assert jax.tree_util.tree_leaves(jac) == []
+    np.testing.assert_allclose(
+        vjp(jnp.array([1.0, 2.0, 3.0])).specific["w"], [[1, 1], [2, 2], [3, 3]]
+    )

@@ -47,10 +47,6 @@ def _plain_losses(m: Any, b: dict) -> jax.Array:
     return _mse(m(b["x"]), b["y"])
 
 
-def _soft_losses(m: Any, b: dict) -> jax.Array:
-    return _mse(m(b["x"]), b["y"]) + m.penalty_per_task()
-
-
 def _dselect_losses(m: Any, b: dict) -> jax.Array:
     pred, reg = m.forward(b["x"])
     return _mse(pred, b["y"]) + reg
@@ -60,7 +56,7 @@ def _cascade_losses(m: Any, b: dict) -> jax.Array:
     preds = m(b["x"])
     ce = -jnp.mean(jnp.sum(jax.nn.log_softmax(preds[0]) * b["labels"], axis=-1))
     rest = [jnp.mean((p - y) ** 2) for p, y in zip(preds[1:], b["y"][1:], strict=True)]
-    return jnp.stack([ce, *rest]) + m.successive_penalty(b["anchor"], 0.1)
+    return jnp.stack([ce, *rest])
 
 
 def _cascade_batch(key: jax.Array) -> dict[str, jax.Array]:
@@ -79,6 +75,7 @@ class Spec:
     feature: bool = True  # has encode/predict
     over_shared_ok: bool = False
     num_tasks: int = T
+    shares: bool = True  # some parameter is shared by several tasks' losses
 
 
 SPECS: dict[str, Spec] = {
@@ -95,10 +92,11 @@ SPECS: dict[str, Spec] = {
     "soft_sharing": Spec(
         lambda: mnn.SoftSharing((D, 8, 1), T, rngs=nnx.Rngs(0), penalty_weight=0.1),
         _vector_batch,
-        _soft_losses,
+        _plain_losses,
         (T, B, 1),
+        stacked=("towers/layers/0/kernel", "towers/layers/1/bias"),
         feature=False,
-        over_shared_ok=True,
+        shares=False,
     ),
     "hybrid_sharing": Spec(
         lambda: mnn.HybridSharing(
@@ -109,7 +107,7 @@ SPECS: dict[str, Spec] = {
             penalty="pairwise",
         ),
         _vector_batch,
-        _soft_losses,
+        _plain_losses,
         (T, B, 1),
         stacked=("towers/layers/0/kernel", "towers/layers/1/kernel", "towers/layers/1/bias"),
     ),
@@ -200,6 +198,7 @@ SPECS: dict[str, Spec] = {
             rngs=nnx.Rngs(0),
             kinds=("classification", "regression", "regression"),
             embed_features=6,
+            successive_weight=0.1,
         ),
         _cascade_batch,
         _cascade_losses,
@@ -220,8 +219,6 @@ def _setup(name: str):
     spec = SPECS[name]
     module = spec.build()
     batch = spec.batch(jax.random.key(1))
-    if name == "cascade":
-        batch["anchor"] = module.anchor()
     names = [f"task{i}" for i in range(spec.num_tasks)]
     model, params = mnn.from_block(module, task_names=names, losses=spec.losses)
     return spec, module, batch, model, params
@@ -275,9 +272,12 @@ def test_shared_split_and_gradient_flow(name):
     # Every declared-shared leaf really moves several tasks' losses (nothing needlessly shared).
     if not spec.over_shared_ok:
         assert report.over_shared() == (), report.shared_tasks
-    # No parameter is dead, and every task's loss reaches the shared parameters.
+    # No parameter is dead, and every task's loss reaches the shared parameters (if any).
     assert report.unused == ()
-    assert np.all(report.shared_reach > 0)
+    if spec.shares:
+        assert np.all(report.shared_reach > 0)
+    else:
+        assert jax.tree_util.tree_leaves(params.shared) == []
     # Gradients: the slice t of a task-stacked specific leaf gets task t's gradient only.
     jac = jax.jit(jax.jacrev(model.losses))(params, batch)
     flat = {
@@ -317,7 +317,7 @@ def _encode_heads(name: str):
     if name in ("soft_sharing", "hybrid_sharing"):
         return (
             lambda m, b: m.encode(b["x"]),
-            lambda m, z, b: _mse(m.predict(z), b["y"]) + m.penalty_per_task(),
+            lambda m, z, b: _mse(m.predict(z), b["y"]),
         )
     if name.startswith("dselect_k"):
         return (
@@ -362,16 +362,9 @@ def test_feature_level_split_matches_parameter_level(name):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
 
 
-def _methods() -> list[str]:
-    names = ["ew", "uw"]
-    if "pcgrad" in mtl.methods.names():
-        names.append("pcgrad")
-    return names
-
-
-# A few blocks train in the default run; the others (same code path, longer compiles) are
-# marked slow to keep the default suite short on two cores.
-FAST_TRAIN = ("hard_sharing", "mmoe", "cross_stitch")
+# Every block trains with a losses-only method and a gradient-projection method (each is one
+# compile of the train step; 40 steps on a tiny model).
+TRAIN_METHODS = ("ew", "pcgrad")
 TRAIN_BLOCKS = [
     "hard_sharing",
     "soft_sharing",
@@ -388,16 +381,12 @@ TRAIN_BLOCKS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "name",
-    [n if n in FAST_TRAIN else pytest.param(n, marks=pytest.mark.slow) for n in TRAIN_BLOCKS],
-)
+@pytest.mark.parametrize("name", TRAIN_BLOCKS)
 def test_short_training_lowers_every_task_loss(name):
     spec, module, batch, model, params = _setup(name)
     before = np.asarray(model.losses(params, batch))
-    for method_name in _methods():
-        kwargs = {"learning_rate": 1e-2} if method_name == "uw" else {}
-        method = mtl.methods.get(method_name, **kwargs)
+    for method_name in TRAIN_METHODS:
+        method = mtl.methods.get(method_name, like=params.shared)
         step = mtl.make_train_step(model, method, optax.adam(1e-2))
         state = mtl.init_train_state(model, params, method, optax.adam(1e-2), jax.random.key(0))
         for _ in range(40):
@@ -410,7 +399,7 @@ def test_short_training_lowers_every_task_loss(name):
 # -- blocks' own maths ------------------------------------------------------------------------
 
 
-def test_soft_sharing_penalty_forms_and_gradients():
+def test_soft_sharing_penalty_forms_and_regularizer():
     m = mnn.SoftSharing((D, 4, 1), T, rngs=nnx.Rngs(0), penalty_weight=0.3, penalty="pairwise")
     kernels = [layer.kernel[...] for layer in m.towers.layers] + [
         layer.bias[...] for layer in m.towers.layers
@@ -419,24 +408,102 @@ def test_soft_sharing_penalty_forms_and_gradients():
         jnp.sum((k[i] - k[j]) ** 2) for k in kernels for i in range(T) for j in range(i + 1, T)
     )
     np.testing.assert_allclose(m.penalty(), 0.3 * pairwise, rtol=1e-5)
-    np.testing.assert_allclose(jnp.sum(m.penalty_per_task()), m.penalty(), rtol=1e-5)
-    # The per-task split has the same gradient as the full penalty.
-    graphdef, state = nnx.split(m)
-
-    def full(s):
-        return nnx.merge(graphdef, s).penalty()
-
-    def split(s):
-        return jnp.sum(nnx.merge(graphdef, s).penalty_per_task())
-
-    for a, b in zip(
-        jax.tree_util.tree_leaves(jax.grad(full)(state)),
-        jax.tree_util.tree_leaves(jax.grad(split)(state)),
-        strict=True,
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m.regularizer(), m.penalty(), rtol=1e-6)
     mean = mnn.SoftSharing((D, 4, 1), T, rngs=nnx.Rngs(0), penalty_weight=0.3 * T)
     np.testing.assert_allclose(mean.penalty(), m.penalty(), rtol=1e-5)
+    # from_block wires the block's regularizer; without a trunk nothing is shared.
+    assert m.shared_filter is None and m.last_shared is None and m.shared_paths == ()
+    model, params = mnn.from_block(m, task_names=("a", "b", "c"), losses=_plain_losses)
+    assert jax.tree_util.tree_leaves(params.shared) == []
+    np.testing.assert_allclose(model.regularizer(*params), m.penalty(), rtol=1e-6)
+    with pytest.raises(ValueError, match="trunk"):
+        m.encode(jnp.zeros((2, D)))
+
+
+def _soft_block(trunk: bool, weight: float) -> nnx.Module:
+    if trunk:
+        return mnn.HybridSharing(
+            mnn.MLP((D, 8), rngs=nnx.Rngs(0), final_activation=True),
+            (8, 6, 1),
+            T,
+            rngs=nnx.Rngs(1),
+            penalty_weight=weight,
+        )
+    return mnn.SoftSharing((D, 6, 1), T, rngs=nnx.Rngs(0), penalty_weight=weight)
+
+
+@pytest.mark.parametrize("trunk", [False, True])
+@pytest.mark.parametrize("method_name", ["fixed", "mgda"])
+def test_soft_sharing_coupling_gradient_is_unweighted(method_name, trunk):
+    """With a non-EW method the towers' coupling gradient is λ∇(Σᵢ‖θᵢ − θ̄‖²) = 2λ(θᵢ − θ̄),
+    whatever the method's task weights (inside the loss vector it would be scaled by wᵢ)."""
+    lam = 0.3
+    model, params = mnn.from_block(
+        _soft_block(trunk, lam), task_names=("a", "b", "c"), losses=_plain_losses
+    )
+    params = _perturb(params, 0.3)
+    batch = _vector_batch(jax.random.key(1))
+    data_only = dataclasses.replace(model, regularizer=None)
+    method = mtl.methods.fixed([0.5, 2.0, 3.0]) if method_name == "fixed" else mtl.methods.mgda()
+    state = method.init(T)
+
+    @jax.jit
+    def both(p):
+        return [mtl.gradients(m, method, p, state, batch, None)[::2] for m in (model, data_only)]
+
+    (g, metrics), (g_data, metrics_data) = both(params)
+    np.testing.assert_allclose(metrics["weights"], metrics_data["weights"], rtol=1e-6)
+    assert not np.allclose(metrics["weights"], 1.0)
+    coupling = jax.tree_util.tree_map(jnp.subtract, g, g_data)
+    towers = params.specific["towers"]["layers"]
+    got = coupling.specific["towers"]["layers"]
+    for i in range(len(towers)):
+        for name in ("kernel", "bias"):
+            leaf = towers[i][name][...]
+            want = 2 * lam * (leaf - jnp.mean(leaf, axis=0, keepdims=True))
+            np.testing.assert_allclose(got[i][name][...], want, rtol=1e-4, atol=1e-6)
+    for leaf in jax.tree_util.tree_leaves(coupling.shared):  # the trunk is not coupled
+        np.testing.assert_allclose(leaf, 0.0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", mtl.methods.names())
+def test_pure_soft_sharing_every_method_gives_a_finite_update(name):
+    """No shared parameter: the Jacobian has no columns and the Gramian is zero; every method
+    gives a finite update, and the towers get the method's head rule (wᵢ∇Lᵢ or ∇Lᵢ) + ∇R."""
+    model, params = mnn.from_block(
+        _soft_block(False, 0.1), task_names=("a", "b", "c"), losses=_plain_losses
+    )
+    params = _perturb(params, 0.3)
+    batch = _vector_batch(jax.random.key(1))
+    kwargs: dict[str, Any] = {"weights": [1.0, 2.0, 3.0]} if name == "fixed" else {}
+    if name == "gradnorm":  # no shared parameter, so no last shared layer
+        kwargs["params"] = "all"
+    method = mtl.methods.get(name, like=params.shared, **kwargs)
+    state = method.init(T)
+
+    @jax.jit
+    def run(p, s):
+        return mtl.gradients(model, method, p, s, batch, jax.random.key(0))
+
+    g, new_state, metrics = run(params, state)
+    g, new_state, metrics = run(params, new_state)  # a second step, from the updated state
+    for leaf in jax.tree_util.tree_leaves((g, new_state, metrics)):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            assert np.all(np.isfinite(leaf)), name
+    if "grad_norms" in metrics:
+        np.testing.assert_array_equal(metrics["grad_norms"], 0.0)
+    if method.head_grads == "weighted" and "weights" in metrics:
+        w = metrics["weights"]
+    else:
+        w = jnp.ones((T,))
+    task_part = jax.grad(lambda p: w @ model.losses(p, batch))(params).specific
+    reg_part = jax.grad(lambda p: model.regularizer(*p))(params).specific
+    want = jax.tree_util.tree_map(jnp.add, task_part, reg_part)
+    leaves = zip(
+        jax.tree_util.tree_leaves(g.specific), jax.tree_util.tree_leaves(want), strict=True
+    )
+    for a, b in leaves:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_cross_stitch_initialisation():
@@ -495,12 +562,26 @@ def test_ple_split_by_level():
 
 
 def test_cascade_successive_regularization():
-    m = mnn.Cascade(D, 6, (3, 2, 1), rngs=nnx.Rngs(0))
+    m = mnn.Cascade(D, 6, (3, 2, 1), rngs=nnx.Rngs(0), successive_weight=0.5)
+    np.testing.assert_allclose(m.regularizer(), 0.0)  # the anchor starts at the initial values
     anchor = m.anchor()
-    np.testing.assert_allclose(m.successive_penalty(anchor, 0.5), 0.0)
     m.layers[0].bias[...] = m.layers[0].bias[...] + 1.0  # task 0's parameters move by 6 units²
-    pen = np.asarray(m.successive_penalty(anchor, 0.5))
-    np.testing.assert_allclose(pen, [0.0, 3.0, 3.0], rtol=1e-6)
+    # JMT's successive terms per task are δ·[0, 6, 6]; the regularizer is their sum.
+    np.testing.assert_allclose(m.regularizer(), 0.5 * 12.0, rtol=1e-6)
+    np.testing.assert_allclose(m.successive_regularization(anchor, 0.5), 6.0, rtol=1e-6)
+    m.layers[1].bias[...] = m.layers[1].bias[...] + 1.0  # task 1's: counted by task 2 only
+    np.testing.assert_allclose(m.regularizer(), 6.0 + 0.5 * 6.0, rtol=1e-6)
+    # from_block wires the regularizer; the anchor is a constant of the model, not a parameter.
+    model, params = mnn.from_block(m, task_names=("a", "b", "c"), losses=_cascade_losses)
+    paths = tree_lib.leaf_paths(params)
+    assert not any("anchor" in p for p in paths) and model.nnx_rest is not None
+    np.testing.assert_allclose(model.regularizer(*params), 9.0, rtol=1e-6)
+    m.set_anchor()
+    np.testing.assert_allclose(m.regularizer(), 0.0)
+    plain = mnn.Cascade(D, 6, (3, 2, 1), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(plain.regularizer(), 0.0)
+    with pytest.raises(ValueError, match="successive_weight"):
+        plain.set_anchor()
 
 
 @pytest.mark.parametrize(
@@ -523,6 +604,10 @@ def test_cascade_successive_regularization():
         (lambda: mnn.LowLevelSupervision(D, 4, 1, (0, 2), rngs=nnx.Rngs(0)), "depths"),
         (lambda: mnn.Cascade(D, 4, (2,), rngs=nnx.Rngs(0)), "out_features"),
         (lambda: mnn.Cascade(D, 4, (2, 2), kinds="ranking", rngs=nnx.Rngs(0)), "kinds"),
+        (
+            lambda: mnn.Cascade(D, 4, (2, 2), successive_weight=-1.0, rngs=nnx.Rngs(0)),
+            "successive_weight",
+        ),
         (lambda: mnn.StackedMLP((D,), T, rngs=nnx.Rngs(0)), "features"),
     ],
 )

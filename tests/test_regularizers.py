@@ -7,8 +7,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import mtljax as mtl
 from mtljax import regularizers as reg
 
 jax.config.update("jax_enable_x64", False)
@@ -252,3 +254,55 @@ def test_l1_l2_matches_sklearn_multitask_lasso(x64):
     np.testing.assert_array_equal(
         np.linalg.norm(ours, axis=0) == 0, np.linalg.norm(lasso.coef_, axis=0) == 0
     )
+
+
+def test_prox_on_selects_leaves_and_names_bad_paths():
+    params = mtl.Params({"enc": jnp.ones((2, 3))}, {"w": jnp.full((2, 3), 2.0), "b": jnp.ones(2)})
+    out = reg.prox_on(lambda x: 0.5 * x, "specific/w")(params)
+    np.testing.assert_allclose(out.specific["w"], 1.0)
+    np.testing.assert_allclose(out.specific["b"], 1.0)
+    np.testing.assert_allclose(out.shared["enc"], 1.0)
+    with pytest.raises(ValueError, match="selects no parameter.*specific/w"):
+        reg.prox_on(lambda x: x, "specific/W")(params)
+    with pytest.raises(ValueError, match="path"):
+        reg.prox_on(lambda x: x)
+    with pytest.raises(TypeError, match="prox"):
+        reg.prox_on("l1", "specific/w")
+
+
+def test_train_step_with_prox_is_proximal_gradient_descent():
+    """Linear multi-task least squares, ``Σₜ (1/2n)‖yₜ − X wₜ‖² + α‖W‖₁,₂`` (sklearn's
+    MultiTaskLasso objective), trained by the train step with ``optax.sgd(η)`` and the prox of
+    ``ηα‖·‖₁,₂`` inside ``.scan``: ISTA. No parameter is shared (each row of W is one task's)."""
+    x, y, _ = _multitask_data(1)
+    n, d = x.shape
+    t = y.shape[1]
+    alpha = 0.2
+    eta = 1.0 / float(np.linalg.eigvalsh(x.T.astype(np.float64) @ x / n).max())
+
+    def losses(shared, specific, batch):
+        r = batch["x"] @ specific["w"].T - batch["y"]  # (n, T)
+        return 0.5 * jnp.mean(r * r, axis=0)
+
+    model = mtl.Model(tuple(f"t{i}" for i in range(t)), losses)
+    params = mtl.Params({}, {"w": jnp.zeros((t, d), jnp.float32)})
+    batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+    prox = reg.prox_on(lambda w: reg.prox_l1_l2(w, eta * alpha, axes=0), "specific/w")
+    method, opt = mtl.methods.ew(), optax.sgd(eta)
+    step = mtl.make_train_step(model, method, opt, prox=prox)
+    state = mtl.init_train_state(model, params, method, opt, jax.random.key(0))
+    state, metrics = step.scan(state, lambda k: batch, jax.random.split(jax.random.key(1), 1500))
+    assert bool(np.all(metrics["finite"]))
+    w = np.asarray(state.params.specific["w"])
+    # The proximal-gradient fixed point: W = prox_{ηα}(W − η∇f(W)).
+    grad = jax.grad(lambda w_: jnp.sum(losses({}, {"w": w_}, batch)))(jnp.asarray(w))
+    fixed = reg.prox_l1_l2(jnp.asarray(w) - eta * grad, eta * alpha, axes=0)
+    np.testing.assert_allclose(fixed, w, atol=1e-6)
+    # Irrelevant features are exactly zero for every task, the relevant ones are kept.
+    norms = np.linalg.norm(w, axis=0)
+    assert np.all(w[:, 4:] == 0.0) and np.all(norms[:4] > 0.1)
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    lasso = sklearn.MultiTaskLasso(alpha=alpha, fit_intercept=False, tol=1e-10, max_iter=100000)
+    lasso.fit(x.astype(np.float64), y.astype(np.float64))
+    np.testing.assert_allclose(w, lasso.coef_, atol=1e-4)
+    np.testing.assert_array_equal(norms == 0, np.linalg.norm(lasso.coef_, axis=0) == 0)

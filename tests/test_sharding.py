@@ -497,6 +497,67 @@ def test_training_with_gramian_chunks_matches(name):
     np.testing.assert_allclose(ma["grad_norms"], mb["grad_norms"], rtol=1e-4)
 
 
+def _regularized_setup():
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import mtljax as mtl
+
+    model, params, batch = _setup()
+
+    def reg(shared, specific):
+        return 0.15 * sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves((shared, specific)))
+
+    w = jnp.array([0.5, 2.0, 3.0])
+    method, lr = mtl.methods.fixed(w), 0.1
+    opt = optax.sgd(lr)
+    state = mtl.init_train_state(model, params, method, opt, jax.random.key(0))
+    reg_model = dataclasses.replace(model, regularizer=reg)
+    return model, reg_model, reg, w, method, lr, opt, state, batch(0)
+
+
+def test_regularizer_under_mixed_precision_uses_the_master_parameters():
+    import jax
+    import jax.numpy as jnp
+
+    import mtljax as mtl
+
+    model, reg_model, reg, _, method, _, _, state, b = _regularized_setup()
+    mp, mp_reg = (mtl.mixed_precision(m, jnp.bfloat16) for m in (model, reg_model))
+    assert mp_reg.regularizer is reg  # the train step's compute model keeps it
+
+    @jax.jit
+    def both(p):
+        out = [mtl.gradients(m, method, p, (), b, None)[::2] for m in (mp, mp_reg)]
+        return out, jax.grad(lambda q: reg(*q))(p)
+
+    ((g, _), (g_reg, metrics)), grad_r = both(state.params)
+    assert metrics["regularizer"].dtype == jnp.float32
+    np.testing.assert_allclose(metrics["regularizer"], reg(*state.params), rtol=1e-6)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(g_reg))
+    assert _max_diff(g_reg, jax.tree_util.tree_map(jnp.add, g, grad_r)) < 1e-6
+
+
+def test_data_parallel_step_keeps_the_regularizer_and_the_prox():
+    import jax
+
+    import mtljax as mtl
+
+    model, reg_model, reg, w, method, lr, opt, state, b = _regularized_setup()
+    prox = mtl.regularizers.prox_on(lambda x: x / 1.5, "specific")
+    step = mtl.make_train_step(reg_model, method, opt, prox=prox)
+    one, m_one = step(state, b)
+    par, m_par = mtl.data_parallel(step, mtl.make_mesh(1))(state, b)
+    assert _max_diff(par.params, one.params) < 1e-6
+    np.testing.assert_allclose(m_par["regularizer"], m_one["regularizer"], rtol=1e-6)
+    d = jax.grad(lambda p: w @ model.losses(p, b) + reg(*p))(state.params)
+    want = prox(jax.tree_util.tree_map(lambda x, g: x - lr * g, state.params, d))
+    assert _max_diff(one.params, want) < 1e-5
+
+
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     if sys.argv[1] == "worker":

@@ -1,5 +1,7 @@
 """The jitted train step, the model adapter and their errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,3 +148,152 @@ def test_to_nnx_round_trip(setup):
     module = mtl.to_nnx(model, params)
     z = module.encode(batch["x"])
     np.testing.assert_allclose(model.encode_fn(params.shared, batch), z, rtol=1e-6)
+
+
+# -- regularizers added outside the method, proximal steps -------------------------------------
+
+C_SHARED, C_SPECIFIC = 0.3, 0.7
+
+
+def _reg(shared, specific):
+    """``R = ½c‖θ_shared‖² + c'‖θ_specific‖²``: ``∇R = (c θ_shared, 2c' θ_specific)``."""
+    sq = lambda tree: sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    return 0.5 * C_SHARED * sq(shared) + C_SPECIFIC * sq(specific)
+
+
+def _reg_grad(params):
+    return mtl.Params(
+        jax.tree_util.tree_map(lambda x: C_SHARED * x, params.shared),
+        jax.tree_util.tree_map(lambda x: 2 * C_SPECIFIC * x, params.specific),
+    )
+
+
+def _add(a, b):
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+@pytest.mark.parametrize("mode", ["parameter", "feature"])
+@pytest.mark.parametrize("name", ["fixed", "mgda"])
+def test_regularizer_gradient_is_added_once_and_unweighted(setup, name, mode):
+    model, params, batch = setup
+    reg_model = dataclasses.replace(model, regularizer=_reg)
+    w = jnp.array([0.5, 2.0, 3.0])
+    method = mtl.methods.fixed(w) if name == "fixed" else mtl.methods.mgda()
+    state = method.init(T)
+    key = jax.random.key(0)
+
+    @jax.jit
+    def both(p):
+        return tuple(
+            mtl.gradients(mdl, method, p, state, batch, key, mode=mode)
+            for mdl in (model, reg_model)
+        )
+
+    (g, _, m), (g_r, _, m_r) = both(params)
+    # The method sees the same losses and gives the same weights: R is not a task loss.
+    np.testing.assert_allclose(m_r["weights"], m["weights"], rtol=1e-6)
+    np.testing.assert_allclose(m_r["losses"], m["losses"], rtol=1e-6)
+    np.testing.assert_allclose(m_r["regularizer"], _reg(*params), rtol=1e-6)
+    assert "regularizer" not in m
+    assert max_abs_diff(g_r, _add(g, _reg_grad(params))) < 1e-6
+    if name == "fixed":  # by hand: ∇(w·L) + ∇R
+        want = _add(jax.grad(lambda p: w @ model.losses(p, batch))(params), _reg_grad(params))
+        assert max_abs_diff(g_r, want) < 1e-5
+    # The train step descends along it: SGD with learning rate 1 moves by −(d + ∇R).
+    state0, step = make(reg_model, params, method, optax.sgd(1.0), mode=mode)
+    new, metrics = step(state0, batch)
+    assert max_abs_diff(new.params, jax.tree_util.tree_map(jnp.subtract, params, g_r)) < 1e-5
+    np.testing.assert_allclose(metrics["regularizer"], _reg(*params), rtol=1e-6)
+
+
+def test_regularizer_in_scan_and_the_nonfinite_guard(setup):
+    model, params, batch = setup
+    reg_model = dataclasses.replace(model, regularizer=_reg)
+    state, step = make(reg_model, params, mtl.methods.ew(), optax.sgd(0.1))
+    one, _ = step(state, batch)
+    scanned, metrics = step.scan(state, lambda k: batch, jax.random.split(jax.random.key(0), 1))
+    assert max_abs_diff(scanned.params, one.params) < 1e-6
+    assert metrics["regularizer"].shape == (1,)
+    # A non-finite regularizer skips the step (or raises, naming the regularizer).
+    bad = dataclasses.replace(model, regularizer=lambda s, p: jnp.log(-_reg(s, p)))
+    state, step = make(bad, params, mtl.methods.ew(), optax.sgd(0.1))
+    new, metrics = step(state, batch)
+    assert not bool(metrics["finite"]) and int(new.skipped) == 1
+    assert max_abs_diff(new.params, state.params) == 0.0
+    state, step = make(bad, params, mtl.methods.ew(), optax.sgd(0.1), nonfinite="raise")
+    with pytest.raises(mtl.NonFiniteError, match="non-finite regularizer"):
+        step(state, batch)
+
+
+def test_regularizer_errors_are_named(setup):
+    model, params, batch = setup
+    with pytest.raises(TypeError, match="regularizer"):
+        dataclasses.replace(model, regularizer=1.0)
+    vector = dataclasses.replace(model, regularizer=lambda s, p: jnp.ones(3))
+    with pytest.raises(ValueError, match="scalar"):
+        vector.check(params, batch)
+
+
+def test_prox_is_applied_after_the_update_in_step_and_scan(setup):
+    model, params, batch = setup
+
+    def shrink(p):  # the prox of ½·0.5‖θ‖² on the heads: θ / 1.5
+        return mtl.Params(p.shared, jax.tree_util.tree_map(lambda x: x / 1.5, p.specific))
+
+    method, opt = mtl.methods.ew(), optax.sgd(0.1)
+    state, plain = make(model, params, method, opt)
+    _, step = make(model, params, method, opt, prox=shrink)
+    want, _ = plain(state, batch)
+    got, metrics = step(state, batch)
+    assert max_abs_diff(got.params, shrink(want.params)) < 1e-6
+    d = jax.tree_util.tree_map(jnp.subtract, got.params, state.params)
+    np.testing.assert_allclose(metrics["update_norm"], optax.tree.norm(d), rtol=1e-5)
+    scanned, _ = step.scan(state, lambda k: batch, jax.random.split(jax.random.key(0), 2))
+    twice, _ = step(got, batch)
+    assert max_abs_diff(scanned.params, twice.params) < 1e-5
+    # The guard judges the parameters after the prox.
+    _, nan_step = make(
+        model,
+        params,
+        method,
+        opt,
+        prox=lambda p: jax.tree_util.tree_map(lambda x: x * jnp.nan, p),
+    )
+    new, metrics = nan_step(state, batch)
+    assert not bool(metrics["finite"]) and max_abs_diff(new.params, state.params) == 0.0
+    with pytest.raises(TypeError, match="prox"):
+        mtl.make_train_step(model, method, opt, prox="l1")
+    _, wrong = make(model, params, method, opt, prox=lambda p: p.shared)
+    with pytest.raises(TypeError, match="Params"):
+        wrong(state, batch)
+
+
+def test_from_nnx_shared_none_constants_and_regularizer():
+    class Towers(nnx.Module):
+        def __init__(self):
+            self.towers = mtl.nn.StackedLinear(3, 1, 2, rngs=nnx.Rngs(0))
+            self.prior = mtl.nn.Constant(jnp.ones((2, 3, 1)))
+
+    def losses(m, b):
+        return jnp.mean((m.towers(b["x"]) - b["y"]) ** 2, axis=(1, 2))
+
+    def penalty(m):
+        return jnp.sum((m.towers.kernel[...] - m.prior[...]) ** 2)
+
+    model, params = mtl.from_nnx(
+        Towers(), task_names=("a", "b"), shared=None, losses=losses, regularizer=penalty
+    )
+    assert jax.tree_util.tree_leaves(params.shared) == []
+    kernel = params.specific["towers"]["kernel"][...]
+    np.testing.assert_allclose(
+        model.regularizer(params.shared, params.specific), jnp.sum((kernel - 1.0) ** 2)
+    )
+    batch = {"x": jnp.ones((4, 3)), "y": jnp.zeros((2, 4, 1))}
+    model.check(params, batch)
+    # A filter that matches nothing is still an error (a typo), with the way out named.
+    with pytest.raises(ValueError, match="shared=None"):
+        mtl.from_nnx(Towers(), task_names=("a", "b"), shared="tower", losses=losses)
+    net = Towers()
+    net.stats = nnx.BatchStat(jnp.zeros(()))
+    with pytest.raises(ValueError, match="non-parameter state"):
+        mtl.from_nnx(net, task_names=("a", "b"), shared=None, losses=losses)

@@ -89,7 +89,7 @@ def gradient_stats(
     """:func:`conflict_stats` of the task gradients w.r.t. all shared parameters on ``batch``,
     plus ``losses``. One forward pass and ``T`` VJPs (jittable)."""
     losses, jac = engine.task_jacobian(model, params, batch, chunk_size=chunk_size)
-    stats = conflict_stats(base.gramian(jac))
+    stats = conflict_stats(base.gramian(jac, model.num_tasks))
     stats["losses"] = losses
     return stats
 

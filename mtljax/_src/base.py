@@ -100,24 +100,41 @@ def check_num_tasks(name: str, num_tasks: Any, min_tasks: int) -> None:
 # Jacobian pytrees
 
 
-def num_tasks_of(jacobian: PyTree) -> int:
+def num_tasks_of(jacobian: PyTree, num_tasks: int | None = None) -> int:
+    """The task axis' length ``T`` of a Jacobian pytree.
+
+    A Jacobian with no leaves (a model without shared parameters: ``T × 0``) has no task axis
+    to read; ``num_tasks`` gives ``T`` then, and is checked against the leaves otherwise.
+    """
     leaves = jax.tree_util.tree_leaves(jacobian)
     if not leaves:
-        raise ValueError("the jacobian has no leaves")
+        if num_tasks is None:
+            raise ValueError(
+                "the jacobian has no leaves (no shared parameters): give the number of tasks"
+            )
+        return int(num_tasks)
     sizes = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
     if len(sizes) != 1 or None in sizes:
         shapes = [leaf.shape for leaf in leaves]
         raise ValueError(
             f"every jacobian leaf needs the same leading task axis; got leaf shapes {shapes}"
         )
-    return sizes.pop()
+    t = sizes.pop()
+    if num_tasks is not None and t != num_tasks:
+        raise ValueError(f"the jacobian has {t} task rows, expected {num_tasks}")
+    return t
 
 
-def gramian(jacobian: PyTree) -> jax.Array:
-    """``G = J Jᵀ`` (T×T), summed over the leaves of a Jacobian pytree, in float32 or wider."""
+def gramian(jacobian: PyTree, num_tasks: int | None = None) -> jax.Array:
+    """``G = J Jᵀ`` (T×T), summed over the leaves of a Jacobian pytree, in float32 or wider.
+
+    A Jacobian with no leaves (``T × 0``: no shared parameters) has ``G = 0``; give
+    ``num_tasks`` for it (see :func:`num_tasks_of`).
+    """
     leaves = jax.tree_util.tree_leaves(jacobian)
-    t = num_tasks_of(jacobian)
-    g = jnp.zeros((t, t), jnp.promote_types(leaves[0].dtype, jnp.float32))
+    t = num_tasks_of(jacobian, num_tasks)
+    dtype = jnp.promote_types(leaves[0].dtype, jnp.float32) if leaves else jnp.float32
+    g = jnp.zeros((t, t), dtype)
     for leaf in leaves:
         m = leaf.reshape(t, -1).astype(g.dtype)
         g = g + jnp.matmul(m, m.T, precision=jax.lax.Precision.HIGHEST)
@@ -152,16 +169,18 @@ def aggregate(
     """Applies ``method`` to a task Jacobian: returns ``(direction, new_state)``.
 
     ``jacobian`` is a pytree whose leaves carry a leading task axis of size ``T`` (a ``(T, P)``
-    matrix is one); ``direction`` has the same structure without the task axis. Pure and
-    jittable: ``jax.jit(functools.partial(mtljax.aggregate, method))``.
+    matrix is one); ``direction`` has the same structure without the task axis. A Jacobian
+    with no leaves (no shared parameters) gives an empty direction; ``T`` is then the length
+    of ``losses``. Pure and jittable: ``jax.jit(functools.partial(mtljax.aggregate, method))``.
     """
     if not isinstance(method, Method):
         raise TypeError(f"aggregate: expected an mtljax Method, got {type(method).__name__}")
-    t = num_tasks_of(jacobian)
+    empty = not jax.tree_util.tree_leaves(jacobian)
+    t = num_tasks_of(jacobian, jnp.shape(losses)[0] if empty and jnp.ndim(losses) == 1 else None)
     check_num_tasks(method.name, t, method.min_tasks)
     losses = _check_losses(method.name, losses, t)
     if method.weights is not None:
-        g = gramian(jacobian) if method.needs != "losses" else None
+        g = gramian(jacobian, t) if method.needs != "losses" else None
         w, state = method.weights(losses, g, state, key)
         return combine(w, jacobian), state
     return method.direction(jacobian, losses, state, key)

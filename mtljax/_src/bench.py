@@ -317,7 +317,7 @@ def _probe_stats(model, params: Params, batches: PyTree) -> dict[str, jax.Array]
     per-batch Jacobians are averaged (the Jacobian of the mean loss), then the Gramian."""
     _, jac = jax.vmap(lambda b: engine.task_jacobian(model, params, b))(batches)
     jac = jax.tree_util.tree_map(lambda x: x.mean(axis=0), jac)
-    return analysis.conflict_stats(base.gramian(jac))
+    return analysis.conflict_stats(base.gramian(jac, model.num_tasks))
 
 
 class _ProblemRunner:

@@ -10,6 +10,11 @@ Every quantity comes from **one** forward pass linearized by ``jax.vjp``:
   that subset, so the mapped backward passes only stop at that layer;
 * at feature level, the Jacobian w.r.t. the shared representation ``z`` comes from ``T`` VJPs of
   the heads alone, and ``∇_θ`` is one VJP of the encoder with cotangent ``Σᵢ wᵢ ∂Lᵢ/∂z``.
+
+A model may have no shared parameters (``from_nnx(shared=None)``, pure soft sharing): the
+Jacobian is then a pytree with no leaves (``T × 0``), its Gramian is zero
+(``base.gramian(jac, num_tasks)``), and the task-specific parameters still get their task
+gradients from the VJP.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ def subset_predicate(model: Model, subset: str) -> Callable[[str], bool]:
             raise ValueError(
                 "this method differentiates the last shared layer only, but the model declares "
                 "no `last_shared` (the path prefix of that layer among the shared parameters, "
-                "e.g. 'encoder/layers/2'); give it, or build the method with params='all'"
+                "e.g. 'encoder/layers/2'); give it, or build the method with params='all' "
+                "(a model without shared parameters has no last shared layer)"
             )
         return tree_lib.prefix_predicate(model.last_shared)
     raise ValueError(f"unknown parameter subset {subset!r}; expected 'all' or 'last'")

@@ -279,6 +279,12 @@ class Model:
       batch_spec: optional pytree of :class:`BatchField` that batches must match (checked by
         the train step's first call, before compilation); it also tells data parallelism
         which axis of each field holds the examples.
+      regularizer: optional ``(shared, specific) -> f32[]``, a penalty ``R(θ)`` of the
+        parameters added **outside** the multi-task method: the train step computes the
+        method's update ``d`` from the task losses as usual and descends along ``d + ∇R``.
+        ``R`` never enters the loss vector, the Jacobian, the Gramian or the method's
+        weights, so a weighting method cannot rescale it (a penalty inside the loss vector
+        would be multiplied by its task's weight ``wᵢ``).
     """
 
     task_names: tuple[str, ...]
@@ -289,6 +295,7 @@ class Model:
     nnx_graphdef: Any = None
     nnx_rest: Any = None
     batch_spec: Any = None
+    regularizer: Callable[[PyTree, PyTree], jax.Array] | None = None
 
     def __post_init__(self):
         names = tuple(self.task_names)
@@ -301,6 +308,11 @@ class Model:
         object.__setattr__(self, "task_names", names)
         if (self.encode_fn is None) != (self.heads_fn is None):
             raise ValueError("Model: give both encode_fn and heads_fn, or neither")
+        if self.regularizer is not None and not callable(self.regularizer):
+            raise TypeError(
+                "Model: regularizer must be a function (shared, specific) -> f32[], got "
+                f"{type(self.regularizer).__name__}"
+            )
 
     @property
     def num_tasks(self) -> int:
@@ -322,11 +334,24 @@ class Model:
         *,
         last_shared: str | None = None,
         batch_spec: Any = None,
+        regularizer: Callable[[PyTree, PyTree], jax.Array] | None = None,
     ) -> Model:
+        """The model ``heads(specific, encode(shared, batch), batch)``; ``regularizer``: an
+        optional ``(shared, specific) -> f32[]`` penalty added outside the method (see
+        :class:`Model`)."""
+
         def losses_fn(shared, specific, batch):
             return heads(specific, encode(shared, batch), batch)
 
-        return cls(tuple(task_names), losses_fn, encode, heads, last_shared, batch_spec=batch_spec)
+        return cls(
+            tuple(task_names),
+            losses_fn,
+            encode,
+            heads,
+            last_shared,
+            batch_spec=batch_spec,
+            regularizer=regularizer,
+        )
 
     def check_batch(self, batch: Batch) -> None:
         """Checks a batch against :attr:`batch_spec` (when given) and for empty fields."""
@@ -353,6 +378,8 @@ class Model:
             )
         if not jnp.issubdtype(out.dtype, jnp.floating):
             raise TypeError(f"the model's losses must be floating point, got {out.dtype}")
+        if self.regularizer is not None:
+            self._check_regularizer(params)
         if self.last_shared is not None:
             paths = tree_lib.leaf_paths(params.shared)
             pred = tree_lib.prefix_predicate(self.last_shared)
@@ -361,6 +388,22 @@ class Model:
                     f"last_shared={self.last_shared!r} matches no shared parameter; shared "
                     f"parameter paths are {paths}"
                 )
+
+    def _check_regularizer(self, params: Params) -> None:
+        """By abstract evaluation: the regularizer maps the parameters to a float scalar."""
+        try:
+            out = jax.eval_shape(self.regularizer, params.shared, params.specific)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+            raise ValueError(
+                f"the model's regularizer cannot be evaluated on the parameters: {e}"
+            ) from e
+        if not hasattr(out, "shape") or out.shape != ():
+            raise ValueError(
+                "the model's regularizer must return a scalar f32[]; got "
+                f"{getattr(out, 'shape', type(out).__name__)}"
+            )
+        if not jnp.issubdtype(out.dtype, jnp.floating):
+            raise TypeError(f"the model's regularizer must be floating point, got {out.dtype}")
 
 
 def from_nnx(
@@ -373,6 +416,7 @@ def from_nnx(
     heads: Callable[[Any, PyTree, Batch], jax.Array] | None = None,
     last_shared: str | None = None,
     batch_spec: Any = None,
+    regularizer: Callable[[Any], jax.Array] | None = None,
 ) -> tuple[Model, Params]:
     """Builds a :class:`Model` and its :class:`Params` from a Flax NNX module.
 
@@ -380,39 +424,69 @@ def from_nnx(
       module: an ``nnx.Module`` holding every parameter.
       task_names: the tasks, in the order of the loss vector.
       shared: which ``nnx.Param`` are shared: an attribute name (``"encoder"``), or any NNX
-        filter; every other ``nnx.Param`` is task-specific.
+        filter; every other ``nnx.Param`` is task-specific. A filter that selects no parameter
+        is an error (usually a typo). ``shared=None`` declares that no parameter is shared by
+        two tasks' losses (pure soft sharing, independent per-task models): the shared set is
+        empty, the task Jacobian has no columns and the Gramian is zero, so the method's
+        weights only decide what the task-specific parameters get (its ``head_grads`` rule).
       losses: ``(module, batch) -> f32[T]``; or give ``encode`` and ``heads`` instead:
       encode: ``(module, batch) -> representation``, touching shared parameters only;
       heads: ``(module, representation, batch) -> f32[T]``, touching task-specific ones only.
       last_shared: path prefix of the last shared layer (see :class:`Model`).
       batch_spec: what batches must look like (see :class:`Model`).
+      regularizer: ``(module) -> f32[]``, a penalty ``R(θ)`` added to the update outside the
+        multi-task method (see :class:`Model`), e.g. ``lambda m: m.regularizer()``.
 
     The functions receive the module rebuilt by ``nnx.merge`` from the parameters being
-    differentiated; use ``to_nnx`` to put trained parameters back into a module.
+    differentiated; use ``to_nnx`` to put trained parameters back into a module. The module may
+    hold :class:`mtljax.nn.Constant` variables besides its parameters: they are closed over,
+    never trained (any other non-parameter state is refused).
     """
     from flax import nnx
+
+    from mtljax._src.nn.constant import Constant
 
     if (losses is None) == (encode is None and heads is None):
         raise ValueError("from_nnx: give `losses`, or `encode` and `heads` (not both)")
     if (encode is None) != (heads is None):
         raise ValueError("from_nnx: give both `encode` and `heads`")
-    shared_filter = nnx.PathContains(shared) if isinstance(shared, str) else shared
+    if regularizer is not None and not callable(regularizer):
+        raise TypeError(
+            f"from_nnx: regularizer must be a function (module) -> f32[], got "
+            f"{type(regularizer).__name__}"
+        )
+    if shared is None:
+        shared_filter = nnx.Nothing
+    elif isinstance(shared, str):
+        shared_filter = nnx.PathContains(shared)
+    else:
+        shared_filter = shared
     graphdef, shared_state, specific_state, rest = nnx.split(
         module, nnx.All(nnx.Param, shared_filter), nnx.Param, ...
     )
-    if not jax.tree_util.tree_leaves(shared_state):
-        raise ValueError(f"from_nnx: the filter shared={shared!r} selects no nnx.Param")
-    rest_leaves = jax.tree_util.tree_leaves(rest)
-    if rest_leaves:
+    if shared is not None and not jax.tree_util.tree_leaves(shared_state):
+        raise ValueError(
+            f"from_nnx: the filter shared={shared!r} selects no nnx.Param; the module's "
+            f"parameters are {tree_lib.leaf_paths(specific_state)} (pass shared=None for a "
+            "model in which no parameter is shared by two tasks)"
+        )
+    not_constant = [
+        "/".join(str(k) for k in path)
+        for path, v in nnx.to_flat_state(rest)
+        if not isinstance(v, Constant)
+    ]
+    if not_constant:
         raise ValueError(
             "from_nnx: the module holds non-parameter state (batch statistics, RNG streams: "
-            f"{tree_lib.leaf_paths(rest)}); mtljax models must be functions of their "
-            "parameters: pass RNG keys through the batch instead"
+            f"{not_constant}); mtljax models must be functions of their parameters: pass RNG "
+            "keys through the batch instead (values that are read but never trained may be "
+            "mtljax.nn.Constant variables)"
         )
 
     def merge(s, p):
         return nnx.merge(graphdef, s, p, rest)
 
+    reg_fn = None if regularizer is None else (lambda s, p: regularizer(merge(s, p)))
     if losses is not None:
         model = Model(
             tuple(task_names),
@@ -421,6 +495,7 @@ def from_nnx(
             nnx_graphdef=graphdef,
             nnx_rest=rest,
             batch_spec=batch_spec,
+            regularizer=reg_fn,
         )
     else:
         model = Model(
@@ -432,6 +507,7 @@ def from_nnx(
             nnx_graphdef=graphdef,
             nnx_rest=rest,
             batch_spec=batch_spec,
+            regularizer=reg_fn,
         )
     return model, Params(shared_state, specific_state)
 

@@ -4,17 +4,26 @@ Task weights are stacked along a task axis (``task_axis``, default 0): ``w: (T, 
 kernel ``(T, in, out)`` of :class:`mtljax.nn.StackedLinear`, or the ``(T, d)`` matrix of ``T``
 linear models. Group norms couple the tasks through the norm over the task axis (and any other
 ``axes`` given), so that whole features are kept or dropped for all tasks at once.
+
+Smooth penalties go into a model as its ``regularizer`` (added to the multi-task method's
+update, outside the loss vector); non-smooth ones are better handled by their proximal operator
+after each update: ``make_train_step(..., prox=prox_on(lambda w: prox_l1_l2(w, lr * lam),
+"specific/heads/kernel"))`` (see :func:`prox_on`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtljax._src import tree as tree_lib
+
 Axes = int | Sequence[int]
+PyTree = Any
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -313,3 +322,48 @@ def update_task_covariance(w: jax.Array, task_axis: int = 0, *, eps: float = 0.0
     vals, vecs = jnp.linalg.eigh(0.5 * (gram + gram.T))
     root = (vecs * jnp.sqrt(jnp.maximum(vals, 0.0))) @ vecs.T
     return root / jnp.trace(root)
+
+
+# -- proximal steps on selected parameters -------------------------------------------------------
+
+
+def prox_on(prox: Callable[[jax.Array], jax.Array], *paths: str) -> Callable[[PyTree], PyTree]:
+    """The map applying ``prox`` to the parameters under ``paths``, for
+    ``make_train_step(..., prox=...)``.
+
+    ``paths`` are path prefixes in the parameters as :class:`mtljax.Params` names them:
+    ``"specific/heads/kernel"``, ``"shared/encoder"`` (a prefix selects every leaf below it);
+    ``prox`` (``array -> array`` of the same shape and dtype) is applied to each selected leaf
+    separately and every other leaf is left as it is. For a penalty ``λ g`` and plain SGD at
+    learning rate ``η`` give the prox of ``ηλg``, e.g.
+    ``prox_on(lambda w: prox_l1_l2(w, η * λ), "specific/w")``: the train step is then proximal
+    gradient descent (see :func:`mtljax.make_train_step`). Compose several with
+    ``lambda p: f2(f1(p))``.
+
+    Raises ``ValueError`` (when applied, i.e. when the step is traced) if a path selects no
+    parameter, naming the parameters' paths.
+    """
+    if not callable(prox):
+        raise TypeError(f"prox_on: prox must be a function array -> array, got {prox!r}")
+    if not paths:
+        raise ValueError("prox_on: give at least one parameter path, e.g. 'specific/heads'")
+    for p in paths:
+        if not isinstance(p, str) or not p.strip("/"):
+            raise ValueError(f"prox_on: paths must be non-empty strings, got {p!r}")
+    preds = [tree_lib.prefix_predicate(p) for p in paths]
+
+    def apply(params: PyTree) -> PyTree:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        names = [tree_lib.path_str(path) for path, _ in flat]
+        for p, pred in zip(paths, preds, strict=True):
+            if not any(pred(n) for n in names):
+                raise ValueError(
+                    f"prox_on: the path {p!r} selects no parameter; parameter paths are {names}"
+                )
+        leaves = [
+            prox(leaf) if any(pred(n) for pred in preds) else leaf
+            for n, (_, leaf) in zip(names, flat, strict=True)
+        ]
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    return apply

@@ -131,8 +131,13 @@ def gramian_by_chunks(
     (each about one forward pass, so roughly +50% over the VJPs) and the update ``Jᵀw`` must
     come from one more VJP instead of a product with a stored ``J``. It pays off when ``T × P``
     does not fit in memory; otherwise forming ``J`` (optionally with ``chunk_size``, which
-    only bounds the intermediates of the backward passes) is faster.
+    only bounds the intermediates of the backward passes) is faster. A ``primal`` with no
+    leaves (no shared parameters) has ``G = 0``.
     """
+    if not jax.tree_util.tree_leaves(primal):
+        losses = f(primal)
+        dtype = jnp.promote_types(losses.dtype, jnp.float32)
+        return losses, jnp.zeros((int(num_tasks), int(num_tasks)), dtype)
     losses, jvp_fn = jax.linearize(f, primal)
     vjp_fn = jax.linear_transpose(jvp_fn, primal)
     t = int(num_tasks)
@@ -204,6 +209,7 @@ def mixed_precision(model: Model, compute_dtype: Any) -> Model:
     w.r.t. the float32 master parameters are float32, and so are the Jacobian, the Gramian and
     everything a method's solver sees. At feature level the representation is handed to the
     heads' Jacobian in float32 too. (bfloat16 has float32's exponent range: no loss scaling.)
+    A model ``regularizer`` is kept as it is: it is evaluated on the float32 master parameters.
     """
     dtype = jnp.dtype(compute_dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -236,6 +242,29 @@ def mixed_precision(model: Model, compute_dtype: Any) -> Model:
     return dataclasses.replace(model, losses_fn=losses_fn, encode_fn=encode_fn, heads_fn=heads_fn)
 
 
+def add_regularizer(
+    regularizer: Callable[[PyTree, PyTree], jax.Array], params: Params, grads: Params
+) -> tuple[jax.Array, Params]:
+    """``(R(θ), d + ∇R(θ))``: a regularizer's gradient added to a method's direction ``d``.
+
+    ``R`` is differentiated on its own, outside the loss vector: its gradient is added once and
+    unweighted, whatever weights the method gave the tasks (inside the loss vector a penalty is
+    multiplied by its task's weight ``wᵢ``, which silently changes its strength). ``R`` is
+    evaluated on ``params`` as they are: the float32 master parameters under mixed precision.
+    """
+    value, (g_shared, g_specific) = jax.value_and_grad(regularizer, argnums=(0, 1))(
+        params.shared, params.specific
+    )
+
+    def add(d, g):
+        return d + g.astype(d.dtype)
+
+    return value, Params(
+        jax.tree_util.tree_map(add, grads.shared, g_shared),
+        jax.tree_util.tree_map(add, grads.specific, g_specific),
+    )
+
+
 def gradients(
     model: Model,
     method: base.Method,
@@ -253,6 +282,11 @@ def gradients(
     """The parameter gradient (descent direction, negated by the optimizer) chosen by ``method``.
 
     Computes only what the method declares it needs. Returns ``(grads, method_state, metrics)``.
+    With a model ``regularizer`` ``R``, the result is the method's direction plus ``∇R``
+    (w.r.t. the shared and the task-specific parameters; see :func:`add_regularizer`), and
+    ``metrics["regularizer"]`` holds ``R(θ)``; without one there is no such metric.
+    A model without shared parameters (``from_nnx(shared=None)``) has a Jacobian with no
+    leaves and a zero Gramian; the task-specific parameters get the method's ``head_grads``.
     ``gramian_chunk_size`` (weighting methods that need the Gramian) computes the Gramian
     that many tasks at a time without forming the Jacobian (see :func:`gramian_by_chunks`);
     ``jacobian_constraint`` is applied to the parameter-level Jacobian (or its chunks), e.g. a
@@ -292,7 +326,7 @@ def gradients(
         if jacobian_constraint is not None:
             jac = jacobian_constraint(jac)
         rows_ok = _rows_finite(jac, t)
-        gram = base.gramian(jac)
+        gram = base.gramian(jac, t)
         if method.weights is not None:
             w, method_state = method.weights(losses, gram, method_state, key)
             if method.params == "all":
@@ -308,7 +342,7 @@ def gradients(
             model, params, batch, chunk_size=chunk_size
         )
         rows_ok = _rows_finite(jac, t)
-        gram = base.gramian(jac)
+        gram = base.gramian(jac, t)
         if method.weights is not None:
             w, method_state = method.weights(losses, gram, method_state, key)
             grads = vjp(w)
@@ -321,6 +355,9 @@ def gradients(
 
     if w is not None and head_grads == "unit":
         grads = Params(grads.shared, vjp(jnp.ones_like(losses)).specific)
+    if model.regularizer is not None:
+        value, grads = add_regularizer(model.regularizer, params, grads)
+        metrics["regularizer"] = value
     metrics["losses"] = losses
     metrics["task_finite"] = jnp.isfinite(losses)
     if rows_ok is not None:
@@ -331,6 +368,31 @@ def gradients(
         metrics["grad_norms"] = jnp.sqrt(jnp.clip(jnp.diagonal(gram), 0.0))
         metrics["cosines"] = pairwise_cosines(gram)
     return grads, method_state, metrics
+
+
+def _apply_prox(prox: Callable[[Params], Params], params: Params) -> Params:
+    """``prox(params)``, checked to keep the structure, shapes and dtypes of the parameters."""
+    out = prox(params)
+    if not isinstance(out, Params):
+        raise TypeError(f"prox must return mtljax.Params, got {type(out).__name__}")
+    before = jax.tree_util.tree_structure(params)
+    if jax.tree_util.tree_structure(out) != before:
+        raise ValueError(
+            f"prox changed the structure of the parameters: {jax.tree_util.tree_structure(out)} "
+            f"instead of {before}"
+        )
+    for path, a, b in zip(
+        tree_lib.leaf_paths(params),
+        jax.tree_util.tree_leaves(params),
+        jax.tree_util.tree_leaves(out),
+        strict=True,
+    ):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ValueError(
+                f"prox changed parameter {path!r} from {a.dtype}{list(a.shape)} to "
+                f"{b.dtype}{list(b.shape)}"
+            )
+    return out
 
 
 def _nonfinite_message(
@@ -381,6 +443,7 @@ class TrainStep:
         compute_dtype=None,
         gramian_chunk_size=None,
         jacobian_constraint=None,
+        prox=None,
     ):
         if not isinstance(model, Model):
             raise TypeError(f"expected an mtljax Model, got {type(model).__name__}")
@@ -397,6 +460,10 @@ class TrainStep:
             raise ValueError(f"head_grads must be None, 'weighted' or 'unit', got {head_grads!r}")
         if nonfinite not in ("skip", "raise", "apply"):
             raise ValueError(f"nonfinite must be 'skip', 'raise' or 'apply', got {nonfinite!r}")
+        if prox is not None and not callable(prox):
+            raise TypeError(
+                f"prox must be a function Params -> Params or None, got {type(prox).__name__}"
+            )
         engine.check_chunk_size(chunk_size)
         if gramian_chunk_size is not None:
             try:
@@ -428,6 +495,7 @@ class TrainStep:
         self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
         self.gramian_chunk_size = gramian_chunk_size
         self.jacobian_constraint = jacobian_constraint
+        self.prox = prox
         self._compute_model = (
             model if self.compute_dtype is None else mixed_precision(model, self.compute_dtype)
         )
@@ -444,6 +512,7 @@ class TrainStep:
             nonfinite=self.nonfinite,
             compute_dtype=self.compute_dtype,
             gramian_chunk_size=self.gramian_chunk_size,
+            prox=self.prox,
         )
 
     def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -465,7 +534,13 @@ class TrainStep:
 
         def update():
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-            return updates, optax.apply_updates(state.params, updates), opt_state
+            params = optax.apply_updates(state.params, updates)
+            if self.prox is not None:
+                params = _apply_prox(self.prox, params)
+                # The whole step (optimizer, then prox): its norm is finite iff the new
+                # parameters are, so the guard below judges the final parameters.
+                updates = jax.tree_util.tree_map(jnp.subtract, params, state.params)
+            return updates, params, opt_state
 
         if self.nonfinite == "apply":
             updates, params, opt_state = update()
@@ -485,6 +560,8 @@ class TrainStep:
             & jnp.all(jnp.isfinite(metrics["losses"]))
             & _stays_finite(state.method_state, method_state)
         )
+        if "regularizer" in metrics:
+            ok = ok & jnp.isfinite(metrics["regularizer"])
         params, opt_state, new_method_state = jax.tree_util.tree_map(
             lambda a, b: jnp.where(ok, a, b),
             (new_params, new_opt_state, method_state),
@@ -528,9 +605,15 @@ class TrainStep:
         if row_tasks is not None and len(row_tasks) == t:
             row_tasks = ()
         tasks = loss_tasks or row_tasks or ()
-        raise NonFiniteError(
-            _nonfinite_message(step, loss_tasks, row_tasks), step=step, tasks=tasks
-        )
+        message = _nonfinite_message(step, loss_tasks, row_tasks)
+        if "regularizer" in metrics and not loss_tasks:
+            r = float(np.asarray(metrics["regularizer"]).reshape(-1)[idx])
+            if not np.isfinite(r):
+                message = (
+                    f"non-finite regularizer at step {step} (R = {r}) although every task's "
+                    "loss was finite; the step was not applied"
+                )
+        raise NonFiniteError(message, step=step, tasks=tasks)
 
     def __call__(self, state: TrainState, batch: Batch):
         if not self._checked:
@@ -574,6 +657,7 @@ def make_train_step(
     nonfinite: NonFinite = "skip",
     compute_dtype: Any = None,
     gramian_chunk_size: int | None = None,
+    prox: Callable[[Params], Params] | None = None,
 ) -> TrainStep:
     """Builds the jitted train step ``step(state, batch) -> (state, metrics)``.
 
@@ -600,9 +684,24 @@ def make_train_step(
       gramian_chunk_size: for weighting methods that need the Gramian: accumulate it this
         many tasks at a time so that the ``T × P`` Jacobian never exists (see
         :func:`gramian_by_chunks` for the compute it costs).
+      prox: ``Params -> Params``, applied to the parameters right after the optimizer's update,
+        inside the jitted step (so also in :meth:`TrainStep.scan` and data-parallel steps);
+        the non-finite guard judges the parameters after it. For a non-smooth penalty
+        ``λ g(θ)`` (ℓ1/ℓ2 group sparsity, trace norm…) give ``prox = prox_{ηλg}``
+        (:func:`mtljax.regularizers.prox_on` applies one to selected parameters): with
+        ``optax.sgd(η)`` the step is then exactly proximal gradient descent,
+        ``θ ← prox_{ηλg}(θ − η(d + ∇R))`` (``d`` the method's direction, ``R`` the model's
+        smooth ``regularizer``), which for ``ew`` converges to a minimiser of
+        ``Σᵢ Lᵢ + R + λg`` for convex objectives and ``η ≤ 1/L`` (``L`` the Lipschitz constant
+        of the smooth part's gradient; Combettes & Wajs 2005, Beck & Teboulle 2009). With
+        momentum or adaptive optimizers (Adam…) the prox after their update is a heuristic,
+        not a proximal method of the same objective (the effective step differs per
+        coordinate).
 
     Metrics: ``losses``; ``weights`` for weighting methods; ``grad_norms`` and ``cosines``
-    (pairwise cosines of task gradients) whenever gradients were computed; ``update_norm``;
+    (pairwise cosines of task gradients) whenever gradients were computed; ``regularizer``
+    (``R(θ)`` before the step, only when the model has one); ``update_norm`` (with ``prox``,
+    of the whole step: the optimizer's update, then the prox);
     ``step`` (this step's index); ``task_finite`` (``bool[T]``: the task's loss is finite);
     ``rows_finite`` (``bool[T]``, when the Jacobian or Gramian was computed: the task's
     gradient is finite; a non-finite derivative inside one task can spoil every row through
@@ -618,4 +717,5 @@ def make_train_step(
         nonfinite=nonfinite,
         compute_dtype=compute_dtype,
         gramian_chunk_size=gramian_chunk_size,
+        prox=prox,
     )

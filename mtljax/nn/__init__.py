@@ -3,10 +3,14 @@
 Every block declares which of its parameters are shared by several tasks' losses
 (``block.shared_filter``, ``block.shared_paths``) and, where it has one, its last shared layer
 (``block.last_shared``); :func:`from_block` passes both to :func:`mtljax.from_nnx`, and
-:func:`check_shared_split` verifies the split numerically.
+:func:`check_shared_split` verifies the split numerically. A block whose penalty couples
+tasks (soft sharing, a cascade's successive regularization) defines ``regularizer(self) ->
+f32[]``, which :func:`from_block` wires as the model's regularizer: added to the multi-task
+method's update, outside the loss vector.
 """
 
 from mtljax._src.nn.cascade import Cascade
+from mtljax._src.nn.constant import Constant
 from mtljax._src.nn.cross_stitch import CrossStitch, CrossStitchUnit, cross_stitch_init
 from mtljax._src.nn.dselect_k import DSelectK, selector_weights, smooth_step
 from mtljax._src.nn.hard_sharing import HardSharing
@@ -35,6 +39,7 @@ __all__ = [
     "OMoE",
     "PLE",
     "Cascade",
+    "Constant",
     "CrossStitch",
     "CrossStitchUnit",
     "DSelectK",

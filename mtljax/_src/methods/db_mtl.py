@@ -24,6 +24,8 @@ def _task_norms(tree: PyTree, t: int) -> jax.Array:
         e.reshape(t, -1).astype(jnp.promote_types(e.dtype, jnp.float32))
         for e in jax.tree_util.tree_leaves(tree)
     ]
+    if not rows:  # no shared parameters: every gradient is empty
+        return jnp.zeros((t,), jnp.float32)
     top = jnp.max(jnp.stack([jnp.max(jnp.abs(r), axis=1) for r in rows]), axis=0)
     scale = jnp.where(top > 0, top, 1.0)
     sq = sum(jnp.sum((r / scale[:, None]) ** 2, axis=1) for r in rows)

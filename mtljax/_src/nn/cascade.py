@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtljax._src.nn.constant import Constant
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.towers import check_positive
 
@@ -44,17 +45,22 @@ class Cascade(nnx.Module):
     the predicted probabilities, JMT §2.2) or ``ŷₜ₋₁`` for a regression task, and ``Eₜ₋₁`` a
     learned label embedding; the shortcut ``e`` reaches every layer.
 
-    Successive regularization (JMT §2.6): task ``t``'s loss adds ``δ‖θ_{<t} − θ'_{<t}‖²`` on the
-    parameters below it (the embedding and tasks ``< t``'s layers, heads and label embeddings),
-    with ``θ'`` their values at an anchor (JMT: after the previous task's training epoch). Get
-    the anchor with :meth:`anchor` and pass it through the batch; :meth:`successive_penalty`
-    gives the terms, ``f32[T]``.
+    Successive regularization (JMT §2.6): task ``t``'s objective adds ``δ(‖θₑ − θ'ₑ‖² +
+    Σ_{s<t} ‖θₛ − θ'ₛ‖²)`` on the parameters below it (``θₑ`` the embedding, ``θₛ`` task ``s``'s
+    layer, head and label embedding), with ``θ'`` their values at an anchor (JMT: after the
+    previous task's training epoch). Summed over the tasks this is the block's
+    :meth:`regularizer` (see :meth:`successive_regularization`), which
+    :func:`mtljax.nn.from_block` wires as the model's regularizer: the train step adds its
+    gradient to the multi-task method's update, unweighted, and the task losses hold the data
+    losses only. With ``successive_weight = δ > 0`` the anchor is kept in the module as
+    :class:`mtljax.nn.Constant` variables, initialised to the initial parameters; move it with
+    :meth:`set_anchor` (``to_nnx``, ``set_anchor()``, then ``from_block`` again: the anchor is
+    a constant of the model).
 
     **Shared / task-specific split.** The embedding, and task ``t < T−1``'s layer and head, feed
     task ``t`` and every later task: shared. Label embedding ``Eₜ`` feeds tasks ``> t``: shared
     for ``t < T−2``, while ``E_{T−2}`` feeds the last task only. The last task's layer and head,
-    and ``E_{T−2}``, are task-specific (the successive terms of task ``t`` only involve
-    parameters of tasks ``< t``, which feed task ``t`` anyway, so they change nothing here).
+    and ``E_{T−2}``, are task-specific.
 
     Output: a list of ``T`` predictions ``(batch, out_t)`` (output sizes may differ per task).
     """
@@ -70,6 +76,7 @@ class Cascade(nnx.Module):
         label_features: int = 8,
         embed_features: int | None = None,
         activation: Callable[[jax.Array], jax.Array] = nnx.tanh,
+        successive_weight: float = 0.0,
     ):
         outs = tuple(out_features)
         if len(outs) < 2 or any(not isinstance(o, int) or o < 1 for o in outs):
@@ -103,10 +110,18 @@ class Cascade(nnx.Module):
         self.label_embeddings = nnx.List(
             [nnx.Linear(o, label_features, use_bias=False, rngs=rngs) for o in outs[:-1]]
         )
+        if not float(successive_weight) >= 0.0:
+            raise ValueError(f"Cascade: successive_weight must be ≥ 0, got {successive_weight!r}")
         self.kinds = ks
         self.num_tasks = t
         self.in_features = in_features
         self.activation = activation
+        self.successive_weight = float(successive_weight)
+        self.successive_anchor = (
+            nnx.List([nnx.List([Constant(a) for a in group]) for group in self._anchor_groups()])
+            if self.successive_weight > 0
+            else None
+        )
 
     @property
     def shared_paths(self) -> tuple[str, ...]:
@@ -149,15 +164,51 @@ class Cascade(nnx.Module):
             arrs += _arrays(self.label_embeddings[i])
         return arrs
 
+    def _anchor_groups(self) -> list[list[jax.Array]]:
+        """The regularized parameters: the embedding's, then task ``s``'s for ``s < T−1``."""
+        emb = _arrays(self.embedding) if self.embedding is not None else []
+        return [emb] + [self._task_params(i) for i in range(self.num_tasks - 1)]
+
     def anchor(self) -> dict[str, Any]:
         """The current values of the parameters under successive regularization (constants)."""
-        emb = _arrays(self.embedding) if self.embedding is not None else []
-        tasks = [self._task_params(i) for i in range(self.num_tasks - 1)]
+        emb, *tasks = self._anchor_groups()
         return jax.lax.stop_gradient({"embedding": emb, "tasks": tasks})
 
-    def successive_penalty(self, anchor: dict[str, Any], delta: float) -> jax.Array:
-        """``f32[T]``: ``δ(‖θₑ − θ'ₑ‖² + Σ_{s<t} ‖θₛ − θ'ₛ‖²)`` for task ``t`` (JMT eq. 6–8's
-        successive terms), ``θₑ`` the embedding and ``θₛ`` task ``s``'s parameters."""
+    def stored_anchor(self) -> dict[str, Any]:
+        """The anchor held in the module (needs ``successive_weight > 0``)."""
+        if self.successive_anchor is None:
+            raise ValueError(
+                "Cascade: successive_weight is 0, so the module holds no anchor; build it with "
+                "successive_weight > 0"
+            )
+        emb, *tasks = [[c[...] for c in group] for group in self.successive_anchor]
+        return jax.lax.stop_gradient({"embedding": emb, "tasks": tasks})
+
+    def set_anchor(self) -> None:
+        """Moves the stored anchor to the current parameters (JMT: after each task's epoch)."""
+        if self.successive_anchor is None:
+            self.stored_anchor()  # raises
+        for consts, arrays in zip(self.successive_anchor, self._anchor_groups(), strict=True):
+            for c, a in zip(consts, arrays, strict=True):
+                c[...] = jax.lax.stop_gradient(a)
+
+    def regularizer(self) -> jax.Array:
+        """The whole successive regularization at the stored anchor with ``δ =
+        successive_weight`` (0 when it is 0): the regularizer protocol of
+        :func:`mtljax.nn.from_block`."""
+        if self.successive_weight == 0.0:
+            return jnp.zeros(())
+        return self.successive_regularization(self.stored_anchor(), self.successive_weight)
+
+    def successive_regularization(self, anchor: dict[str, Any], delta: float) -> jax.Array:
+        """``f32[]``: the sum over tasks ``t`` of JMT's successive terms (eq. 6–8),
+        ``δ(‖θₑ − θ'ₑ‖² + Σ_{s<t} ‖θₛ − θ'ₛ‖²)``, i.e.
+
+            δ (T ‖θₑ − θ'ₑ‖² + Σ_{s<T−1} (T − 1 − s) ‖θₛ − θ'ₛ‖²),
+
+        ``θₑ`` the embedding and ``θₛ`` task ``s``'s parameters, ``θ'`` the ``anchor`` (from
+        :meth:`anchor`). A penalty of the parameters, not a task loss: add it outside the
+        multi-task method (the model's ``regularizer``), never to the loss vector."""
         if not float(delta) >= 0.0:
             raise ValueError(f"Cascade: delta must be ≥ 0, got {delta!r}")
         if len(anchor["tasks"]) != self.num_tasks - 1:
@@ -170,9 +221,8 @@ class Cascade(nnx.Module):
             if self.embedding is not None
             else jnp.zeros(())
         )
-        terms = [emb]
-        acc = emb
-        for s in range(self.num_tasks - 1):
-            acc = acc + _sq_dist(self._task_params(s), anchor["tasks"][s])
-            terms.append(acc)
-        return delta * jnp.stack(terms)
+        t = self.num_tasks
+        total = t * emb
+        for s in range(t - 1):
+            total = total + (t - 1 - s) * _sq_dist(self._task_params(s), anchor["tasks"][s])
+        return delta * total

@@ -23,19 +23,11 @@ def _penalty_scale(kind: str, weight: float, num_tasks: int) -> float:
     raise ValueError(f"soft sharing: penalty must be 'mean' or 'pairwise', got {kind!r}")
 
 
-def tower_distance(stacked: Sequence[jax.Array], *, detach_mean: bool) -> jax.Array:
-    """``f32[T]``: ``Σ_leaves ‖θᵢ − θ̄‖²`` for stacked leaves ``(T, …)`` (θ̄: mean over tasks).
-
-    With ``detach_mean`` the mean is a constant (``stop_gradient``): then task ``i``'s term
-    depends (for differentiation) on tower ``i`` only, while its gradient w.r.t. ``θᵢ``,
-    ``2(θᵢ − θ̄)``, equals that of the full penalty ``Σⱼ‖θⱼ − θ̄‖²`` (whose terms' mean-derivatives
-    cancel because ``Σⱼ(θⱼ − θ̄) = 0``).
-    """
+def tower_distance(stacked: Sequence[jax.Array]) -> jax.Array:
+    """``f32[T]``: ``Σ_leaves ‖θᵢ − θ̄‖²`` for stacked leaves ``(T, …)`` (θ̄: mean over tasks)."""
     total = None
     for leaf in stacked:
         mean = jnp.mean(leaf, axis=0, keepdims=True)
-        if detach_mean:
-            mean = jax.lax.stop_gradient(mean)
         d = (leaf - mean).reshape(leaf.shape[0], -1)
         term = jnp.sum(d * d, axis=1)
         total = term if total is None else total + term
@@ -63,14 +55,16 @@ class SoftSharing(nnx.Module):
     With a ``trunk`` module in front of the towers this is **hybrid sharing**: the trunk is
     hard-shared (see :class:`HybridSharing`).
 
-    **Shared / task-specific split.** Tower ``i`` enters only task ``i``'s data loss. The penalty
-    is put into the loss vector as :meth:`penalty_per_task`, ``cλ‖θᵢ − sg(θ̄)‖²`` for task ``i``
-    (``sg``: stop-gradient), whose sum is the penalty and whose gradient w.r.t. each tower is
-    exactly the penalty's. The loss Jacobian w.r.t. the towers is then block-structured, so
-    the towers are **task-specific** and the ``trunk`` is shared. Without a trunk no parameter
-    is shared by two tasks' losses; as :func:`mtljax.from_nnx` needs a non-empty shared set,
-    the towers are then declared shared, and Jacobian methods see task gradients with disjoint
-    supports (zero pairwise cosines).
+    **Shared / task-specific split.** Tower ``i`` enters only task ``i``'s loss, so the towers
+    are **task-specific** and the ``trunk`` (if any) is shared. The penalty is not a task loss:
+    it is the block's :meth:`regularizer`, which :func:`mtljax.nn.from_block` wires as the
+    model's ``regularizer``, so the train step adds ``∇penalty`` to the method's update once
+    and unweighted. (Put into the loss vector, each task's share would be multiplied by that
+    task's weight ``wᵢ`` under any method but equal weighting, silently changing the coupling
+    strength.) Without a trunk no parameter is shared by two tasks' losses: the block declares
+    no shared parameters (``shared_filter`` is ``None``, i.e. ``from_nnx(shared=None)``), the
+    task Jacobian is empty, and each tower trains on its own task's gradient (the method's
+    ``head_grads`` rule) plus the coupling gradient.
 
     Output: ``(T, batch, out)``.
     """
@@ -112,27 +106,29 @@ class SoftSharing(nnx.Module):
     # -- the split --------------------------------------------------------------------------
     @property
     def shared_paths(self) -> tuple[str, ...]:
-        return ("trunk",) if self.trunk is not None else ("towers",)
+        return ("trunk",) if self.trunk is not None else ()
 
     @property
-    def shared_filter(self) -> PathPrefixes:
-        return PathPrefixes(*self.shared_paths)
+    def shared_filter(self) -> PathPrefixes | None:
+        """The trunk; ``None`` (no shared parameter) without one."""
+        return PathPrefixes(*self.shared_paths) if self.shared_paths else None
 
     @property
     def last_shared(self) -> str | None:
-        if self.trunk is not None:
-            path = getattr(self.trunk, "last_layer_path", None)
-            return f"trunk/{path}" if path else "trunk"
-        return f"towers/layers/{len(self.towers.layers) - 1}"
+        if self.trunk is None:
+            return None
+        path = getattr(self.trunk, "last_layer_path", None)
+        return f"trunk/{path}" if path else "trunk"
 
     # -- forward ----------------------------------------------------------------------------
     def encode(self, x: jax.Array) -> jax.Array:
         """The shared representation, the trunk's output (feature-level methods need a trunk:
-        without one the towers, declared shared, come after the representation)."""
+        without one nothing is shared)."""
         if self.trunk is None:
             raise ValueError(
-                "SoftSharing: without a trunk there is no shared representation to take a "
-                "feature-level Jacobian at; give a `trunk` (hybrid sharing)"
+                "SoftSharing: without a trunk nothing is shared, so there is no shared "
+                "representation to take a feature-level Jacobian at; give a `trunk` (hybrid "
+                "sharing)"
             )
         return self.trunk(x)
 
@@ -152,15 +148,16 @@ class SoftSharing(nnx.Module):
         return leaves
 
     def penalty(self) -> jax.Array:
-        """The soft-sharing penalty (a scalar, differentiable w.r.t. every tower)."""
+        """The soft-sharing penalty ``λ Σᵢ ‖θᵢ − θ̄‖²`` (``"mean"``) or ``λ Σ_{i<j} ‖θᵢ − θⱼ‖²``
+        (``"pairwise"``), a scalar differentiable w.r.t. every tower."""
         c = _penalty_scale(self.penalty_kind, self.penalty_weight, self.num_tasks)
-        return c * jnp.sum(tower_distance(self._coupled(), detach_mean=False))
+        return c * jnp.sum(tower_distance(self._coupled()))
 
-    def penalty_per_task(self) -> jax.Array:
-        """``f32[T]`` to add to the task losses: sums to :meth:`penalty`, same tower gradients,
-        and task ``i``'s term depends on tower ``i`` only (see the class docstring)."""
-        c = _penalty_scale(self.penalty_kind, self.penalty_weight, self.num_tasks)
-        return c * tower_distance(self._coupled(), detach_mean=True)
+    def regularizer(self) -> jax.Array:
+        """The block's whole penalty, :meth:`penalty`: the regularizer protocol of
+        :func:`mtljax.nn.from_block` (added outside the multi-task method, never to the task
+        losses)."""
+        return self.penalty()
 
 
 class HybridSharing(SoftSharing):

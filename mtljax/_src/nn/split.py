@@ -6,7 +6,14 @@ gradient of its own task's loss. Every block of :mod:`mtljax.nn` declares its sp
 ``shared_paths`` (path prefixes such as ``"experts"`` or ``"levels/0/task_gates"``) and
 ``shared_filter`` (the NNX filter to pass to :func:`mtljax.from_nnx`); :func:`check_shared_split`
 verifies numerically that the Jacobian of the losses w.r.t. the task-specific parameters is
-block-structured: each task-specific scalar moves at most one task's loss.
+block-structured: each task-specific scalar moves at most one task's loss. A block in which no
+parameter is shared (soft sharing without a trunk) has ``shared_filter = None``.
+
+**The regularizer protocol.** A block whose penalty couples parameters across tasks (or ties
+them to an anchor) defines a method ``regularizer(self) -> f32[]`` returning its whole penalty;
+:func:`from_block` wires it as the model's ``regularizer``, which the train step adds to the
+multi-task method's update, outside the loss vector (see :class:`mtljax.Model`). Task losses
+then hold data losses only.
 """
 
 from __future__ import annotations
@@ -59,10 +66,10 @@ class PathPrefixes:
 
 
 def shared_filter(module: Any) -> Any:
-    """The NNX filter of a block's shared parameters (``"encoder"`` for :class:`HardSharing`)."""
-    f = getattr(module, "shared_filter", None)
-    if f is not None:
-        return f
+    """The NNX filter of a block's shared parameters (``"encoder"`` for :class:`HardSharing`;
+    ``None`` for a block that shares no parameter, as :func:`mtljax.from_nnx` takes it)."""
+    if hasattr(module, "shared_filter"):
+        return module.shared_filter
     from mtljax._src.nn.hard_sharing import HardSharing
 
     if isinstance(module, HardSharing):
@@ -85,6 +92,20 @@ def last_shared(module: Any) -> str | None:
     return None
 
 
+def block_regularizer(module: Any) -> Callable[[Any], jax.Array] | None:
+    """``lambda m: m.regularizer()`` if the block defines a ``regularizer`` method (the
+    protocol of the module docstring), else ``None``."""
+    method = getattr(type(module), "regularizer", None)
+    if method is None:
+        return None
+    if not callable(method):
+        raise TypeError(
+            f"{type(module).__name__}.regularizer must be a method (self) -> f32[], got "
+            f"{type(method).__name__}"
+        )
+    return lambda m: m.regularizer()
+
+
 def from_block(
     module: Any,
     *,
@@ -93,7 +114,9 @@ def from_block(
     encode: Callable[[Any, Batch], PyTree] | None = None,
     heads: Callable[[Any, PyTree, Batch], jax.Array] | None = None,
 ) -> tuple[Model, Params]:
-    """:func:`mtljax.from_nnx` with the block's own shared filter and last shared layer."""
+    """:func:`mtljax.from_nnx` with the block's own shared filter, last shared layer and, if
+    it defines a ``regularizer(self) -> f32[]`` method, that regularizer (see the module
+    docstring): the losses then hold the task losses only."""
     return from_nnx(
         module,
         task_names=task_names,
@@ -102,6 +125,7 @@ def from_block(
         encode=encode,
         heads=heads,
         last_shared=last_shared(module),
+        regularizer=block_regularizer(module),
     )
 
 
