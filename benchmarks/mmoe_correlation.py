@@ -45,15 +45,20 @@ def run_cell(
     num_test: int,
     learning_rate: float,
     method: str,
-    alpha_scale: float,
+    sines: str,
+    num_sines: int,
+    online: bool,
     checkpoints: int,
 ) -> dict:
-    """Trains ``seeds`` independent runs of one (arch, correlation) cell; returns its curves."""
+    """Trains ``seeds`` independent runs of one (arch, correlation) cell; returns its curves.
+
+    Run ``s`` draws its task vectors, data and initial parameters from seed ``s`` (the same
+    for every arch and correlation: common random numbers)."""
     params, train_sets, test_sets = [], [], []
     for s in range(seeds):
         k_task, k_train, k_test, k_init = jax.random.split(jax.random.key(s), 4)
-        tasks = ms.make_tasks(k_task, correlation, alpha_scale=alpha_scale)
-        train_sets.append(ms.sample_data(k_train, tasks, num_train))
+        tasks = ms.make_tasks(k_task, correlation, sines=sines, num_sines=num_sines)
+        train_sets.append(tasks if online else ms.sample_data(k_train, tasks, num_train))
         test_sets.append(ms.sample_data(k_test, tasks, num_test))
         model, p = ms.build_model(arch, k_init)
         params.append(p)
@@ -89,6 +94,11 @@ def run_cell(
         "correlation": correlation,
         "final_mse": curves[:, -1].mean(axis=1).tolist(),  # per seed, averaged over tasks
         "curve": curves.mean(axis=(0, 2)).tolist(),  # averaged over seeds and tasks
+        "curve_sem": (
+            curves.mean(axis=2).std(axis=0, ddof=1) / np.sqrt(seeds)
+            if seeds > 1
+            else 0 * curves[0, :, 0]
+        ).tolist(),
         "steps": [(i + 1) * chunk for i in range(checkpoints)],
         "seconds": time.perf_counter() - t0,
     }
@@ -106,6 +116,23 @@ def table(results: list[dict], archs, correlations) -> str:
             row += f"{v.mean():>11.4f} ± {v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0:.4f}"
         lo, hi = by[(a, min(correlations))].mean(), by[(a, max(correlations))].mean()
         lines.append(row + f"{lo / hi:>24.2f}")
+    return "\n".join(lines)
+
+
+def ratio_table(results: list[dict], archs, correlations) -> str:
+    """The degradation along training: mean MSE at the lowest correlation over that at the
+    highest, at every checkpoint (where each model learns the sines, the run at the lower
+    correlation lags: the ratio peaks there and falls back as both converge)."""
+    lo, hi = min(correlations), max(correlations)
+    by = {(r["arch"], r["correlation"]): r for r in results}
+    steps = by[(archs[0], lo)]["steps"]
+    lines = [
+        f"MSE(p={lo}) / MSE(p={hi}) by training step",
+        f"{'arch':<15}" + "".join(f"{s:>8}" for s in steps) + f"{'peak':>8}",
+    ]
+    for a in archs:
+        r = np.asarray(by[(a, lo)]["curve"]) / np.asarray(by[(a, hi)]["curve"])
+        lines.append(f"{a:<15}" + "".join(f"{v:>8.2f}" for v in r) + f"{r.max():>8.2f}")
     return "\n".join(lines)
 
 
@@ -137,13 +164,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS), choices=ms.ARCHS)
     ap.add_argument("--correlations", nargs="+", type=float, default=list(DEFAULT_CORRELATIONS))
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--seeds", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--num-train", type=int, default=10_000)
     ap.add_argument("--num-test", type=int, default=4_000)
     ap.add_argument("--learning-rate", type=float, default=1e-3)
-    ap.add_argument("--alpha-scale", type=float, default=1.0)
+    ap.add_argument("--sines", choices=("range", "normal"), default="range")
+    ap.add_argument("--num-sines", type=int, default=5)
+    ap.add_argument(
+        "--fixed-data",
+        action="store_true",
+        help="sample minibatches from --num-train fixed examples (default: fresh data each step)",
+    )
     ap.add_argument("--method", default="ew")
     ap.add_argument("--checkpoints", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mmoe_correlation.json"))
@@ -162,7 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
                 num_test=args.num_test,
                 learning_rate=args.learning_rate,
                 method=args.method,
-                alpha_scale=args.alpha_scale,
+                sines=args.sines,
+                num_sines=args.num_sines,
+                online=not args.fixed_data,
                 checkpoints=args.checkpoints,
             )
             results.append(r)
@@ -171,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
                 flush=True,
             )
     text = table(results, args.archs, sorted(args.correlations))
+    text += "\n\n" + ratio_table(results, args.archs, sorted(args.correlations))
     print()
     print(text)
     out = {

@@ -120,3 +120,71 @@ def test_short_training_with_fit_lowers_the_test_error():
     evaluate = jax.vmap(lambda p, d: ms.mse(model, p, d))
     before, after = evaluate(params, test), evaluate(trained, test)
     assert np.all(np.asarray(after) < 0.7 * np.asarray(before))
+
+
+def test_sine_parameters():
+    """``sines="range"``: αᵢ = i, βᵢ = (i − 1)²; ``"normal"``: drawn from a fixed key unless one
+    is given; anything else is refused."""
+    t = ms.make_tasks(jax.random.key(0), 0.5, num_features=8, num_sines=4)
+    np.testing.assert_array_equal(t.alpha, [1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_array_equal(t.beta, [0.0, 1.0, 4.0, 9.0])
+    a = ms.make_tasks(jax.random.key(0), 0.5, num_features=8, sines="normal")
+    b = ms.make_tasks(jax.random.key(1), 0.5, num_features=8, sines="normal")
+    c = ms.make_tasks(
+        jax.random.key(1), 0.5, num_features=8, sines="normal", sine_key=jax.random.key(9)
+    )
+    np.testing.assert_array_equal(a.alpha, b.alpha)
+    assert not np.array_equal(b.alpha, c.alpha)
+    with pytest.raises(ValueError, match="sines"):
+        ms.make_tasks(jax.random.key(0), 0.5, sines="cosine")
+    with pytest.raises(ValueError, match="num_sines"):
+        ms.make_tasks(jax.random.key(0), 0.5, num_sines=-1)
+
+
+def test_online_sampling_and_splits():
+    """Online (default): every key gives new examples from the same tasks; offline: minibatches
+    come from the fixed training set. Validation and test splits are fixed and distinct, and
+    the problem declares per-task MSE (lower is better) for fair model selection."""
+    on = ms.mmoe_synthetic(0, num_features=8, num_validation=64, num_test=32, batch_size=16)
+    off = ms.mmoe_synthetic(
+        0, num_features=8, online=False, num_train=4, num_test=32, batch_size=16
+    )
+    xs = np.concatenate([np.asarray(on.sample(jax.random.key(k))["x"]) for k in range(4)])
+    assert len(np.unique(xs[:, 0])) == xs.shape[0]  # 64 distinct examples
+    xs = np.concatenate([np.asarray(off.sample(jax.random.key(k))["x"]) for k in range(4)])
+    assert len(np.unique(xs[:, 0])) <= 4  # drawn from the 4 training examples
+    assert on.metrics == {"task1": ("mse", False), "task2": ("mse", False)}
+    val = on.evaluate_split(on.params, "validation")["mse"]
+    test = on.evaluate_split(on.params, "test")["mse"]
+    assert val.shape == test.shape == (2,) and not np.allclose(val, test)
+    np.testing.assert_array_equal(on.evaluate(on.params)["mse"], test)
+    with pytest.raises(ValueError, match="split"):
+        on.evaluate_split(on.params, "train")
+    fresh = on.init_params(jax.random.key(5))
+    assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(on.params)
+
+
+def test_fit_online_draws_fresh_data():
+    """``fit`` given the tasks' constants trains on fresh examples and lowers the test MSE."""
+    import optax
+
+    prob = ms.mmoe_synthetic(0, arch="shared_bottom", num_features=8, num_test=256)
+    tasks = ms.make_tasks(jax.random.key(3), 0.9, num_features=8, num_sines=1)
+    test = ms.sample_data(jax.random.key(4), tasks, 256)
+    trained, losses, curve = jax.jit(
+        lambda p, k: ms.fit(
+            prob.model,
+            p,
+            mtl.methods.ew(),
+            optax.adam(1e-2),
+            tasks,
+            k,
+            steps=200,
+            batch_size=64,
+            eval_data=test,
+            checkpoints=2,
+        )
+    )(prob.params, jax.random.key(0))
+    assert losses.shape == (200, 2) and curve.shape == (2, 2)
+    before = np.asarray(ms.mse(prob.model, prob.params, test))
+    assert np.all(np.asarray(curve[-1]) < 0.5 * before)

@@ -6,15 +6,26 @@ and the correlation score ``p``,
     w₁ = c u₁,   w₂ = c (p u₁ + √(1 − p²) u₂),
     yₖ = wₖᵀx + Σᵢ₌₁ᵐ sin(αᵢ wₖᵀx + βᵢ) + εₖ,   εₖ ~ N(0, 0.01),
 
-with ``αᵢ, βᵢ ~ N(0, 1)`` shared by both tasks (d = 100, c = 1, m = 10). ``cos(w₁, w₂) = p``; the
-Pearson correlation of the labels is close to ``p`` (a little lower for ``p < 1``, as in the
-paper's Figure 2). Ma et al. find that a shared-bottom model degrades as the correlation falls
-while MMoE is much less sensitive, with OMoE in between.
+with ``d = 100`` and ``c = 1``. ``cos(w₁, w₂) = p``; the Pearson correlation of the labels is
+close to ``p`` (a little lower for ``p < 1``, as in the paper's Figure 2).
+
+The paper calls ``αᵢ, βᵢ`` "given parameters" without values. Two choices are offered:
+
+* ``sines="range"`` (default): ``αᵢ = i``, ``βᵢ = (i − 1)²`` for ``i = 1..m``, the values of
+  the public generator of the same construction by Hazimeh et al. (DSelect-k, NeurIPS 2021),
+  with ``m = 5``: with ``m = 10`` the sum has frequencies up to 10 and none of the paper's
+  models (16-unit experts, a 113-unit shared bottom) learns it at all within 10⁴ Adam steps
+  (the loss stays at the label variance), so nothing can be compared;
+* ``sines="normal"``: ``αᵢ, βᵢ ~ N(0, 1)`` (``alpha_scale`` scales ``α``), smooth targets that
+  every model learns to the noise floor.
+
+Ma et al. generate examples "until enough data are generated": by default the problem draws a
+fresh minibatch from the tasks at every step (``online=True``), and holds out fixed validation
+and test sets; ``online=False`` samples minibatches from a fixed training set instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -63,34 +74,41 @@ def make_tasks(
     *,
     num_features: int = 100,
     scale: float = 1.0,
-    num_sines: int = 10,
+    num_sines: int = 5,
+    sines: str = "range",
     alpha_scale: float = 1.0,
     sine_key: jax.Array | None = None,
 ) -> TaskConstants:
     """Draws ``u₁ ⟂ u₂`` (unit) from ``key`` and builds ``w₁, w₂`` with ``cos = p``.
 
-    The sine parameters are "given" constants of the problem (Ma et al. do not state their
-    values): ``α ~ N(0, alpha_scale²)``, ``β ~ N(0, 1)`` drawn from ``sine_key`` (a fixed key
-    by default, so every seed shares them; pass a key to draw them per run).
+    The sine parameters (shared by both tasks; see the module docstring): ``sines="range"``
+    gives ``αᵢ = i``, ``βᵢ = (i − 1)²``; ``sines="normal"`` draws ``α ~ N(0, alpha_scale²)``,
+    ``β ~ N(0, 1)`` from ``sine_key`` (a fixed key by default, so every seed shares them; pass
+    a key to draw them per run).
     """
     p = float(correlation)
     if not -1.0 <= p <= 1.0:
         raise ValueError(f"mmoe_synthetic: correlation must lie in [-1, 1], got {correlation!r}")
     if num_features < 2:
         raise ValueError(f"mmoe_synthetic: num_features must be ≥ 2, got {num_features}")
-    k_u = key
-    k_a, k_b = jax.random.split(jax.random.key(12345) if sine_key is None else sine_key)
-    g = jax.random.normal(k_u, (2, num_features))
+    if not isinstance(num_sines, int) or num_sines < 0:
+        raise ValueError(f"mmoe_synthetic: num_sines must be an int ≥ 0, got {num_sines!r}")
+    if sines == "range":
+        i = jnp.arange(num_sines, dtype=jnp.float32)
+        alpha, beta = i + 1.0, i * i
+    elif sines == "normal":
+        k_a, k_b = jax.random.split(jax.random.key(12345) if sine_key is None else sine_key)
+        alpha = alpha_scale * jax.random.normal(k_a, (num_sines,))
+        beta = jax.random.normal(k_b, (num_sines,))
+    else:
+        raise ValueError(f"mmoe_synthetic: sines must be 'range' or 'normal', got {sines!r}")
+    g = jax.random.normal(key, (2, num_features))
     u1 = g[0] / jnp.linalg.norm(g[0])
     v = g[1] - jnp.dot(g[1], u1) * u1
     u2 = v / jnp.linalg.norm(v)
     w1 = scale * u1
     w2 = scale * (p * u1 + jnp.sqrt(max(0.0, 1.0 - p * p)) * u2)
-    return TaskConstants(
-        jnp.stack([w1, w2]),
-        alpha_scale * jax.random.normal(k_a, (num_sines,)),
-        jax.random.normal(k_b, (num_sines,)),
-    )
+    return TaskConstants(jnp.stack([w1, w2]), alpha, beta)
 
 
 def sample_data(
@@ -155,14 +173,14 @@ def _mse(pred: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def task_losses(module: Any, batch: dict[str, jax.Array]) -> jax.Array:
-    """``f32[2]``: each task's mean squared error (+ the block's own penalty terms)."""
+    """``f32[2]``: each task's mean squared error (+ DSelect-k's per-task gate entropy).
+
+    Soft sharing's coupling penalty is not a task loss: it is the block's ``regularizer()``,
+    which ``from_block`` wires as the model's regularizer (added outside the method)."""
     if isinstance(module, DSelectK):
         pred, reg = module.forward(batch["x"])
         return _mse(pred, batch["y"]) + reg
-    out = _mse(module(batch["x"]), batch["y"])
-    if isinstance(module, SoftSharing):
-        out = out + module.penalty_per_task()
-    return out
+    return _mse(module(batch["x"]), batch["y"])
 
 
 def build_model(
@@ -187,16 +205,21 @@ def fit(
     params: Params,
     method: base.Method,
     optimizer: optax.GradientTransformation,
-    data: dict[str, jax.Array],
+    data: dict[str, jax.Array] | TaskConstants,
     key: jax.Array,
     *,
     steps: int,
     batch_size: int,
     eval_data: dict[str, jax.Array] | None = None,
     checkpoints: int = 1,
+    noise_std: float = 0.1,
 ) -> tuple[Params, jax.Array] | tuple[Params, jax.Array, jax.Array]:
-    """Trains with minibatches drawn from ``data`` inside ``lax.scan``; jittable and
-    ``vmap``-able (over seeds: params, data and key).
+    """Trains inside ``lax.scan``; jittable and ``vmap``-able (over seeds: params, data, key).
+
+    ``data`` is a fixed training set ``{"x", "y"}`` (minibatches drawn from it with
+    replacement) or the tasks' :class:`TaskConstants` (a fresh minibatch of ``batch_size``
+    examples, label noise ``noise_std``, at every step: unlimited data). The model's
+    regularizer, if any, is added as in the train step (:func:`mtljax.gradients`).
 
     Returns ``(params, losses (steps, T))``; with ``eval_data``, also the held-out MSE
     ``(checkpoints, T)`` measured every ``steps // checkpoints`` steps.
@@ -205,13 +228,18 @@ def fit(
         raise ValueError(
             f"fit: steps ({steps}) must be a positive multiple of checkpoints ({checkpoints})"
         )
-    n = data["x"].shape[0]
+    online = isinstance(data, TaskConstants)
+
+    def draw(k: jax.Array) -> dict[str, jax.Array]:
+        if online:
+            return sample_data(k, data, batch_size, noise_std=noise_std)
+        idx = jax.random.randint(k, (batch_size,), 0, data["x"].shape[0])
+        return {"x": data["x"][idx], "y": data["y"][:, idx]}
 
     def step(carry, k):
         p, opt_state, m_state = carry
         k_b, k_m = jax.random.split(k)
-        idx = jax.random.randint(k_b, (batch_size,), 0, n)
-        batch = {"x": data["x"][idx], "y": data["y"][:, idx]}
+        batch = draw(k_b)
         grads, m_state, metrics = train.gradients(model, method, p, m_state, batch, k_m)
         updates, opt_state = optimizer.update(grads, opt_state, p)
         return (optax.apply_updates(p, updates), opt_state, m_state), metrics["losses"]
@@ -237,24 +265,32 @@ def mmoe_synthetic(
     correlation: float = 0.9,
     arch: str = "mmoe",
     num_features: int = 100,
+    online: bool = True,
     num_train: int = 10_000,
+    num_validation: int = 2_000,
     num_test: int = 2_000,
     batch_size: int = 128,
     steps: int = 3_000,
     learning_rate: float = 1e-3,
     noise_std: float = 0.1,
+    num_sines: int = 5,
+    sines: str = "range",
     num_experts: int = 8,
 ) -> Problem:
     """MMoE's synthetic problem (Ma et al. 2018, §3.2) with ``arch`` in :data:`ARCHS`.
 
     Task constants, data and initial parameters are deterministic in ``seed``. ``sample``
-    draws a minibatch of ``batch_size`` from the ``num_train`` training examples; ``evaluate``
-    gives the per-task MSE on ``num_test`` held-out examples.
+    draws a fresh minibatch of ``batch_size`` examples from the tasks (``online=True``, the
+    paper's unlimited data) or from ``num_train`` fixed training examples (``online=False``).
+    ``evaluate`` gives the per-task MSE on the test split; ``evaluate_split`` on the
+    ``"validation"`` or ``"test"`` split (fixed held-out examples). ``sines``/``num_sines``:
+    the sine parameters (see :func:`make_tasks`).
     """
     if arch not in ARCHS:
         raise ValueError(f"mmoe_synthetic: unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
     for name, v in (
         ("num_train", num_train),
+        ("num_validation", num_validation),
         ("num_test", num_test),
         ("batch_size", batch_size),
         ("steps", steps),
@@ -262,19 +298,35 @@ def mmoe_synthetic(
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"mmoe_synthetic: {name} must be a positive int, got {v!r}")
     k_task, k_train, k_test, k_init = jax.random.split(jax.random.key(seed), 4)
-    tasks = make_tasks(k_task, correlation, num_features=num_features)
+    k_val = jax.random.fold_in(k_test, 1)
+    tasks = make_tasks(
+        k_task, correlation, num_features=num_features, num_sines=num_sines, sines=sines
+    )
     data = sample_data(k_train, tasks, num_train, noise_std=noise_std)
-    test = sample_data(k_test, tasks, num_test, noise_std=noise_std)
+    splits = {
+        "validation": sample_data(k_val, tasks, num_validation, noise_std=noise_std),
+        "test": sample_data(k_test, tasks, num_test, noise_std=noise_std),
+    }
+
+    def init_params(key: jax.Array) -> Params:
+        return build_model(arch, key, num_features, num_experts=num_experts)[1]
+
     model, params = build_model(arch, k_init, num_features, num_experts=num_experts)
 
     @jax.jit
     def sample(key: jax.Array) -> dict[str, jax.Array]:
+        if online:
+            return sample_data(key, tasks, batch_size, noise_std=noise_std)
         idx = jax.random.randint(key, (batch_size,), 0, num_train)
         return {"x": data["x"][idx], "y": data["y"][:, idx]}
 
-    evaluate: Callable[[Params], dict[str, jax.Array]] = jax.jit(
-        lambda p: {"mse": mse(model, p, test)}
-    )
+    split_mse = jax.jit(lambda p, d: mse(model, p, d))
+
+    def evaluate_split(p: Params, split: str) -> dict[str, jax.Array]:
+        if split not in splits:
+            raise ValueError(f"mmoe_synthetic: unknown split {split!r}; valid: validation, test")
+        return {"mse": split_mse(p, splits[split])}
+
     return Problem(
         name="mmoe_synthetic",
         model=model,
@@ -282,15 +334,21 @@ def mmoe_synthetic(
         sample=sample,
         optimizer=optax.adam(learning_rate),
         steps=steps,
-        evaluate=evaluate,
+        evaluate=lambda p: evaluate_split(p, "test"),
         info={
             "correlation": float(correlation),
             "arch": arch,
             "label_correlation": float(label_correlation(data["y"])),
             "num_features": num_features,
-            "num_train": num_train,
+            "online": bool(online),
+            "num_train": num_train if not online else None,
             "num_test": num_test,
+            "sines": sines,
+            "num_sines": num_sines,
         },
+        evaluate_split=evaluate_split,
+        metrics={t: ("mse", False) for t in TASKS},
+        init_params=init_params,
     )
 
 
