@@ -2,10 +2,11 @@
 
 Trains shared-bottom, OMoE and MMoE on ``mmoe_synthetic`` at task correlations
 {0.5, 0.9, 1.0} over several seeds (``vmap`` over seeds, one jitted ``lax.scan`` per run) and
-reports the held-out MSE averaged over tasks and seeds. The published behaviour: the
-shared-bottom model degrades as the correlation falls; MMoE much less.
+reports the held-out MSE averaged over tasks and seeds, at the end and along training. The
+published behaviour: the shared-bottom model degrades as the correlation falls; MMoE much less
+(README: what this sweep finds).
 
-    python benchmarks/mmoe_correlation.py                 # default sweep, ~5–10 min on 2 cores
+    python benchmarks/mmoe_correlation.py                 # 16 seeds × 5000 steps, ~5 min on 2 cores
     python benchmarks/mmoe_correlation.py --seeds 2 --steps 300 --out /tmp/sweep.json
 
 Prints a table, writes JSON (and a PNG when matplotlib is installed).
