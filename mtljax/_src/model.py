@@ -371,13 +371,12 @@ class Model:
                 f"the model's losses cannot be evaluated on this batch ({_batch_summary(batch)}): "
                 f"{why}"
             ) from e
-        if not hasattr(out, "shape") or out.shape != (self.num_tasks,):
-            raise ValueError(
-                f"the model's losses must have shape (T,) = ({self.num_tasks},) for tasks "
-                f"{self.task_names}; got {getattr(out, 'shape', type(out).__name__)}"
-            )
-        if not jnp.issubdtype(out.dtype, jnp.floating):
-            raise TypeError(f"the model's losses must be floating point, got {out.dtype}")
+        _check_float_output(
+            "losses",
+            out,
+            (self.num_tasks,),
+            f"have shape (T,) = ({self.num_tasks},) for tasks {self.task_names}",
+        )
         if self.regularizer is not None:
             self._check_regularizer(params)
         if self.last_shared is not None:
@@ -397,13 +396,18 @@ class Model:
             raise ValueError(
                 f"the model's regularizer cannot be evaluated on the parameters: {e}"
             ) from e
-        if not hasattr(out, "shape") or out.shape != ():
-            raise ValueError(
-                "the model's regularizer must return a scalar f32[]; got "
-                f"{getattr(out, 'shape', type(out).__name__)}"
-            )
-        if not jnp.issubdtype(out.dtype, jnp.floating):
-            raise TypeError(f"the model's regularizer must be floating point, got {out.dtype}")
+        _check_float_output("regularizer", out, (), "return a scalar f32[]")
+
+
+def _check_float_output(what: str, out: Any, shape: tuple[int, ...], expected: str) -> None:
+    """Checks an abstractly evaluated output of the model's ``what`` (losses, regularizer):
+    its ``shape``, described by ``expected``, and a floating dtype."""
+    if not hasattr(out, "shape") or out.shape != shape:
+        raise ValueError(
+            f"the model's {what} must {expected}; got {getattr(out, 'shape', type(out).__name__)}"
+        )
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"the model's {what} must be floating point, got {out.dtype}")
 
 
 def from_nnx(

@@ -6,11 +6,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.towers import StackedMLP, check_positive
+from mtljax._src.regularizers import mean_regularized
 
 PenaltyKind = Literal["mean", "pairwise"]
 
@@ -21,19 +21,6 @@ def _penalty_scale(kind: str, weight: float, num_tasks: int) -> float:
     if kind == "pairwise":
         return float(weight) * num_tasks
     raise ValueError(f"soft sharing: penalty must be 'mean' or 'pairwise', got {kind!r}")
-
-
-def tower_distance(stacked: Sequence[jax.Array]) -> jax.Array:
-    """``f32[T]``: ``Σ_leaves ‖θᵢ − θ̄‖²`` for stacked leaves ``(T, …)`` (θ̄: mean over tasks)."""
-    total = None
-    for leaf in stacked:
-        mean = jnp.mean(leaf, axis=0, keepdims=True)
-        d = (leaf - mean).reshape(leaf.shape[0], -1)
-        term = jnp.sum(d * d, axis=1)
-        total = term if total is None else total + term
-    if total is None:
-        raise ValueError("soft sharing: no tower parameters to couple")
-    return total
 
 
 class SoftSharing(nnx.Module):
@@ -151,7 +138,7 @@ class SoftSharing(nnx.Module):
         """The soft-sharing penalty ``λ Σᵢ ‖θᵢ − θ̄‖²`` (``"mean"``) or ``λ Σ_{i<j} ‖θᵢ − θⱼ‖²``
         (``"pairwise"``), a scalar differentiable w.r.t. every tower."""
         c = _penalty_scale(self.penalty_kind, self.penalty_weight, self.num_tasks)
-        return c * jnp.sum(tower_distance(self._coupled()))
+        return c * sum(mean_regularized(leaf) for leaf in self._coupled())
 
     def regularizer(self) -> jax.Array:
         """The block's whole penalty, :meth:`penalty`: the regularizer protocol of

@@ -123,6 +123,22 @@ def sample_data(
     return {"x": x, "y": y}
 
 
+def minibatch(
+    key: jax.Array,
+    source: dict[str, jax.Array] | TaskConstants,
+    batch_size: int,
+    *,
+    noise_std: float = 0.1,
+) -> dict[str, jax.Array]:
+    """A minibatch of ``batch_size``: fresh examples when ``source`` is the tasks'
+    :class:`TaskConstants` (unlimited data), else drawn with replacement from the fixed set
+    ``{"x", "y"}``."""
+    if isinstance(source, TaskConstants):
+        return sample_data(key, source, batch_size, noise_std=noise_std)
+    idx = jax.random.randint(key, (batch_size,), 0, source["x"].shape[0])
+    return {"x": source["x"][idx], "y": source["y"][:, idx]}
+
+
 def label_correlation(y: jax.Array) -> jax.Array:
     """Pearson correlation of the two tasks' labels ``y (2, n)``."""
     return jnp.corrcoef(y)[0, 1]
@@ -228,18 +244,11 @@ def fit(
         raise ValueError(
             f"fit: steps ({steps}) must be a positive multiple of checkpoints ({checkpoints})"
         )
-    online = isinstance(data, TaskConstants)
-
-    def draw(k: jax.Array) -> dict[str, jax.Array]:
-        if online:
-            return sample_data(k, data, batch_size, noise_std=noise_std)
-        idx = jax.random.randint(k, (batch_size,), 0, data["x"].shape[0])
-        return {"x": data["x"][idx], "y": data["y"][:, idx]}
 
     def step(carry, k):
         p, opt_state, m_state = carry
         k_b, k_m = jax.random.split(k)
-        batch = draw(k_b)
+        batch = minibatch(k_b, data, batch_size, noise_std=noise_std)
         grads, m_state, metrics = train.gradients(model, method, p, m_state, batch, k_m)
         updates, opt_state = optimizer.update(grads, opt_state, p)
         return (optax.apply_updates(p, updates), opt_state, m_state), metrics["losses"]
@@ -313,12 +322,8 @@ def mmoe_synthetic(
 
     model, params = build_model(arch, k_init, num_features, num_experts=num_experts)
 
-    @jax.jit
-    def sample(key: jax.Array) -> dict[str, jax.Array]:
-        if online:
-            return sample_data(key, tasks, batch_size, noise_std=noise_std)
-        idx = jax.random.randint(key, (batch_size,), 0, num_train)
-        return {"x": data["x"][idx], "y": data["y"][:, idx]}
+    source = tasks if online else data
+    sample = jax.jit(lambda key: minibatch(key, source, batch_size, noise_std=noise_std))
 
     split_mse = jax.jit(lambda p, d: mse(model, p, d))
 
@@ -361,6 +366,7 @@ __all__ = [
     "fit",
     "label_correlation",
     "make_tasks",
+    "minibatch",
     "mmoe_synthetic",
     "mse",
     "sample_data",
