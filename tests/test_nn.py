@@ -5,6 +5,7 @@ training runs with several methods."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -224,13 +225,19 @@ def _setup(name: str):
     return spec, module, batch, model, params
 
 
+@functools.partial(jax.jit, static_argnames="scale")
 def _perturb(params: mtl.Params, scale: float = 0.05) -> mtl.Params:
-    """Moves the parameters off their initial values (zero biases, identity-like stitches)."""
+    """Moves the parameters off their initial values (zero biases, identity-like stitches).
+
+    One normal draw for all leaves, cut to their shapes (one random kernel to compile)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
+    sizes = [x.size for x in leaves]
+    noise = jax.random.normal(jax.random.key(7), (sum(sizes),))
+    cuts = np.cumsum(sizes)[:-1].tolist()
+    parts = jnp.split(noise, cuts)
     return jax.tree_util.tree_unflatten(
         treedef,
-        [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)],
+        [x + scale * n.reshape(x.shape) for x, n in zip(leaves, parts, strict=True)],
     )
 
 

@@ -1,0 +1,57 @@
+"""The correlation sweep's bookkeeping (benchmarks/mmoe_correlation.py): the learning rate is
+chosen on validation only, and the spread table reports the runs' quantiles."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mmoe_correlation.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("mmoe_correlation", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(arch, p, lr, val, test):
+    return {
+        "arch": arch,
+        "correlation": p,
+        "learning_rate": lr,
+        "validation_mse": val,
+        "final_mse": list(test),
+    }
+
+
+def test_learning_rate_is_chosen_on_validation_not_test(sweep):
+    runs = [
+        # Cell 1: 1e-3 is best on validation although 1e-2 is best on test.
+        _run("mmoe", 0.5, 1e-3, 0.10, [0.30, 0.30]),
+        _run("mmoe", 0.5, 1e-2, 0.20, [0.01, 0.01]),
+        # Cell 2: a diverged rate (NaN) is never chosen.
+        _run("mmoe", 1.0, 1e-3, 0.15, [0.2, 0.2]),
+        _run("mmoe", 1.0, 1e-2, float("nan"), [0.1, 0.1]),
+    ]
+    chosen, text = sweep.select_learning_rates(runs)
+    by_cell = {(r["arch"], r["correlation"]): r["learning_rate"] for r in chosen}
+    assert by_cell == {("mmoe", 0.5): 1e-3, ("mmoe", 1.0): 1e-3}
+    rows = text.splitlines()[2:]  # below the title and the header
+    assert [r.split()[2].endswith("*") for r in rows] == [True, True]
+    assert not any(r.split()[3].endswith("*") for r in rows)
+
+
+def test_spread_table_gives_the_runs_quantiles(sweep):
+    values = np.arange(1.0, 11.0) / 10.0  # 0.1 .. 1.0
+    results = [_run("shared_bottom", 0.5, 1e-3, 0.0, values)]
+    text = sweep.spread_table(results, ["shared_bottom"], [0.5])
+    row = text.splitlines()[-1].split()
+    assert row[:2] == ["shared_bottom", "0.5"]
+    expected = np.quantile(values, (0.1, 0.25, 0.5, 0.75, 0.9)).tolist() + [1.0]
+    np.testing.assert_allclose([float(x) for x in row[2:]], expected, atol=1e-4)
