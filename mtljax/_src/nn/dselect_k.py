@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtljax._src.nn.mmoe import check_input
+from mtljax._src.nn.mmoe import check_input, expert_bank
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
-from mtljax._src.nn.towers import StackedMLP, check_features, check_positive
+from mtljax._src.nn.towers import StackedMLP, check_positive
 
 
 def smooth_step(t: jax.Array, gamma: float) -> jax.Array:
@@ -100,11 +100,15 @@ class DSelectK(nnx.Module):
             raise ValueError(f"DSelectK: gamma must be > 0, got {gamma!r}")
         if not float(entropy_weight) >= 0.0:
             raise ValueError(f"DSelectK: entropy_weight must be ≥ 0, got {entropy_weight!r}")
-        ef = check_features("DSelectK expert_features", (in_features, *expert_features))
-        tf = check_features("DSelectK tower_features", (ef[-1], *tower_features))
         m = max(1, math.ceil(math.log2(num_experts)))
-        self.experts = StackedMLP(
-            ef, num_experts, rngs=rngs, activation=activation, final_activation=True
+        self.experts, tf = expert_bank(
+            "DSelectK",
+            in_features,
+            num_experts,
+            expert_features,
+            tower_features,
+            rngs=rngs,
+            activation=activation,
         )
         if per_example:
             self.z_gate = StackedLinear(in_features, k * m, num_tasks, rngs=rngs)

@@ -21,6 +21,25 @@ def check_input(owner: str, x: jax.Array, in_features: int) -> None:
         )
 
 
+def expert_bank(
+    owner: str,
+    in_features: int,
+    num_experts: int,
+    expert_features: Sequence[int],
+    tower_features: Sequence[int],
+    *,
+    rngs: nnx.Rngs,
+    activation: Callable[[jax.Array], jax.Array],
+) -> tuple[StackedMLP, tuple[int, ...]]:
+    """The experts of a mixture (``num_experts`` stacked MLPs ``(in, *expert_features)``,
+    activation on the output) and the towers' layer sizes ``(expert_features[-1],
+    *tower_features)``; bad sizes raise naming ``owner``."""
+    ef = check_features(f"{owner} expert_features", (in_features, *expert_features))
+    tf = check_features(f"{owner} tower_features", (ef[-1], *tower_features))
+    experts = StackedMLP(ef, num_experts, rngs=rngs, activation=activation, final_activation=True)
+    return experts, tf
+
+
 class MMoE(nnx.Module):
     """Multi-gate Mixture-of-Experts.
 
@@ -56,13 +75,17 @@ class MMoE(nnx.Module):
         check_positive(
             "MMoE", in_features=in_features, num_experts=num_experts, num_tasks=num_tasks
         )
-        ef = check_features("MMoE expert_features", (in_features, *expert_features))
-        tf = check_features("MMoE tower_features", (ef[-1], *tower_features))
         gates = num_tasks if num_gates is None else num_gates
         if gates not in (1, num_tasks):
             raise ValueError(f"MMoE: num_gates must be 1 (OMoE) or T={num_tasks}, got {num_gates}")
-        self.experts = StackedMLP(
-            ef, num_experts, rngs=rngs, activation=activation, final_activation=True
+        self.experts, tf = expert_bank(
+            "MMoE",
+            in_features,
+            num_experts,
+            expert_features,
+            tower_features,
+            rngs=rngs,
+            activation=activation,
         )
         self.gates = StackedLinear(in_features, num_experts, gates, rngs=rngs)
         self.towers = StackedMLP(tf, num_tasks, rngs=rngs, activation=activation)
