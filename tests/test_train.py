@@ -297,3 +297,50 @@ def test_from_nnx_shared_none_constants_and_regularizer():
     net.stats = nnx.BatchStat(jnp.zeros(()))
     with pytest.raises(ValueError, match="non-parameter state"):
         mtl.from_nnx(net, task_names=("a", "b"), shared=None, losses=losses)
+
+
+def test_model_and_params_do_not_alias_a_module():
+    """Changing a module in place (training it, ``Cascade.set_anchor()``) after ``from_nnx``, or
+    a module rebuilt by ``to_nnx``, changes neither the Params nor the model's constants."""
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.body = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+            self.heads = mtl.nn.StackedLinear(2, 1, 2, rngs=nnx.Rngs(1))
+            self.anchor = mtl.nn.Constant(jnp.zeros((2, 2, 1)))
+
+    def losses(m, b):
+        return jnp.mean(m.heads(m.body(b["x"])) ** 2, axis=(1, 2))
+
+    def penalty(m):
+        return jnp.sum((m.heads.kernel[...] - m.anchor[...]) ** 2)
+
+    def values(tree):
+        return [np.array(x) for x in jax.tree_util.tree_leaves(tree)]
+
+    def bump(module):
+        for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+            v[...] = v[...] + 1.0
+        module.anchor[...] = module.anchor[...] + 5.0
+
+    net = Net()
+    model, params = mtl.from_nnx(
+        net, task_names=("a", "b"), shared="body", losses=losses, regularizer=penalty
+    )
+    p0, c0 = values(params), values(model.nnx_rest)
+    r0 = float(model.regularizer(*params))
+    bump(net)  # the module the model was built from
+    bump(mtl.to_nnx(model, params))  # a module rebuilt from the model
+    for a, b in zip(p0, values(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(c0, values(model.nnx_rest), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert float(model.regularizer(*params)) == r0
+    # The rebuilt module's changes reach a model built from it, and only that one.
+    moved = mtl.to_nnx(model, params)
+    moved.anchor[...] = moved.heads.kernel[...]
+    model2, params2 = mtl.from_nnx(
+        moved, task_names=("a", "b"), shared="body", losses=losses, regularizer=penalty
+    )
+    assert float(model2.regularizer(*params2)) == 0.0
+    assert float(model.regularizer(*params)) == r0 > 0.0

@@ -465,9 +465,11 @@ def from_nnx(
         shared_filter = nnx.PathContains(shared)
     else:
         shared_filter = shared
-    graphdef, shared_state, specific_state, rest = nnx.split(
-        module, nnx.All(nnx.Param, shared_filter), nnx.Param, ...
-    )
+    graphdef, *states = nnx.split(module, nnx.All(nnx.Param, shared_filter), nnx.Param, ...)
+    # ``nnx.split`` hands out the module's own Variable objects: copy them, so that changing the
+    # module afterwards (training it, ``Cascade.set_anchor()``) changes neither these parameters
+    # nor the constants the model closes over.
+    shared_state, specific_state, rest = jax.tree_util.tree_map(lambda x: x, tuple(states))
     if shared is not None and not jax.tree_util.tree_leaves(shared_state):
         raise ValueError(
             f"from_nnx: the filter shared={shared!r} selects no nnx.Param; the module's "
@@ -517,9 +519,13 @@ def from_nnx(
 
 
 def to_nnx(model: Model, params: Params) -> Any:
-    """Rebuilds the NNX module of a model made by :func:`from_nnx` with the given parameters."""
+    """Rebuilds the NNX module of a model made by :func:`from_nnx` with the given parameters.
+
+    The module owns copies of its variables: changing it in place changes neither ``params``
+    nor the model (its constants included); rebuild the model with ``from_nnx`` to use the
+    changes."""
     from flax import nnx
 
     if model.nnx_graphdef is None:
         raise ValueError("to_nnx: this model was not built by from_nnx")
-    return nnx.merge(model.nnx_graphdef, params.shared, params.specific, model.nnx_rest)
+    return nnx.merge(model.nnx_graphdef, params.shared, params.specific, model.nnx_rest, copy=True)
