@@ -591,6 +591,44 @@ def test_cascade_successive_regularization():
         plain.set_anchor()
 
 
+def test_cascade_anchor_checkpointed_beside_the_train_state(tmp_path):
+    """The recipe of mtljax.nn.Constant: save (state, model.nnx_rest), restore into a fresh
+    model's, write the constants into the module, rebuild: the resumed model has the anchor."""
+    names = ("a", "b", "c")
+
+    def build():
+        return mnn.Cascade(D, 6, (3, 2, 1), rngs=nnx.Rngs(0), successive_weight=0.5)
+
+    model, params = mnn.from_block(build(), task_names=names, losses=_cascade_losses)
+    method, opt = mtl.methods.get("ew"), optax.sgd(0.1)
+    state = mtl.init_train_state(model, params, method, opt, jax.random.key(0))
+    moved = jax.tree_util.tree_map(lambda x: x + 0.3, state.params)  # "after an epoch"
+    module = mtl.to_nnx(model, moved)
+    module.set_anchor()
+    model, _ = mnn.from_block(module, task_names=names, losses=_cascade_losses)
+    state = state._replace(params=moved, step=jnp.asarray(7, jnp.int32))
+    later = jax.tree_util.tree_map(lambda x: x + 0.1, moved)
+    expected = float(model.regularizer(*later))
+    ckpt = mtl.Checkpointer(tmp_path, async_save=False)
+    with pytest.raises(ValueError, match="step="):
+        ckpt.save((state, model.nnx_rest))
+    assert ckpt.save((state, model.nnx_rest), step=int(state.step))
+
+    fresh, fresh_params = mnn.from_block(build(), task_names=names, losses=_cascade_losses)
+    assert not np.isclose(float(fresh.regularizer(*later)), expected)  # anchor at the init
+    template = (
+        mtl.init_train_state(fresh, fresh_params, method, opt, jax.random.key(0)),
+        fresh.nnx_rest,
+    )
+    restored = ckpt.restore(template)
+    state2, consts = restored.state
+    assert restored.step == 7
+    module2 = mtl.to_nnx(fresh, state2.params)
+    nnx.update(module2, consts)
+    resumed, _ = mnn.from_block(module2, task_names=names, losses=_cascade_losses)
+    np.testing.assert_allclose(float(resumed.regularizer(*later)), expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "build, match",
     [

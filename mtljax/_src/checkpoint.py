@@ -262,19 +262,29 @@ class Checkpointer:
         data_position: Any = None,
         metric: float | None = None,
         extra: Mapping[str, Any] | None = None,
+        step: int | None = None,
     ) -> bool:
-        """Saves ``state`` as the checkpoint of step ``int(state.step)``.
+        """Saves ``state`` as the checkpoint of step ``int(state.step)`` (or ``step``).
 
         Args:
-          state: a :class:`~mtljax.TrainState` (any pytree of arrays with a ``step`` works).
+          state: a :class:`~mtljax.TrainState`, or any pytree of arrays: with no ``step``
+            attribute, give ``step``. E.g. a train state with the model's constants (see
+            :class:`mtljax.nn.Constant`): ``save((state, model.nnx_rest), step=int(state.step))``.
           data_position: where the data iterator is (any JSON value), returned on restore.
           metric: the validation metric that ranks checkpoints for the "best" one kept.
           extra: free-form JSON data (histories, notes) returned on restore.
+          step: the checkpoint's step; by default ``state.step``.
 
         Returns False (and saves nothing) when that step is already saved.
         """
         ocp = self._ocp
-        step = int(np.asarray(_host_scalar(state.step)))
+        if step is None:
+            if not hasattr(state, "step"):
+                raise ValueError(
+                    f"Checkpointer.save: a {type(state).__name__} has no `step`; pass step=..."
+                )
+            step = state.step
+        step = int(np.asarray(_host_scalar(step)))
         if step in self.manager.all_steps():
             return False
         flat, _ = jax.tree_util.tree_flatten(state)

@@ -18,5 +18,11 @@ class Constant(nnx.Variable):
     Changing one means rebuilding the model: update it on the module (``mtljax.to_nnx(model,
     params)``, then e.g. ``Cascade.set_anchor()``), call ``from_nnx``/``from_block`` again and
     make a new train step (which compiles again; the parameters, optimizer and method states
-    carry over unchanged). Checkpoints hold the train state only, not constants.
+    carry over unchanged).
+
+    A train state does not hold the constants: checkpoint them beside it,
+    ``ckpt.save((state, model.nnx_rest), step=int(state.step))``. To resume, build the model
+    as before, ``state, consts = ckpt.restore((state, model.nnx_rest)).state``, write them
+    into the module (``module = mtljax.to_nnx(model, state.params)``, then
+    ``nnx.update(module, consts)``) and build the model from it again.
     """
