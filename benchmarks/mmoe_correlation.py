@@ -115,9 +115,14 @@ def run_cell(
     }
 
 
+def _final_mse_by_cell(results: list[dict]) -> dict[tuple[str, float], np.ndarray]:
+    """``(arch, correlation) -> final held-out MSE per seed``."""
+    return {(r["arch"], r["correlation"]): np.asarray(r["final_mse"]) for r in results}
+
+
 def table(results: list[dict], archs, correlations) -> str:
     """Mean ± standard error of the final held-out MSE, and its ratio to correlation 1.0."""
-    by = {(r["arch"], r["correlation"]): np.asarray(r["final_mse"]) for r in results}
+    by = _final_mse_by_cell(results)
     head = f"{'arch':<15}" + "".join(f"{'p=' + str(c):>18}" for c in correlations)
     lines = [head + f"{'MSE(p=min)/MSE(p=max)':>24}", "-" * (15 + 18 * len(correlations) + 24)]
     for a in archs:
@@ -150,7 +155,7 @@ def ratio_table(results: list[dict], archs, correlations) -> str:
 def spread_table(results: list[dict], archs, correlations) -> str:
     """Quantiles of the runs' final held-out MSE per cell: a model that some runs fail to
     train shows it in the upper quantiles before the mean (Ma et al., Figure 5)."""
-    by = {(r["arch"], r["correlation"]): np.asarray(r["final_mse"]) for r in results}
+    by = _final_mse_by_cell(results)
     qs = (0.1, 0.25, 0.5, 0.75, 0.9)
     lines = [
         "final held-out MSE across runs (quantiles)",

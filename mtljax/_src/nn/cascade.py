@@ -16,6 +16,13 @@ from mtljax._src.nn.towers import check_positive
 Kind = Literal["classification", "regression"]
 
 
+def _as_anchor(groups: list[list[jax.Array]]) -> dict[str, Any]:
+    """``{"embedding", "tasks"}`` from the groups of :meth:`Cascade._anchor_groups`, as
+    constants (no gradient flows into an anchor)."""
+    emb, *tasks = groups
+    return jax.lax.stop_gradient({"embedding": emb, "tasks": tasks})
+
+
 def _arrays(module: nnx.Module) -> list[jax.Array]:
     return [
         v[...]
@@ -171,24 +178,24 @@ class Cascade(nnx.Module):
 
     def anchor(self) -> dict[str, Any]:
         """The current values of the parameters under successive regularization (constants)."""
-        emb, *tasks = self._anchor_groups()
-        return jax.lax.stop_gradient({"embedding": emb, "tasks": tasks})
+        return _as_anchor(self._anchor_groups())
 
-    def stored_anchor(self) -> dict[str, Any]:
-        """The anchor held in the module (needs ``successive_weight > 0``)."""
+    def _stored_constants(self) -> Any:
+        """The module's anchor variables (grouped as :meth:`_anchor_groups`)."""
         if self.successive_anchor is None:
             raise ValueError(
                 "Cascade: successive_weight is 0, so the module holds no anchor; build it with "
                 "successive_weight > 0"
             )
-        emb, *tasks = [[c[...] for c in group] for group in self.successive_anchor]
-        return jax.lax.stop_gradient({"embedding": emb, "tasks": tasks})
+        return self.successive_anchor
+
+    def stored_anchor(self) -> dict[str, Any]:
+        """The anchor held in the module (needs ``successive_weight > 0``)."""
+        return _as_anchor([[c[...] for c in group] for group in self._stored_constants()])
 
     def set_anchor(self) -> None:
         """Moves the stored anchor to the current parameters (JMT: after each task's epoch)."""
-        if self.successive_anchor is None:
-            self.stored_anchor()  # raises
-        for consts, arrays in zip(self.successive_anchor, self._anchor_groups(), strict=True):
+        for consts, arrays in zip(self._stored_constants(), self._anchor_groups(), strict=True):
             for c, a in zip(consts, arrays, strict=True):
                 c[...] = jax.lax.stop_gradient(a)
 

@@ -82,9 +82,6 @@ def regression_problem(
     }
     mse = jax.jit(model.losses)
 
-    def evaluate(p):
-        return {"mse": model.losses(p, splits["test"])}
-
     def evaluate_split(p, split):
         if split not in splits:
             raise ValueError(f"{name}: unknown split {split!r}; valid: validation, test")
@@ -100,7 +97,7 @@ def regression_problem(
         sample=batch_sampler(*train, batch_size),
         optimizer=optax.adam(learning_rate),
         steps=3000,
-        evaluate=evaluate,
+        evaluate=lambda p: evaluate_split(p, "test"),
         info=info,
         evaluate_split=evaluate_split,
         metrics={n: ("mse", False) for n in task_names},

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mtljax._src.model import Params, from_nnx
+from mtljax._src.model import Params, from_nnx, to_nnx
 from mtljax._src.nn.hard_sharing import HardSharing
 from mtljax._src.nn.mlp import MLP
 from mtljax._src.problems.base import Problem
@@ -279,8 +279,7 @@ def multidigits(
         return jax.tree_util.tree_map(lambda a: a[idx], train)
 
     def _outputs(p: Params, x):
-        net = nnx.merge(model.nnx_graphdef, p.shared, p.specific, model.nnx_rest)
-        return net(x)
+        return to_nnx(model, p)(x)
 
     @jax.jit
     def _evaluate(p: Params, split_data):
