@@ -476,7 +476,10 @@ def test_soft_sharing_coupling_gradient_is_unweighted(method_name, trunk):
 @pytest.mark.parametrize("name", mtl.methods.names())
 def test_pure_soft_sharing_every_method_gives_a_finite_update(name):
     """No shared parameter: the Jacobian has no columns and the Gramian is zero; every method
-    gives a finite update, and the towers get the method's head rule (wᵢ∇Lᵢ or ∇Lᵢ) + ∇R."""
+    gives a finite update, and the towers get the method's head rule (wᵢ∇Lᵢ or ∇Lᵢ) + ∇R.
+    A method whose weights come from the (absent) shared gradients and scale the towers'
+    gradients (Nash-MTL, GradNorm) raises instead of training nothing; with
+    ``head_grads="unit"`` it trains the towers by their own task gradients."""
     model, params = mnn.from_block(
         _soft_block(False, 0.1), task_names=("a", "b", "c"), losses=_plain_losses
     )
@@ -487,10 +490,15 @@ def test_pure_soft_sharing_every_method_gives_a_finite_update(name):
         kwargs["params"] = "all"
     method = mtl.methods.get(name, like=params.shared, **kwargs)
     state = method.init(T)
+    head_grads = None
+    if method.needs != "losses" and method.head_grads == "weighted":
+        with pytest.raises(ValueError, match="no shared parameters.*head_grads='unit'"):
+            mtl.gradients(model, method, params, state, batch, jax.random.key(0))
+        head_grads = "unit"
 
     @jax.jit
     def run(p, s):
-        return mtl.gradients(model, method, p, s, batch, jax.random.key(0))
+        return mtl.gradients(model, method, p, s, batch, jax.random.key(0), head_grads=head_grads)
 
     g, new_state, metrics = run(params, state)
     g, new_state, metrics = run(params, new_state)  # a second step, from the updated state
@@ -499,7 +507,7 @@ def test_pure_soft_sharing_every_method_gives_a_finite_update(name):
             assert np.all(np.isfinite(leaf)), name
     if "grad_norms" in metrics:
         np.testing.assert_array_equal(metrics["grad_norms"], 0.0)
-    if method.head_grads == "weighted" and "weights" in metrics:
+    if (head_grads or method.head_grads) == "weighted" and "weights" in metrics:
         w = metrics["weights"]
     else:
         w = jnp.ones((T,))

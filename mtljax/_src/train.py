@@ -265,6 +265,23 @@ def add_regularizer(
     )
 
 
+def _check_weights_defined(method: base.Method, head_grads: str, params: Params) -> None:
+    """A method that reads the shared gradients (Gramian or Jacobian) and scales the
+    task-specific gradients by its weights has nothing to read in a model without shared
+    parameters: its weights would come from ``G = 0`` (Nash-MTL's are then all zero, so the
+    towers would silently not train). That is an error; ``head_grads="unit"`` is the way out."""
+    if method.needs == "losses" or head_grads != "weighted":
+        return
+    if not jax.tree_util.tree_leaves(params.shared):
+        raise ValueError(
+            f"{method.name} computes its task weights from the shared parameters' gradients, "
+            "but the model has no shared parameters (G = 0), so the weights that scale the "
+            "task-specific gradients (head_grads='weighted') are undefined. Pass "
+            "head_grads='unit' (each task's parameters get ∇Lᵢ) or use a method that weights "
+            "the losses"
+        )
+
+
 def gradients(
     model: Model,
     method: base.Method,
@@ -286,13 +303,16 @@ def gradients(
     (w.r.t. the shared and the task-specific parameters; see :func:`add_regularizer`), and
     ``metrics["regularizer"]`` holds ``R(θ)``; without one there is no such metric.
     A model without shared parameters (``from_nnx(shared=None)``) has a Jacobian with no
-    leaves and a zero Gramian; the task-specific parameters get the method's ``head_grads``.
+    leaves and a zero Gramian; the task-specific parameters get the method's ``head_grads``
+    (a Gramian or Jacobian method with ``head_grads="weighted"``, e.g. Nash-MTL, raises: its
+    weights would come from ``G = 0``; pass ``head_grads="unit"``).
     ``gramian_chunk_size`` (weighting methods that need the Gramian) computes the Gramian
     that many tasks at a time without forming the Jacobian (see :func:`gramian_by_chunks`);
     ``jacobian_constraint`` is applied to the parameter-level Jacobian (or its chunks), e.g. a
     sharding constraint.
     """
     head_grads = head_grads or method.head_grads
+    _check_weights_defined(method, head_grads, params)
     t = model.num_tasks
     metrics: dict[str, jax.Array] = {}
     gram = None

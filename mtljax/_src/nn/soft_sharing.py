@@ -51,7 +51,8 @@ class SoftSharing(nnx.Module):
     strength.) Without a trunk no parameter is shared by two tasks' losses: the block declares
     no shared parameters (``shared_filter`` is ``None``, i.e. ``from_nnx(shared=None)``), the
     task Jacobian is empty, and each tower trains on its own task's gradient (the method's
-    ``head_grads`` rule) plus the coupling gradient.
+    ``head_grads`` rule) plus the coupling gradient (Nash-MTL and GradNorm, whose weights
+    would come from the zero Gramian, need ``head_grads="unit"`` here).
 
     Output: ``(T, batch, out)``.
     """
