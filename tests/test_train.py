@@ -57,9 +57,16 @@ def test_metrics_cosines_and_norms(setup):
     np.testing.assert_allclose(metrics["weights"], np.ones(T))
 
 
+def fixed_from_gramian(weights) -> mtl.Method:
+    """Fixed weights declared as a Gramian method, so that the train step takes the
+    parameter- or feature-level Jacobian path (a losses-only method never does)."""
+    w = jnp.asarray(weights, jnp.float32)
+    return mtl.Method("fixed_g", lambda t: (), "gramian", weights=lambda l, g, s, k: (w, s))
+
+
 def test_feature_and_parameter_mode_agree_for_weights(setup):
     model, params, batch = setup
-    m = mtl.methods.fixed([0.5, 1.0, 2.0])
+    m = fixed_from_gramian([0.5, 1.0, 2.0])
     g_par, _, _ = mtl.gradients(model, m, params, (), batch, None, mode="parameter")
     g_feat, _, _ = mtl.gradients(model, m, params, (), batch, None, mode="feature")
     ref = jax.grad(lambda p: jnp.array([0.5, 1.0, 2.0]) @ model.losses(p, batch))(params)
@@ -141,6 +148,79 @@ def test_from_nnx_errors():
             encode=lambda m, b: 0,
             heads=lambda m, z, b: 0,
         )
+
+
+class _ScaledHeads(nnx.Module):
+    """An encoder, per-task linear heads and a scale ``s`` (shared or not, by the filter)."""
+
+    def __init__(self):
+        self.encoder = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+        self.heads = nnx.Linear(4, 2, rngs=nnx.Rngs(1))
+        self.s = nnx.Param(jnp.ones(()))
+
+
+def _scaled_losses(pred, b):
+    return jnp.mean((pred - b["y"]) ** 2, axis=0)
+
+
+def _encode_scaled(m, b):
+    return jnp.tanh(m.encoder(b["x"])) * m.s[...]
+
+
+def _encode(m, b):
+    return jnp.tanh(m.encoder(b["x"]))
+
+
+def _heads_scaled(m, z, b):
+    return _scaled_losses(m.heads(z) * m.s[...], b)
+
+
+def _heads(m, z, b):
+    return _scaled_losses(m.heads(z), b)
+
+
+_ENCODER_AND_S = nnx.Any(nnx.PathContains("encoder"), nnx.PathContains("s"))
+_XY = {"x": jnp.ones((5, 3)), "y": jnp.zeros((5, 2))}
+
+
+@pytest.mark.parametrize(
+    "encode, heads, shared",
+    [(_encode, _heads_scaled, _ENCODER_AND_S), (_encode_scaled, _heads, "encoder")],
+    ids=["heads read a shared parameter", "encode reads a task-specific parameter"],
+)
+def test_from_nnx_feature_mode_refuses_reads_of_the_other_half(encode, heads, shared):
+    """Feature mode gives ``encode`` the shared parameters and ``heads`` the task-specific ones;
+    the other half would be its value at build time, stale and without gradient (a shared
+    scale ``s = 2`` read in the heads gave the losses of ``s = 1`` and a zero gradient for
+    ``s``). Such a read is an error naming the parameter; parameter mode is unaffected."""
+    model, params = mtl.from_nnx(
+        _ScaledHeads(), task_names=("a", "b"), shared=shared, encode=encode, heads=heads
+    )
+    method = mtl.methods.mgda()
+    g, _, _ = mtl.gradients(model, method, params, (), _XY, None)
+    g_s = g.shared["s"] if "s" in g.shared else g.specific["s"]
+    assert abs(float(g_s[...])) > 0  # parameter mode: s is read and trained
+    with pytest.raises(ValueError, match=r"reads the [\w-]+ parameters \['s'\]"):
+        mtl.gradients(model, method, params, (), _XY, None, mode="feature")
+
+
+def test_from_nnx_feature_mode_agrees_with_parameter_mode_under_vmap():
+    model, params = mtl.from_nnx(
+        _ScaledHeads(),
+        task_names=("a", "b"),
+        shared=_ENCODER_AND_S,
+        encode=_encode_scaled,
+        heads=_heads,
+    )
+    method = fixed_from_gramian([0.3, 1.7])  # the same weights in both modes
+
+    def both(p):
+        modes = ("parameter", "feature")
+        return [mtl.gradients(model, method, p, (), _XY, None, mode=m)[0] for m in modes]
+
+    stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, 2 * x]), params)
+    g_param, g_feat = jax.jit(jax.vmap(both))(stacked)
+    assert max_abs_diff(g_param, g_feat) < 1e-5
 
 
 def test_to_nnx_round_trip(setup):

@@ -410,6 +410,35 @@ def _check_float_output(what: str, out: Any, shape: tuple[int, ...], expected: s
         raise TypeError(f"the model's {what} must be floating point, got {out.dtype}")
 
 
+def _leaves_read(fn: Callable[[PyTree], Any], tree: PyTree) -> list[str]:
+    """The paths of the leaves of ``tree`` that ``fn(tree)`` reads: ``fn`` is traced to a jaxpr
+    (nothing runs) and a leaf counts when an operation or the output uses it."""
+    jaxpr = jax.make_jaxpr(fn)(tree).jaxpr
+    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+    used |= {id(v) for v in jaxpr.outvars}
+    return [
+        p for p, v in zip(tree_lib.leaf_paths(tree), jaxpr.invars, strict=True) if id(v) in used
+    ]
+
+
+def _refuse_reads(part: str, kind: str, fn: Callable[[PyTree], Any], state: PyTree) -> None:
+    """Feature mode hands ``encode`` only the shared parameters and ``heads`` only the
+    task-specific ones; the other half is the module's value when the model was built. A
+    function that reads that other half would silently use stale values and pass them no
+    gradient, so it is an error."""
+    if not jax.tree_util.tree_leaves(state):
+        return
+    read = _leaves_read(fn, state)
+    if read:
+        raise ValueError(
+            f"from_nnx: `{part}` reads the {kind} parameters {read}. With encode= and heads=, "
+            "`encode` may read only the shared parameters and `heads` only the task-specific "
+            "ones (feature-level Jacobians differentiate the heads w.r.t. the representation "
+            "alone); change the `shared` filter, move that computation, or give `losses=` "
+            "instead"
+        )
+
+
 def from_nnx(
     module: Any,
     *,
@@ -435,7 +464,9 @@ def from_nnx(
         weights only decide what the task-specific parameters get (its ``head_grads`` rule).
       losses: ``(module, batch) -> f32[T]``; or give ``encode`` and ``heads`` instead:
       encode: ``(module, batch) -> representation``, touching shared parameters only;
-      heads: ``(module, representation, batch) -> f32[T]``, touching task-specific ones only.
+      heads: ``(module, representation, batch) -> f32[T]``, touching task-specific ones only
+        (feature mode checks both when it traces them: a read of the other half, which it
+        would see at its build-time value and not differentiate, raises).
       last_shared: path prefix of the last shared layer (see :class:`Model`).
       batch_spec: what batches must look like (see :class:`Model`).
       regularizer: ``(module) -> f32[]``, a penalty ``R(θ)`` added to the update outside the
@@ -504,11 +535,22 @@ def from_nnx(
             regularizer=reg_fn,
         )
     else:
+
+        def encode_fn(s, b):
+            _refuse_reads(
+                "encode", "task-specific", lambda p: encode(merge(s, p), b), specific_state
+            )
+            return encode(merge(s, specific_state), b)
+
+        def heads_fn(p, z, b):
+            _refuse_reads("heads", "shared", lambda s: heads(merge(s, p), z, b), shared_state)
+            return heads(merge(shared_state, p), z, b)
+
         model = Model(
             tuple(task_names),
             lambda s, p, b: heads(merge(s, p), encode(merge(s, p), b), b),
-            encode_fn=lambda s, b: encode(merge(s, specific_state), b),
-            heads_fn=lambda p, z, b: heads(merge(shared_state, p), z, b),
+            encode_fn=encode_fn,
+            heads_fn=heads_fn,
             last_shared=last_shared,
             nnx_graphdef=graphdef,
             nnx_rest=rest,
