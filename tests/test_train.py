@@ -239,6 +239,32 @@ def test_from_nnx_feature_mode_agrees_with_parameter_mode_under_vmap():
     assert max_abs_diff(g_param, g_feat) < 1e-5
 
 
+def test_no_shared_parameters_weighted_gramian_method_by_mode():
+    """Without shared parameters, Nash-MTL's weights are undefined in parameter mode (G = 0:
+    it raises) but defined at feature level, where G is the representation's Gramian."""
+
+    class Towers(nnx.Module):
+        def __init__(self):
+            self.heads = mtl.nn.StackedLinear(3, 1, 2, rngs=nnx.Rngs(1))
+
+    def heads(m, z, b):
+        return jnp.mean((m.heads(z)[..., 0] - b["y"]) ** 2, axis=-1)
+
+    model, params = mtl.from_nnx(
+        Towers(), task_names=("a", "b"), shared=None, encode=lambda m, b: b["x"], heads=heads
+    )
+    batch = {"x": jax.random.normal(jax.random.key(0), (8, 3)), "y": jnp.ones((2, 8))}
+    method = mtl.methods.nash_mtl()
+    with pytest.raises(ValueError, match="no shared parameters"):
+        mtl.gradients(model, method, params, method.init(2), batch, None)
+    run = jax.jit(
+        lambda p: mtl.gradients(model, method, p, method.init(2), batch, None, mode="feature")
+    )
+    g, _, metrics = run(params)
+    assert np.all(np.asarray(metrics["weights"]) > 0)
+    assert max_abs_diff(g, jax.tree_util.tree_map(jnp.zeros_like, g)) > 0
+
+
 def test_to_nnx_round_trip(setup):
     model, params, batch = setup
     module = mtl.to_nnx(model, params)

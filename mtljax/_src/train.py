@@ -265,12 +265,13 @@ def add_regularizer(
     )
 
 
-def _check_weights_defined(method: base.Method, head_grads: str, params: Params) -> None:
+def _check_weights_defined(method: base.Method, head_grads: str, params: Params, mode: str) -> None:
     """A method that reads the shared gradients (Gramian or Jacobian) and scales the
     task-specific gradients by its weights has nothing to read in a model without shared
     parameters: its weights would come from ``G = 0`` (Nash-MTL's are then all zero, so the
-    towers would silently not train). That is an error; ``head_grads="unit"`` is the way out."""
-    if method.needs == "losses" or head_grads != "weighted":
+    towers would silently not train). That is an error; ``head_grads="unit"`` is the way out.
+    (At feature level the Gramian is that of the representation's gradients, not zero.)"""
+    if method.needs == "losses" or head_grads != "weighted" or mode != "parameter":
         return
     if not jax.tree_util.tree_leaves(params.shared):
         raise ValueError(
@@ -304,15 +305,15 @@ def gradients(
     ``metrics["regularizer"]`` holds ``R(θ)``; without one there is no such metric.
     A model without shared parameters (``from_nnx(shared=None)``) has a Jacobian with no
     leaves and a zero Gramian; the task-specific parameters get the method's ``head_grads``
-    (a Gramian or Jacobian method with ``head_grads="weighted"``, e.g. Nash-MTL, raises: its
-    weights would come from ``G = 0``; pass ``head_grads="unit"``).
+    (in parameter mode a Gramian or Jacobian method with ``head_grads="weighted"``, e.g.
+    Nash-MTL, raises: its weights would come from ``G = 0``; pass ``head_grads="unit"``).
     ``gramian_chunk_size`` (weighting methods that need the Gramian) computes the Gramian
     that many tasks at a time without forming the Jacobian (see :func:`gramian_by_chunks`);
     ``jacobian_constraint`` is applied to the parameter-level Jacobian (or its chunks), e.g. a
     sharding constraint.
     """
     head_grads = head_grads or method.head_grads
-    _check_weights_defined(method, head_grads, params)
+    _check_weights_defined(method, head_grads, params, mode)
     t = model.num_tasks
     metrics: dict[str, jax.Array] = {}
     gram = None
