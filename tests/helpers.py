@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import mtljax as mtl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"  # as in conftest.py
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's Python subprocess: this checkout first on the path, CPU
+    only, and the suite's XLA flags in place of the caller's (a device-count flag of the
+    caller would override the subprocess's own ``set_cpu_devices``)."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = TEST_XLA_FLAGS
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra)
+    return env
 
 
 def tiny_model(num_tasks: int = 3, *, seed: int = 0, features=(5, 12, 7)):

@@ -17,9 +17,7 @@ import optax
 import pytest
 
 import mtljax as mtl
-from tests.helpers import max_abs_diff, tiny_batch, tiny_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import max_abs_diff, subprocess_env, tiny_batch, tiny_model
 
 # A stateful method (GradNorm: learned weights, initial losses, its own Adam state, a step
 # counter) on a small GradNorm toy.
@@ -43,10 +41,7 @@ _CACHE: list[str] = []  # a compilation cache shared by the subprocesses of this
 
 
 def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()
     if _CACHE:
         env["JAX_COMPILATION_CACHE_DIR"] = _CACHE[0]
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

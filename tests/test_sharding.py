@@ -234,12 +234,9 @@ def multihost_worker(process_id: int, port: int, out_path: str) -> None:
 
 
 def _env(**extra):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
-    env.update(extra)
-    return env
+    from tests.helpers import subprocess_env  # not at the top: the worker runs this file
+
+    return subprocess_env(**extra)
 
 
 def _free_port() -> int:
