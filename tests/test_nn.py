@@ -48,9 +48,8 @@ def _plain_losses(m: Any, b: dict) -> jax.Array:
     return _mse(m(b["x"]), b["y"])
 
 
-def _dselect_losses(m: Any, b: dict) -> jax.Array:
-    pred, reg = m.forward(b["x"])
-    return _mse(pred, b["y"]) + reg
+def _dselect_entropy(m: Any, b: dict) -> jax.Array:
+    return m.entropy_penalty(b["x"])
 
 
 def _cascade_losses(m: Any, b: dict) -> jax.Array:
@@ -77,6 +76,7 @@ class Spec:
     over_shared_ok: bool = False
     num_tasks: int = T
     shares: bool = True  # some parameter is shared by several tasks' losses
+    regularizer: Callable[[Any, dict], jax.Array] | None = None  # from_block's extra penalty
 
 
 SPECS: dict[str, Spec] = {
@@ -154,18 +154,20 @@ SPECS: dict[str, Spec] = {
     "dselect_k": Spec(
         lambda: mnn.DSelectK(D, 5, (8,), (6, 1), T, k=2, rngs=nnx.Rngs(0), entropy_weight=0.05),
         _vector_batch,
-        _dselect_losses,
+        _plain_losses,
         (T, B, 1),
         stacked=("z_gate/kernel", "alpha_gate/bias", "towers/layers/0/kernel"),
+        regularizer=_dselect_entropy,
     ),
     "dselect_k_static": Spec(
         lambda: mnn.DSelectK(
             D, 4, (8,), (6, 1), T, k=2, rngs=nnx.Rngs(0), per_example=False, entropy_weight=0.05
         ),
         _vector_batch,
-        _dselect_losses,
+        _plain_losses,
         (T, B, 1),
         stacked=("z", "alpha"),
+        regularizer=_dselect_entropy,
     ),
     "mtan": Spec(
         lambda: mnn.MTAN(2, (3, 4), 2, 2, rngs=nnx.Rngs(0)),
@@ -221,7 +223,9 @@ def _setup(name: str):
     module = spec.build()
     batch = spec.batch(jax.random.key(1))
     names = [f"task{i}" for i in range(spec.num_tasks)]
-    model, params = mnn.from_block(module, task_names=names, losses=spec.losses)
+    model, params = mnn.from_block(
+        module, task_names=names, losses=spec.losses, regularizer=spec.regularizer
+    )
     return spec, module, batch, model, params
 
 
@@ -326,14 +330,7 @@ def _encode_heads(name: str):
             lambda m, b: m.encode(b["x"]),
             lambda m, z, b: _mse(m.predict(z), b["y"]),
         )
-    if name.startswith("dselect_k"):
-        return (
-            lambda m, b: m.encode(b["x"]),
-            lambda m, z, b: (lambda pr: _mse(pr[0], b["y"]) + pr[1])(
-                m.predict_and_entropy(z, b["x"])
-            ),
-        )
-    if name in ("mmoe", "omoe", "cgc", "ple"):
+    if name in ("mmoe", "omoe", "cgc", "ple") or name.startswith("dselect_k"):
         return (lambda m, b: m.encode(b["x"]), lambda m, z, b: _mse(m.predict(z, b["x"]), b["y"]))
     return (lambda m, b: m.encode(b["x"]), lambda m, z, b: _mse(m.predict(z), b["y"]))
 
@@ -422,9 +419,30 @@ def test_soft_sharing_penalty_forms_and_regularizer():
     assert m.shared_filter is None and m.last_shared is None and m.shared_paths == ()
     model, params = mnn.from_block(m, task_names=("a", "b", "c"), losses=_plain_losses)
     assert jax.tree_util.tree_leaves(params.shared) == []
-    np.testing.assert_allclose(model.regularizer(*params), m.penalty(), rtol=1e-6)
+    np.testing.assert_allclose(model.regularizer(*params, None), m.penalty(), rtol=1e-6)
     with pytest.raises(ValueError, match="trunk"):
         m.encode(jnp.zeros((2, D)))
+    # A further penalty given to from_block (one reading the batch) is added to the block's.
+    batch = _vector_batch(jax.random.key(1))
+    model, params = mnn.from_block(
+        m,
+        task_names=("a", "b", "c"),
+        losses=_plain_losses,
+        regularizer=lambda net, b: 0.01 * jnp.sum(b["x"] ** 2),
+    )
+    np.testing.assert_allclose(
+        model.regularizer(*params, batch),
+        m.penalty() + 0.01 * jnp.sum(batch["x"] ** 2),
+        rtol=1e-6,
+    )
+    with pytest.raises(TypeError, match="regularizer must be a function"):
+        mnn.from_block(m, task_names=("a", "b", "c"), losses=_plain_losses, regularizer=0.1)
+    # A penalty written for the module alone (no batch argument) is refused by name.
+    model, params = mtl.from_nnx(
+        m, task_names=("a", "b", "c"), shared=None, losses=_plain_losses, regularizer=lambda n: 0.0
+    )
+    with pytest.raises(ValueError, match=r"regularizer\(shared, specific, batch\)"):
+        model.check(params, batch)
 
 
 def _soft_block(trunk: bool, weight: float) -> nnx.Module:
@@ -512,7 +530,7 @@ def test_pure_soft_sharing_every_method_gives_a_finite_update(name):
     else:
         w = jnp.ones((T,))
     task_part = jax.grad(lambda p: w @ model.losses(p, batch))(params).specific
-    reg_part = jax.grad(lambda p: model.regularizer(*p))(params).specific
+    reg_part = jax.grad(lambda p: model.regularizer(*p, batch))(params).specific
     want = jax.tree_util.tree_map(jnp.add, task_part, reg_part)
     leaves = zip(
         jax.tree_util.tree_leaves(g.specific), jax.tree_util.tree_leaves(want), strict=True
@@ -550,8 +568,36 @@ def test_dselect_k_gate_properties():
     m = mnn.DSelectK(D, 4, (8,), (6, 1), T, k=2, rngs=nnx.Rngs(0), entropy_weight=1.0)
     q, _ = m.gates(jax.random.normal(jax.random.key(1), (B, D)))
     np.testing.assert_allclose(q.sum(-1), 1.0, rtol=1e-5)
-    _, ent = m.forward(jax.random.normal(jax.random.key(1), (B, D)))
-    assert ent.shape == (T,) and np.all(np.asarray(ent) > 0)
+    # The entropy penalty, by hand: λ Σₜ (1/B) Σ_b Σᵢ h(r), with λ = 1.
+    x = jax.random.normal(jax.random.key(1), (B, D))
+    r = np.asarray(m.gates(x)[1], np.float64)  # (T, B, k, n)
+    by_hand = -np.sum(np.where(r > 0, r * np.log(np.where(r > 0, r, 1.0)), 0.0)) / B
+    assert by_hand > 0
+    np.testing.assert_allclose(m.entropy_penalty(x), by_hand, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dselect_k", "dselect_k_static"])
+def test_dselect_k_entropy_is_a_regularizer_outside_the_method(name):
+    """The gate entropy is the model's regularizer, not part of the task losses: the objective
+    is Σₜ wₜ Lₜ + λ Ω (Hazimeh et al. §4), whatever weights wₜ the method gives."""
+    spec, module, batch, model, params = _setup(name)
+    params = _perturb(params)
+    w = jnp.array([0.25, 4.0, 1.5])
+    method = mtl.methods.fixed(w)
+
+    @jax.jit
+    def run(p):
+        g, _, metrics = mtl.gradients(model, method, p, method.init(T), batch, jax.random.key(0))
+        want = jax.grad(lambda q: w @ model.losses(q, batch) + model.regularizer(*q, batch))(p)
+        return g, metrics, want
+
+    g, metrics, want = run(params)
+    net = mtl.to_nnx(model, params)
+    np.testing.assert_allclose(metrics["losses"], _plain_losses(net, batch), rtol=1e-5)
+    np.testing.assert_allclose(metrics["regularizer"], net.entropy_penalty(batch["x"]), rtol=1e-5)
+    assert float(metrics["regularizer"]) > 0
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_low_level_supervision_split_follows_depths():
@@ -590,7 +636,7 @@ def test_cascade_successive_regularization():
     model, params = mnn.from_block(m, task_names=("a", "b", "c"), losses=_cascade_losses)
     paths = tree_lib.leaf_paths(params)
     assert not any("anchor" in p for p in paths) and model.nnx_rest is not None
-    np.testing.assert_allclose(model.regularizer(*params), 9.0, rtol=1e-6)
+    np.testing.assert_allclose(model.regularizer(*params, None), 9.0, rtol=1e-6)
     m.set_anchor()
     np.testing.assert_allclose(m.regularizer(), 0.0)
     plain = mnn.Cascade(D, 6, (3, 2, 1), rngs=nnx.Rngs(0))
@@ -616,14 +662,14 @@ def test_cascade_anchor_checkpointed_beside_the_train_state(tmp_path):
     model, _ = mnn.from_block(module, task_names=names, losses=_cascade_losses)
     state = state._replace(params=moved, step=jnp.asarray(7, jnp.int32))
     later = jax.tree_util.tree_map(lambda x: x + 0.1, moved)
-    expected = float(model.regularizer(*later))
+    expected = float(model.regularizer(*later, None))
     ckpt = mtl.Checkpointer(tmp_path, async_save=False)
     with pytest.raises(ValueError, match="step="):
         ckpt.save((state, model.nnx_rest))
     assert ckpt.save((state, model.nnx_rest), step=int(state.step))
 
     fresh, fresh_params = mnn.from_block(build(), task_names=names, losses=_cascade_losses)
-    assert not np.isclose(float(fresh.regularizer(*later)), expected)  # anchor at the init
+    assert not np.isclose(float(fresh.regularizer(*later, None)), expected)  # anchor at the init
     template = (
         mtl.init_train_state(fresh, fresh_params, method, opt, jax.random.key(0)),
         fresh.nnx_rest,
@@ -634,7 +680,7 @@ def test_cascade_anchor_checkpointed_beside_the_train_state(tmp_path):
     module2 = mtl.to_nnx(fresh, state2.params)
     nnx.update(module2, consts)
     resumed, _ = mnn.from_block(module2, task_names=names, losses=_cascade_losses)
-    np.testing.assert_allclose(float(resumed.regularizer(*later)), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(resumed.regularizer(*later, None)), expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -505,7 +505,7 @@ def _regularized_setup():
 
     model, params, batch = _setup()
 
-    def reg(shared, specific):
+    def reg(shared, specific, batch=None):
         return 0.15 * sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves((shared, specific)))
 
     w = jnp.array([0.5, 2.0, 3.0])

@@ -277,7 +277,7 @@ def test_to_nnx_round_trip(setup):
 C_SHARED, C_SPECIFIC = 0.3, 0.7
 
 
-def _reg(shared, specific):
+def _reg(shared, specific, batch=None):
     """``R = ½c‖θ_shared‖² + c'‖θ_specific‖²``: ``∇R = (c θ_shared, 2c' θ_specific)``."""
     sq = lambda tree: sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     return 0.5 * C_SHARED * sq(shared) + C_SPECIFIC * sq(specific)
@@ -337,7 +337,7 @@ def test_regularizer_in_scan_and_the_nonfinite_guard(setup):
     assert max_abs_diff(scanned.params, one.params) < 1e-6
     assert metrics["regularizer"].shape == (1,)
     # A non-finite regularizer skips the step (or raises, naming the regularizer).
-    bad = dataclasses.replace(model, regularizer=lambda s, p: jnp.log(-_reg(s, p)))
+    bad = dataclasses.replace(model, regularizer=lambda s, p, b: jnp.log(-_reg(s, p)))
     state, step = make(bad, params, mtl.methods.ew(), optax.sgd(0.1))
     new, metrics = step(state, batch)
     assert not bool(metrics["finite"]) and int(new.skipped) == 1
@@ -351,7 +351,7 @@ def test_regularizer_errors_are_named(setup):
     model, params, batch = setup
     with pytest.raises(TypeError, match="regularizer"):
         dataclasses.replace(model, regularizer=1.0)
-    vector = dataclasses.replace(model, regularizer=lambda s, p: jnp.ones(3))
+    vector = dataclasses.replace(model, regularizer=lambda s, p, b: jnp.ones(3))
     with pytest.raises(ValueError, match="scalar"):
         vector.check(params, batch)
 
@@ -399,7 +399,7 @@ def test_from_nnx_shared_none_constants_and_regularizer():
     def losses(m, b):
         return jnp.mean((m.towers(b["x"]) - b["y"]) ** 2, axis=(1, 2))
 
-    def penalty(m):
+    def penalty(m, b):
         return jnp.sum((m.towers.kernel[...] - m.prior[...]) ** 2)
 
     model, params = mtl.from_nnx(
@@ -408,7 +408,7 @@ def test_from_nnx_shared_none_constants_and_regularizer():
     assert jax.tree_util.tree_leaves(params.shared) == []
     kernel = params.specific["towers"]["kernel"][...]
     np.testing.assert_allclose(
-        model.regularizer(params.shared, params.specific), jnp.sum((kernel - 1.0) ** 2)
+        model.regularizer(params.shared, params.specific, None), jnp.sum((kernel - 1.0) ** 2)
     )
     batch = {"x": jnp.ones((4, 3)), "y": jnp.zeros((2, 4, 1))}
     model.check(params, batch)
@@ -434,7 +434,7 @@ def test_model_and_params_do_not_alias_a_module():
     def losses(m, b):
         return jnp.mean(m.heads(m.body(b["x"])) ** 2, axis=(1, 2))
 
-    def penalty(m):
+    def penalty(m, b):
         return jnp.sum((m.heads.kernel[...] - m.anchor[...]) ** 2)
 
     def values(tree):
@@ -450,19 +450,19 @@ def test_model_and_params_do_not_alias_a_module():
         net, task_names=("a", "b"), shared="body", losses=losses, regularizer=penalty
     )
     p0, c0 = values(params), values(model.nnx_rest)
-    r0 = float(model.regularizer(*params))
+    r0 = float(model.regularizer(*params, None))
     bump(net)  # the module the model was built from
     bump(mtl.to_nnx(model, params))  # a module rebuilt from the model
     for a, b in zip(p0, values(params), strict=True):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(c0, values(model.nnx_rest), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert float(model.regularizer(*params)) == r0
+    assert float(model.regularizer(*params, None)) == r0
     # The rebuilt module's changes reach a model built from it, and only that one.
     moved = mtl.to_nnx(model, params)
     moved.anchor[...] = moved.heads.kernel[...]
     model2, params2 = mtl.from_nnx(
         moved, task_names=("a", "b"), shared="body", losses=losses, regularizer=penalty
     )
-    assert float(model2.regularizer(*params2)) == 0.0
-    assert float(model.regularizer(*params)) == r0 > 0.0
+    assert float(model2.regularizer(*params2, None)) == 0.0
+    assert float(model.regularizer(*params, None)) == r0 > 0.0

@@ -279,12 +279,14 @@ class Model:
       batch_spec: optional pytree of :class:`BatchField` that batches must match (checked by
         the train step's first call, before compilation); it also tells data parallelism
         which axis of each field holds the examples.
-      regularizer: optional ``(shared, specific) -> f32[]``, a penalty ``R(θ)`` of the
-        parameters added **outside** the multi-task method: the train step computes the
-        method's update ``d`` from the task losses as usual and descends along ``d + ∇R``.
-        ``R`` never enters the loss vector, the Jacobian, the Gramian or the method's
-        weights, so a weighting method cannot rescale it (a penalty inside the loss vector
-        would be multiplied by its task's weight ``wᵢ``).
+      regularizer: optional ``(shared, specific, batch) -> f32[]``, a penalty ``R(θ; batch)``
+        added **outside** the multi-task method: the train step computes the method's update
+        ``d`` from the task losses as usual and descends along ``d + ∇_θ R``. ``R`` never
+        enters the loss vector, the Jacobian, the Gramian or the method's weights, so a
+        weighting method cannot rescale it (a penalty inside the loss vector would be
+        multiplied by its task's weight ``wᵢ``). Most penalties read the parameters only and
+        ignore ``batch``; data-dependent ones (DSelect-k's gate entropy, an MoE
+        load-balancing term) read it.
     """
 
     task_names: tuple[str, ...]
@@ -295,7 +297,7 @@ class Model:
     nnx_graphdef: Any = None
     nnx_rest: Any = None
     batch_spec: Any = None
-    regularizer: Callable[[PyTree, PyTree], jax.Array] | None = None
+    regularizer: Callable[[PyTree, PyTree, Batch], jax.Array] | None = None
 
     def __post_init__(self):
         names = tuple(self.task_names)
@@ -310,7 +312,7 @@ class Model:
             raise ValueError("Model: give both encode_fn and heads_fn, or neither")
         if self.regularizer is not None and not callable(self.regularizer):
             raise TypeError(
-                "Model: regularizer must be a function (shared, specific) -> f32[], got "
+                "Model: regularizer must be a function (shared, specific, batch) -> f32[], got "
                 f"{type(self.regularizer).__name__}"
             )
 
@@ -334,10 +336,10 @@ class Model:
         *,
         last_shared: str | None = None,
         batch_spec: Any = None,
-        regularizer: Callable[[PyTree, PyTree], jax.Array] | None = None,
+        regularizer: Callable[[PyTree, PyTree, Batch], jax.Array] | None = None,
     ) -> Model:
         """The model ``heads(specific, encode(shared, batch), batch)``; ``regularizer``: an
-        optional ``(shared, specific) -> f32[]`` penalty added outside the method (see
+        optional ``(shared, specific, batch) -> f32[]`` penalty added outside the method (see
         :class:`Model`)."""
 
         def losses_fn(shared, specific, batch):
@@ -378,7 +380,7 @@ class Model:
             f"have shape (T,) = ({self.num_tasks},) for tasks {self.task_names}",
         )
         if self.regularizer is not None:
-            self._check_regularizer(params)
+            self._check_regularizer(params, batch)
         if self.last_shared is not None:
             paths = tree_lib.leaf_paths(params.shared)
             pred = tree_lib.prefix_predicate(self.last_shared)
@@ -388,13 +390,15 @@ class Model:
                     f"parameter paths are {paths}"
                 )
 
-    def _check_regularizer(self, params: Params) -> None:
-        """By abstract evaluation: the regularizer maps the parameters to a float scalar."""
+    def _check_regularizer(self, params: Params, batch: Batch) -> None:
+        """By abstract evaluation: the regularizer maps the parameters and the batch to a float
+        scalar."""
         try:
-            out = jax.eval_shape(self.regularizer, params.shared, params.specific)
+            out = jax.eval_shape(self.regularizer, params.shared, params.specific, batch)
         except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
             raise ValueError(
-                f"the model's regularizer cannot be evaluated on the parameters: {e}"
+                "the model's regularizer cannot be evaluated as regularizer(shared, specific, "
+                f"batch) on the parameters and this batch ({_batch_summary(batch)}): {e}"
             ) from e
         _check_float_output("regularizer", out, (), "return a scalar f32[]")
 
@@ -449,7 +453,7 @@ def from_nnx(
     heads: Callable[[Any, PyTree, Batch], jax.Array] | None = None,
     last_shared: str | None = None,
     batch_spec: Any = None,
-    regularizer: Callable[[Any], jax.Array] | None = None,
+    regularizer: Callable[[Any, Batch], jax.Array] | None = None,
 ) -> tuple[Model, Params]:
     """Builds a :class:`Model` and its :class:`Params` from a Flax NNX module.
 
@@ -469,8 +473,9 @@ def from_nnx(
         would see at its build-time value and not differentiate, raises).
       last_shared: path prefix of the last shared layer (see :class:`Model`).
       batch_spec: what batches must look like (see :class:`Model`).
-      regularizer: ``(module) -> f32[]``, a penalty ``R(θ)`` added to the update outside the
-        multi-task method (see :class:`Model`), e.g. ``lambda m: m.regularizer()``.
+      regularizer: ``(module, batch) -> f32[]``, a penalty added to the update outside the
+        multi-task method (see :class:`Model`), e.g. ``lambda m, b: m.regularizer()`` or,
+        reading the batch, ``lambda m, b: m.entropy_penalty(b["x"])`` (DSelect-k).
 
     The functions receive the module rebuilt by ``nnx.merge`` from the parameters being
     differentiated; use ``to_nnx`` to put trained parameters back into a module. The module may
@@ -487,7 +492,7 @@ def from_nnx(
         raise ValueError("from_nnx: give both `encode` and `heads`")
     if regularizer is not None and not callable(regularizer):
         raise TypeError(
-            f"from_nnx: regularizer must be a function (module) -> f32[], got "
+            f"from_nnx: regularizer must be a function (module, batch) -> f32[], got "
             f"{type(regularizer).__name__}"
         )
     if shared is None:
@@ -523,7 +528,7 @@ def from_nnx(
     def merge(s, p):
         return nnx.merge(graphdef, s, p, rest)
 
-    reg_fn = None if regularizer is None else (lambda s, p: regularizer(merge(s, p)))
+    reg_fn = None if regularizer is None else (lambda s, p, b: regularizer(merge(s, p), b))
     if losses is not None:
         model = Model(
             tuple(task_names),

@@ -243,9 +243,13 @@ def mixed_precision(model: Model, compute_dtype: Any) -> Model:
 
 
 def add_regularizer(
-    regularizer: Callable[[PyTree, PyTree], jax.Array], params: Params, grads: Params
+    regularizer: Callable[[PyTree, PyTree, Any], jax.Array],
+    params: Params,
+    grads: Params,
+    batch: Any,
 ) -> tuple[jax.Array, Params]:
-    """``(R(θ), d + ∇R(θ))``: a regularizer's gradient added to a method's direction ``d``.
+    """``(R, d + ∇_θ R)`` with ``R = R(θ; batch)``: a regularizer's gradient added to a
+    method's direction ``d``.
 
     ``R`` is differentiated on its own, outside the loss vector: its gradient is added once and
     unweighted, whatever weights the method gave the tasks (inside the loss vector a penalty is
@@ -253,7 +257,7 @@ def add_regularizer(
     evaluated on ``params`` as they are: the float32 master parameters under mixed precision.
     """
     value, (g_shared, g_specific) = jax.value_and_grad(regularizer, argnums=(0, 1))(
-        params.shared, params.specific
+        params.shared, params.specific, batch
     )
 
     def add(d, g):
@@ -302,7 +306,7 @@ def gradients(
     Computes only what the method declares it needs. Returns ``(grads, method_state, metrics)``.
     With a model ``regularizer`` ``R``, the result is the method's direction plus ``∇R``
     (w.r.t. the shared and the task-specific parameters; see :func:`add_regularizer`), and
-    ``metrics["regularizer"]`` holds ``R(θ)``; without one there is no such metric.
+    ``metrics["regularizer"]`` holds ``R(θ; batch)``; without one there is no such metric.
     A model without shared parameters (``from_nnx(shared=None)``) has a Jacobian with no
     leaves and a zero Gramian; the task-specific parameters get the method's ``head_grads``
     (in parameter mode a Gramian or Jacobian method with ``head_grads="weighted"``, e.g.
@@ -377,7 +381,7 @@ def gradients(
     if w is not None and head_grads == "unit":
         grads = Params(grads.shared, vjp(jnp.ones_like(losses)).specific)
     if model.regularizer is not None:
-        value, grads = add_regularizer(model.regularizer, params, grads)
+        value, grads = add_regularizer(model.regularizer, params, grads, batch)
         metrics["regularizer"] = value
     metrics["losses"] = losses
     metrics["task_finite"] = jnp.isfinite(losses)

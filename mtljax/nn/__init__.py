@@ -6,7 +6,8 @@ Every block declares which of its parameters are shared by several tasks' losses
 :func:`check_shared_split` verifies the split numerically. A block whose penalty couples
 tasks (soft sharing, a cascade's successive regularization) defines ``regularizer(self) ->
 f32[]``, which :func:`from_block` wires as the model's regularizer: added to the multi-task
-method's update, outside the loss vector.
+method's update, outside the loss vector. A penalty that reads the input (DSelect-k's
+``entropy_penalty(x)``) is passed to :func:`from_block` as ``regularizer=lambda m, batch: …``.
 """
 
 from mtljax._src.nn.cascade import Cascade

@@ -66,9 +66,11 @@ class DSelectK(nnx.Module):
     ``per_example=True`` (the per-example gate of §3.2) ``z⁽ⁱ⁾ = Z⁽ⁱ⁾x`` and ``α = Ax``
     (stacked over tasks); otherwise ``z`` and ``α`` are parameters (the static gate).
 
-    The entropy regularizer ``λ Σᵢ h(r(z⁽ⁱ⁾))`` (averaged over the batch for per-example gates)
-    pushes the selectors to binary; :meth:`forward` returns it per task, ``f32[T]``, to add to
-    the task losses (task ``t``'s term depends on gate ``t`` only).
+    The entropy regularizer ``λ Σₜ Σᵢ h(r(zₜ⁽ⁱ⁾))`` (averaged over the batch for per-example
+    gates) pushes the selectors to binary. It is a penalty of the objective, beside the
+    weighted task losses (Hazimeh et al. §4), so :meth:`entropy_penalty` returns it whole, to be
+    the model's regularizer (added outside the multi-task method, which then cannot rescale
+    it): ``from_block(net, ..., regularizer=lambda m, b: m.entropy_penalty(b["x"]))``.
 
     **Shared / task-specific split.** Experts: shared. Gates and towers: task-specific.
     Input ``(batch, in)``; output ``(T, batch, tower_features[-1])``.
@@ -162,20 +164,22 @@ class DSelectK(nnx.Module):
         check_input("DSelectK", x, self.in_features)
         return self.experts(x)
 
-    def forward(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``(predictions (T, batch, out), entropy term f32[T])``."""
-        return self.predict_and_entropy(self.encode(x), x)
+    def entropy_penalty(self, x: jax.Array) -> jax.Array:
+        """``f32[]``: ``λ Σₜ Σᵢ h(r(zₜ⁽ⁱ⁾))`` on the input ``x`` (the batch mean for
+        per-example gates; static gates do not read ``x``), ``λ = entropy_weight``."""
+        check_input("DSelectK", x, self.in_features)
+        _, r = self.gates(x)
+        per_task = jnp.mean(jnp.sum(entropy(r), axis=-1), axis=-1)  # (T,)
+        return self.entropy_weight * jnp.sum(per_task)
 
-    def predict_and_entropy(self, z: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        q, r = self.gates(x)
+    def predict(self, z: jax.Array, x: jax.Array) -> jax.Array:
+        """Predictions ``(T, batch, out)`` from the experts' outputs ``z`` and the input ``x``
+        (which the per-example gates read)."""
+        q, _ = self.gates(x)
         mixed = jnp.einsum(
             "tbn,nbh->tbh", jnp.broadcast_to(q, q.shape[:1] + z.shape[1:2] + q.shape[2:]), z
         )
-        reg = self.entropy_weight * jnp.mean(jnp.sum(entropy(r), axis=-1), axis=-1)
-        return self.towers(mixed, per_task=True), reg
-
-    def predict(self, z: jax.Array, x: jax.Array) -> jax.Array:
-        return self.predict_and_entropy(z, x)[0]
+        return self.towers(mixed, per_task=True)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.forward(x)[0]
+        return self.predict(self.encode(x), x)

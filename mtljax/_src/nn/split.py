@@ -12,8 +12,10 @@ parameter is shared (soft sharing without a trunk) has ``shared_filter = None``.
 **The regularizer protocol.** A block whose penalty couples parameters across tasks (or ties
 them to an anchor) defines a method ``regularizer(self) -> f32[]`` returning its whole penalty;
 :func:`from_block` wires it as the model's ``regularizer``, which the train step adds to the
-multi-task method's update, outside the loss vector (see :class:`mtljax.Model`). Task losses
-then hold data losses only.
+multi-task method's update, outside the loss vector (see :class:`mtljax.Model`). A penalty that
+reads the input (DSelect-k's gate entropy: ``DSelectK.entropy_penalty(x)``) cannot know where
+the input sits in a batch: pass it to :func:`from_block` as ``regularizer=lambda m, b: …``.
+Task losses then hold data losses only.
 """
 
 from __future__ import annotations
@@ -92,8 +94,8 @@ def last_shared(module: Any) -> str | None:
     return None
 
 
-def block_regularizer(module: Any) -> Callable[[Any], jax.Array] | None:
-    """``lambda m: m.regularizer()`` if the block defines a ``regularizer`` method (the
+def block_regularizer(module: Any) -> Callable[[Any, Batch], jax.Array] | None:
+    """``lambda m, batch: m.regularizer()`` if the block defines a ``regularizer`` method (the
     protocol of the module docstring), else ``None``."""
     method = getattr(type(module), "regularizer", None)
     if method is None:
@@ -103,7 +105,7 @@ def block_regularizer(module: Any) -> Callable[[Any], jax.Array] | None:
             f"{type(module).__name__}.regularizer must be a method (self) -> f32[], got "
             f"{type(method).__name__}"
         )
-    return lambda m: m.regularizer()
+    return lambda m, batch: m.regularizer()
 
 
 def from_block(
@@ -113,10 +115,26 @@ def from_block(
     losses: Callable[[Any, Batch], jax.Array] | None = None,
     encode: Callable[[Any, Batch], PyTree] | None = None,
     heads: Callable[[Any, PyTree, Batch], jax.Array] | None = None,
+    regularizer: Callable[[Any, Batch], jax.Array] | None = None,
 ) -> tuple[Model, Params]:
     """:func:`mtljax.from_nnx` with the block's own shared filter, last shared layer and, if
     it defines a ``regularizer(self) -> f32[]`` method, that regularizer (see the module
-    docstring): the losses then hold the task losses only."""
+    docstring): the losses then hold the task losses only. ``regularizer``: a further
+    ``(module, batch) -> f32[]`` penalty, e.g. one that reads the input (DSelect-k's
+    ``lambda m, b: m.entropy_penalty(b["x"])``); it is added to the block's own."""
+    own = block_regularizer(module)
+    if regularizer is not None and not callable(regularizer):
+        raise TypeError(
+            f"from_block: regularizer must be a function (module, batch) -> f32[], got "
+            f"{type(regularizer).__name__}"
+        )
+    if own is None or regularizer is None:
+        combined = own if regularizer is None else regularizer
+    else:
+
+        def combined(m, b):
+            return own(m, b) + regularizer(m, b)
+
     return from_nnx(
         module,
         task_names=task_names,
@@ -125,7 +143,7 @@ def from_block(
         encode=encode,
         heads=heads,
         last_shared=last_shared(module),
-        regularizer=block_regularizer(module),
+        regularizer=combined,
     )
 
 

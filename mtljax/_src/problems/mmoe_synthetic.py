@@ -190,14 +190,16 @@ def _mse(pred: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def task_losses(module: Any, batch: dict[str, jax.Array]) -> jax.Array:
-    """``f32[2]``: each task's mean squared error (+ DSelect-k's per-task gate entropy).
+    """``f32[2]``: each task's mean squared error.
 
-    Soft sharing's coupling penalty is not a task loss: it is the block's ``regularizer()``,
-    which ``from_block`` wires as the model's regularizer (added outside the method)."""
-    if isinstance(module, DSelectK):
-        pred, reg = module.forward(batch["x"])
-        return _mse(pred, batch["y"]) + reg
+    Penalties are not task losses: soft sharing's coupling penalty is the block's
+    ``regularizer()`` and DSelect-k's gate entropy its ``entropy_penalty(x)``; both become the
+    model's regularizer (added outside the method, see :func:`build_model`)."""
     return _mse(module(batch["x"]), batch["y"])
+
+
+def _gate_entropy(module: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    return module.entropy_penalty(batch["x"])
 
 
 def build_model(
@@ -205,7 +207,8 @@ def build_model(
 ) -> tuple[Model, Params]:
     """``(Model, Params)`` for ``arch`` (losses: per-task MSE), initialised from ``key``."""
     module = build_module(arch, num_features, rngs=nnx.Rngs(key), **sizes)
-    return from_block(module, task_names=TASKS, losses=task_losses)
+    extra = _gate_entropy if isinstance(module, DSelectK) else None
+    return from_block(module, task_names=TASKS, losses=task_losses, regularizer=extra)
 
 
 def mse(model: Model, params: Params, data: dict[str, jax.Array]) -> jax.Array:
@@ -213,7 +216,7 @@ def mse(model: Model, params: Params, data: dict[str, jax.Array]) -> jax.Array:
     from mtljax._src.model import to_nnx
 
     module = to_nnx(model, params)
-    pred = module.forward(data["x"])[0] if isinstance(module, DSelectK) else module(data["x"])
+    pred = module(data["x"])
     return _mse(pred, data["y"])
 
 
