@@ -9,7 +9,8 @@ computes; benchmarks and users compile at XLA's default level.
 
 import os
 
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+from tests import TEST_XLA_FLAGS
+
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import mtljax as mtl
+from tests import TEST_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"  # as in conftest.py
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
