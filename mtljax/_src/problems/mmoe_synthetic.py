@@ -215,9 +215,7 @@ def mse(model: Model, params: Params, data: dict[str, jax.Array]) -> jax.Array:
     """Per-task test MSE (without penalty terms)."""
     from mtljax._src.model import to_nnx
 
-    module = to_nnx(model, params)
-    pred = module(data["x"])
-    return _mse(pred, data["y"])
+    return task_losses(to_nnx(model, params), data)
 
 
 def fit(
