@@ -35,6 +35,11 @@ from mtljax._src.problems import mmoe_synthetic as ms
 
 DEFAULT_ARCHS = ("shared_bottom", "omoe", "mmoe")
 DEFAULT_CORRELATIONS = (0.5, 0.9, 1.0)
+OPTIMIZERS = {
+    "adam": optax.adam,
+    "sgd": optax.sgd,
+    "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
+}
 
 
 def _stack(trees):
@@ -51,6 +56,7 @@ def run_cell(
     num_train: int,
     num_test: int,
     learning_rate: float,
+    optimizer: str,
     method: str,
     sines: str,
     num_sines: int,
@@ -70,7 +76,7 @@ def run_cell(
         test_sets.append(ms.sample_data(k_test, tasks, num_test))
         model, p = ms.build_model(arch, k_init)
         params.append(p)
-    opt = optax.adam(learning_rate)
+    opt = OPTIMIZERS[optimizer](learning_rate)
     meth = mtl.methods.get(method)
 
     def one_run(p, data, val, test, key):
@@ -232,8 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="+",
         type=float,
         default=[1e-3],
-        help="Adam rates; with several, each cell keeps the best on validation",
+        help="learning rates; with several, each cell keeps the best on validation",
     )
+    ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
     ap.add_argument("--sines", choices=("range", "normal"), default="range")
     ap.add_argument("--num-sines", type=int, default=5)
     ap.add_argument(
@@ -259,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
                     num_train=args.num_train,
                     num_test=args.num_test,
                     learning_rate=lr,
+                    optimizer=args.optimizer,
                     method=args.method,
                     sines=args.sines,
                     num_sines=args.num_sines,

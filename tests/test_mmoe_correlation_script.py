@@ -55,3 +55,34 @@ def test_spread_table_gives_the_runs_quantiles(sweep):
     assert row[:2] == ["shared_bottom", "0.5"]
     expected = np.quantile(values, (0.1, 0.25, 0.5, 0.75, 0.9)).tolist() + [1.0]
     np.testing.assert_allclose([float(x) for x in row[2:]], expected, atol=1e-4)
+
+
+def test_main_runs_a_cell_with_the_chosen_optimizer(sweep, tmp_path):
+    out = sweep.main(
+        [
+            "--archs",
+            "shared_bottom",
+            "--correlations",
+            "1.0",
+            "--seeds",
+            "2",
+            "--steps",
+            "4",
+            "--checkpoints",
+            "2",
+            "--num-test",
+            "16",
+            "--optimizer",
+            "sgd",
+            "--learning-rates",
+            "0.0",
+            "--out",
+            str(tmp_path / "sweep.json"),
+        ]
+    )
+    assert out["config"]["optimizer"] == "sgd"
+    (cell,) = out["results"]
+    assert len(cell["curve"]) == 2 and len(cell["final_mse"]) == 2
+    # SGD at rate 0 leaves the parameters where they started: the curve is flat.
+    np.testing.assert_allclose(cell["curve"][0], cell["curve"][1], rtol=1e-6)
+    assert (tmp_path / "sweep.json").exists()
