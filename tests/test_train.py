@@ -466,3 +466,29 @@ def test_model_and_params_do_not_alias_a_module():
     )
     assert float(model2.regularizer(*params2, None)) == 0.0
     assert float(model.regularizer(*params, None)) == r0 > 0.0
+
+
+def test_from_nnx_feature_mode_checks_reads_once_per_signature():
+    """The read check traces ``encode`` / ``heads`` once for each new argument signature (shapes
+    and dtypes), not at every call: eager feature-mode calls cost one trace each, as without
+    the check, and a new batch shape is checked again."""
+    calls = {"encode": 0, "heads": 0}
+
+    def encode(m, b):
+        calls["encode"] += 1
+        return _encode(m, b)
+
+    def heads(m, z, b):
+        calls["heads"] += 1
+        return _heads(m, z, b)
+
+    model, params = mtl.from_nnx(
+        _ScaledHeads(), task_names=("a", "b"), shared="encoder", encode=encode, heads=heads
+    )
+    for _ in range(3):
+        z = model.encode_fn(params.shared, _XY)
+        model.heads_fn(params.specific, z, _XY)
+    assert calls == {"encode": 4, "heads": 4}  # one check + three calls each
+    xy7 = {"x": jnp.ones((7, 3)), "y": jnp.zeros((7, 2))}
+    model.heads_fn(params.specific, model.encode_fn(params.shared, xy7), xy7)
+    assert calls == {"encode": 6, "heads": 6}  # a new shape: checked again

@@ -425,6 +425,13 @@ def _leaves_read(fn: Callable[[PyTree], Any], tree: PyTree) -> list[str]:
     ]
 
 
+def _signature(*trees: PyTree) -> tuple:
+    """The structure, shapes and dtypes of ``trees`` (hashable; tracers included): what a
+    read check depends on, so that it runs once per signature rather than at every trace."""
+    leaves, treedef = jax.tree_util.tree_flatten(trees)
+    return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
+
+
 def _refuse_reads(part: str, kind: str, fn: Callable[[PyTree], Any], state: PyTree) -> None:
     """Feature mode hands ``encode`` only the shared parameters and ``heads`` only the
     task-specific ones; the other half is the module's value when the model was built. A
@@ -540,15 +547,22 @@ def from_nnx(
             regularizer=reg_fn,
         )
     else:
+        checked: set = set()  # (part, signature of its arguments) whose reads passed
 
         def encode_fn(s, b):
-            _refuse_reads(
-                "encode", "task-specific", lambda p: encode(merge(s, p), b), specific_state
-            )
+            key = ("encode", _signature(s, b))
+            if key not in checked:
+                _refuse_reads(
+                    "encode", "task-specific", lambda p: encode(merge(s, p), b), specific_state
+                )
+                checked.add(key)
             return encode(merge(s, specific_state), b)
 
         def heads_fn(p, z, b):
-            _refuse_reads("heads", "shared", lambda s: heads(merge(s, p), z, b), shared_state)
+            key = ("heads", _signature(p, z, b))
+            if key not in checked:
+                _refuse_reads("heads", "shared", lambda s: heads(merge(s, p), z, b), shared_state)
+                checked.add(key)
             return heads(merge(shared_state, p), z, b)
 
         model = Model(
