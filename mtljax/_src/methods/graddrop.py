@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from mtljax._src.base import Method, make_method
+from mtljax._src.base import Method, combine, make_method
 from mtljax._src.methods import _common
 
 
@@ -72,12 +72,13 @@ def graddrop(leak: float | Sequence[float] = 0.0, *, batch_dims: int = 0) -> Met
         dtype = jnp.promote_types(leaf.dtype, jnp.float32)
         g = leaf.astype(dtype)
         s = jnp.sum(g, axis=tuple(range(1, 1 + batch_dims)), keepdims=True) if batch_dims else g
-        purity = 0.5 * (1.0 + _common.safe_div(jnp.sum(s, 0), jnp.sum(jnp.abs(s), 0)))
+        ones = jnp.ones((leaf.shape[0],), dtype)
+        purity = 0.5 * (1.0 + _common.safe_div(combine(ones, s), combine(ones, jnp.abs(s))))
         u = jax.random.uniform(key, purity.shape, dtype)
         mask = ((purity > u) & (s > 0)) | ((purity < u) & (s < 0))
         lk = lk.astype(dtype).reshape((-1,) + (1,) * (leaf.ndim - 1))
         scale = lk + (1.0 - lk) * mask.astype(dtype)
-        return jnp.sum(scale * g, axis=0).astype(leaf.dtype)
+        return combine(ones, scale * g).astype(leaf.dtype)
 
     def direction(jacobian, losses, state, key):
         if key is None:
