@@ -549,20 +549,20 @@ def from_nnx(
     else:
         checked: set = set()  # (part, signature of its arguments) whose reads passed
 
-        def encode_fn(s, b):
-            key = ("encode", _signature(s, b))
+        def refuse_reads_once(part, kind, fn, state, *args):
+            key = (part, _signature(*args))
             if key not in checked:
-                _refuse_reads(
-                    "encode", "task-specific", lambda p: encode(merge(s, p), b), specific_state
-                )
+                _refuse_reads(part, kind, fn, state)
                 checked.add(key)
+
+        def encode_fn(s, b):
+            read = lambda p: encode(merge(s, p), b)  # noqa: E731
+            refuse_reads_once("encode", "task-specific", read, specific_state, s, b)
             return encode(merge(s, specific_state), b)
 
         def heads_fn(p, z, b):
-            key = ("heads", _signature(p, z, b))
-            if key not in checked:
-                _refuse_reads("heads", "shared", lambda s: heads(merge(s, p), z, b), shared_state)
-                checked.add(key)
+            read = lambda s: heads(merge(s, p), z, b)  # noqa: E731
+            refuse_reads_once("heads", "shared", read, shared_state, p, z, b)
             return heads(merge(shared_state, p), z, b)
 
         model = Model(
