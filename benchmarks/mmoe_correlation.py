@@ -62,6 +62,7 @@ def run_cell(
     num_sines: int,
     online: bool,
     checkpoints: int,
+    gate_bias: bool = False,
 ) -> dict:
     """Trains ``seeds`` independent runs of one (arch, correlation) cell; returns its curves.
 
@@ -74,7 +75,7 @@ def run_cell(
         train_sets.append(tasks if online else ms.sample_data(k_train, tasks, num_train))
         val_sets.append(ms.sample_data(jax.random.fold_in(k_test, 1), tasks, num_test))
         test_sets.append(ms.sample_data(k_test, tasks, num_test))
-        model, p = ms.build_model(arch, k_init)
+        model, p = ms.build_model(arch, k_init, gate_bias=gate_bias)
         params.append(p)
     opt = OPTIMIZERS[optimizer](learning_rate)
     meth = mtl.methods.get(method)
@@ -248,6 +249,11 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="sample minibatches from --num-train fixed examples (default: fresh data each step)",
     )
+    ap.add_argument(
+        "--gate-bias",
+        action="store_true",
+        help="give the softmax gates a bias (the papers' gates, the default, have none)",
+    )
     ap.add_argument("--method", default="ew")
     ap.add_argument("--checkpoints", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mmoe_correlation.json"))
@@ -272,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
                     num_sines=args.num_sines,
                     online=not args.fixed_data,
                     checkpoints=args.checkpoints,
+                    gate_bias=args.gate_bias,
                 )
                 runs.append(r)
                 print(

@@ -124,7 +124,7 @@ SPECS: dict[str, Spec] = {
         _vector_batch,
         _plain_losses,
         (T, B, 1),
-        stacked=("gates/kernel", "gates/bias", "towers/layers/0/kernel", "towers/layers/1/bias"),
+        stacked=("gates/kernel", "towers/layers/0/kernel", "towers/layers/1/bias"),
     ),
     "omoe": Spec(
         lambda: mnn.OMoE(D, 4, (8,), (6, 1), T, rngs=nnx.Rngs(0)),
@@ -302,6 +302,60 @@ def test_shared_split_and_gradient_flow(name):
             assert np.all(np.delete(g[i], i, axis=0) == 0.0), (path, i)
 
 
+def test_hard_sharing_shares_the_top_level_encoder_only():
+    """A head may have a sub-module called ``encoder``: it stays task-specific."""
+
+    class Head(nnx.Module):
+        def __init__(self, rngs):
+            self.encoder = nnx.Linear(8, 4, rngs=rngs)
+            self.out = nnx.Linear(4, 1, rngs=rngs)
+
+        def __call__(self, z):
+            return self.out(nnx.relu(self.encoder(z)))
+
+    rngs = nnx.Rngs(0)
+    block = mnn.HardSharing(
+        mnn.MLP((D, 8), rngs=rngs, final_activation=True), [Head(rngs) for _ in range(T)]
+    )
+
+    def losses(m, b):
+        preds = m(b["x"])
+        return jnp.stack([jnp.mean((p - y) ** 2) for p, y in zip(preds, b["y"], strict=True)])
+
+    model, params = mnn.from_block(block, task_names=("a", "b", "c"), losses=losses)
+    shared = {
+        tree_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params.shared)[0]
+    }
+    specific = {
+        tree_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params.specific)[0]
+    }
+    assert shared and all(p.startswith("encoder/") for p in shared)
+    assert {f"heads/{i}/encoder/kernel" for i in range(T)} <= specific
+    assert mnn.check_shared_split(model, params, _vector_batch(jax.random.key(0))).ok
+    assert model.last_shared == "encoder/layers/0"
+
+
+def test_check_shared_split_judges_each_task_on_its_own_scale():
+    """Task 1 reads task 0's head; its loss is 10⁷ times smaller than task 0's: still caught."""
+
+    def losses(shared, specific, batch):
+        z = jnp.tanh(batch["x"] @ shared["w"])
+        p0 = z @ specific["h0"]
+        p1 = z @ specific["h1"] + 0.5 * z @ specific["h0"]
+        return jnp.stack([1e4 * jnp.mean(p0**2), 1e-3 * jnp.mean(p1**2)])
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    params = mtl.Params(
+        {"w": jax.random.normal(keys[0], (D, 4))},
+        {"h0": jax.random.normal(keys[1], (4,)), "h1": jax.random.normal(keys[2], (4,))},
+    )
+    model = mtl.Model(("a", "b"), losses)
+    report = mnn.check_shared_split(
+        model, params, {"x": jax.random.normal(keys[3], (B, D))}, raise_on_error=False
+    )
+    assert not report.ok and report.violations["h0"][1] == (0, 1)
+
+
 def test_check_shared_split_catches_a_wrong_split():
     module = mnn.MMoE(D, 4, (8,), (6, 1), T, rngs=nnx.Rngs(0))
     batch = _vector_batch(jax.random.key(0))
@@ -321,7 +375,7 @@ def test_check_shared_split_catches_a_wrong_split():
         losses=_plain_losses,
     )
     report = mnn.check_shared_split(model, params, batch)
-    assert set(report.over_shared()) == {"gates/kernel", "gates/bias"}
+    assert set(report.over_shared()) == {"gates/kernel"}
 
 
 def _encode_heads(name: str):
@@ -724,3 +778,55 @@ def test_bad_inputs_raise():
         mnn.CrossStitchUnit(3)(jnp.zeros((2, 4)))
     with pytest.raises(TypeError, match="shared"):
         mnn.shared_filter(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
+def test_gates_have_no_bias_unless_asked():
+    """Ma et al.'s and Tang et al.'s gates are softmax(W x): no bias by default."""
+
+    def names(block):
+        return {
+            tree_lib.path_str(p)
+            for p, _ in jax.tree_util.tree_flatten_with_path(nnx.state(block, nnx.Param))[0]
+        }
+
+    plain = mnn.MMoE(D, 4, (8,), (6, 1), T, rngs=nnx.Rngs(0))
+    biased = mnn.MMoE(D, 4, (8,), (6, 1), T, rngs=nnx.Rngs(0), gate_bias=True)
+    assert not any(n.startswith("gates/bias") for n in names(plain))
+    assert "gates/bias" in names(biased)
+    ple = mnn.PLE(D, (8,), 2, 1, (6, 1), T, rngs=nnx.Rngs(0), num_levels=2)
+    assert not any("gate" in n and n.endswith("bias") for n in names(ple))
+    ple_b = mnn.PLE(D, (8,), 2, 1, (6, 1), T, rngs=nnx.Rngs(0), num_levels=2, gate_bias=True)
+    assert {"levels/0/task_gates/bias", "levels/0/shared_gate/bias"} <= names(ple_b)
+    # Without a bias the gate of the zero input is uniform.
+    w = plain.gate_weights(jnp.zeros((1, D)))
+    np.testing.assert_allclose(w, 0.25, rtol=1e-6)
+
+
+def test_mixtures_reject_bad_shapes():
+    with pytest.raises(ValueError, match="at least 2 experts"):
+        mnn.MMoE(D, 1, (8,), (6, 1), T, rngs=nnx.Rngs(0))
+    block = mnn.MMoE(D, 4, (8,), (6, 1), T, rngs=nnx.Rngs(0))
+    for bad in (jnp.ones((2, B, D)), jnp.ones((D,)), jnp.ones((B, D + 1))):
+        with pytest.raises(ValueError, match=r"shape \(batch, 5\)"):
+            block(bad)
+
+
+def test_cascade_feeds_every_earlier_label_embedding():
+    """JMT §2.4: a layer reads the label embeddings of all the tasks below it."""
+    kinds = ("classification", "regression", "regression")
+    m = mnn.Cascade(D, 6, (3, 2, 1), rngs=nnx.Rngs(0), kinds=kinds)
+    x = jax.random.normal(jax.random.key(0), (B, D))
+    h0 = jnp.tanh(m.layers[0](x))
+    y0 = m.heads[0](h0)
+    l0 = m.label_embeddings[0](jax.nn.softmax(y0, axis=-1))
+    h1 = jnp.tanh(m.layers[1](jnp.concatenate([h0, x, l0], axis=-1)))
+    y1 = m.heads[1](h1)
+    l1 = m.label_embeddings[1](y1)
+    h2 = jnp.tanh(m.layers[2](jnp.concatenate([h1, x, l0, l1], axis=-1)))
+    for got, want in zip(m(x), (y0, y1, m.heads[2](h2)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    prev = mnn.Cascade(D, 6, (3, 2, 1), rngs=nnx.Rngs(0), label_inputs="previous")
+    assert prev.layers[2].kernel.shape == (6 + D + 8, 6)
+    assert m.layers[2].kernel.shape == (6 + D + 2 * 8, 6)
+    with pytest.raises(ValueError, match="label_inputs"):
+        mnn.Cascade(D, 6, (3, 2), rngs=nnx.Rngs(0), label_inputs="next")

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mtljax._src.nn.constant import Constant
@@ -39,18 +40,21 @@ def _sq_dist(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> jax.Array:
 
 
 class Cascade(nnx.Module):
-    """A cascade of tasks: task ``t``'s layer reads the input, task ``t−1``'s hidden state and an
-    embedding of task ``t−1``'s prediction.
+    """A cascade of tasks: task ``t``'s layer reads the input, task ``t−1``'s hidden state and
+    embeddings of the earlier tasks' predictions.
 
     Hashimoto, Xiong, Tsuruoka & Socher, "A Joint Many-Task Model: Growing a Neural Network for
     Multiple NLP Tasks", EMNLP 2017. With ``e = embedding(x)`` (shared; ``x`` itself without
     one),
 
-        h₀ = act(W₀ e + b₀),   hₜ = act(Wₜ [hₜ₋₁; e; yₜ₋₁ Eₜ₋₁] + bₜ),   ŷₜ = Vₜ hₜ + cₜ,
+        h₀ = act(W₀ e + b₀),   hₜ = act(Wₜ [hₜ₋₁; e; y₀ E₀; …; yₜ₋₁ Eₜ₋₁] + bₜ),   ŷₜ = Vₜ hₜ + cₜ,
 
-    where ``yₜ₋₁`` is ``softmax(ŷₜ₋₁)`` for a classification task (the label embedding weighted by
-    the predicted probabilities, JMT §2.2) or ``ŷₜ₋₁`` for a regression task, and ``Eₜ₋₁`` a
-    learned label embedding; the shortcut ``e`` reaches every layer.
+    where ``yₛ`` is ``softmax(ŷₛ)`` for a classification task (the label embedding weighted by
+    the predicted probabilities, JMT §2.2) or ``ŷₛ`` for a regression task, and ``Eₛ`` task
+    ``s``'s learned label embedding, computed once and read by every later layer (JMT's
+    dependency layer reads both the POS and the chunking label embeddings, §2.4); the shortcut
+    ``e`` reaches every layer. ``label_inputs="previous"`` feeds layer ``t`` with ``yₜ₋₁ Eₜ₋₁``
+    only.
 
     Successive regularization (JMT §2.6): task ``t``'s objective adds ``δ(‖θₑ − θ'ₑ‖² +
     Σ_{s<t} ‖θₛ − θ'ₛ‖²)`` on the parameters below it (``θₑ`` the embedding, ``θₛ`` task ``s``'s
@@ -84,8 +88,9 @@ class Cascade(nnx.Module):
         embed_features: int | None = None,
         activation: Callable[[jax.Array], jax.Array] = nnx.tanh,
         successive_weight: float = 0.0,
+        label_inputs: Literal["all", "previous"] = "all",
     ):
-        outs = tuple(out_features)
+        outs = tuple(int(o) if isinstance(o, np.integer) else o for o in out_features)
         if len(outs) < 2 or any(not isinstance(o, int) or o < 1 for o in outs):
             raise ValueError(
                 f"Cascade: out_features must give a positive output size for each of ≥ 2 tasks, "
@@ -101,6 +106,10 @@ class Cascade(nnx.Module):
                 f"Cascade: kinds must be 'classification' or 'regression' (one, or one per task "
                 f"for {t} tasks), got {kinds!r}"
             )
+        if label_inputs not in ("all", "previous"):
+            raise ValueError(
+                f"Cascade: label_inputs must be 'all' or 'previous', got {label_inputs!r}"
+            )
         self.embedding = (
             nnx.Linear(in_features, embed_features, rngs=rngs)
             if embed_features is not None
@@ -109,7 +118,13 @@ class Cascade(nnx.Module):
         e = embed_features if embed_features is not None else in_features
         self.layers = nnx.List(
             [
-                nnx.Linear(e if i == 0 else hidden + e + label_features, hidden, rngs=rngs)
+                nnx.Linear(
+                    e
+                    if i == 0
+                    else hidden + e + (i if label_inputs == "all" else 1) * label_features,
+                    hidden,
+                    rngs=rngs,
+                )
                 for i in range(t)
             ]
         )
@@ -120,6 +135,7 @@ class Cascade(nnx.Module):
         if not float(successive_weight) >= 0.0:
             raise ValueError(f"Cascade: successive_weight must be ≥ 0, got {successive_weight!r}")
         self.kinds = ks
+        self.label_inputs = label_inputs
         self.num_tasks = t
         self.in_features = in_features
         self.activation = activation
@@ -152,7 +168,7 @@ class Cascade(nnx.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Cascade: expected {self.in_features} input features, got {x.shape}")
         e = self.activation(self.embedding(x)) if self.embedding is not None else x
-        preds = []
+        preds, labels = [], []
         h = None
         for i in range(self.num_tasks):
             if i == 0:
@@ -160,7 +176,9 @@ class Cascade(nnx.Module):
             else:
                 prev = preds[-1]
                 y = jax.nn.softmax(prev, axis=-1) if self.kinds[i - 1] == "classification" else prev
-                inp = jnp.concatenate([h, e, self.label_embeddings[i - 1](y)], axis=-1)
+                labels.append(self.label_embeddings[i - 1](y))
+                read = labels if self.label_inputs == "all" else labels[-1:]
+                inp = jnp.concatenate([h, e, *read], axis=-1)
             h = self.activation(self.layers[i](inp))
             preds.append(self.heads[i](h))
         return preds

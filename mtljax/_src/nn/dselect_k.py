@@ -38,7 +38,9 @@ def selector_weights(z: jax.Array, gamma: float, num_experts: int) -> jax.Array:
 
     ``r(z)_l = Πⱼ [S(zⱼ) if bit j of l is 1 else 1 − S(zⱼ)]`` (Hazimeh et al. eq. 4); it is
     one-hot once every ``|zⱼ| ≥ γ/2``. When ``n`` is not a power of two, code ``l`` selects
-    expert ``l mod n``.
+    expert ``l mod n``: every code is a valid selection (no penalty is needed to keep the
+    selectors off unused codes), at the price of an uneven prior — at ``z = 0`` experts
+    ``0 … 2^m − n − 1`` get two codes' weight (``n = 3``: ``[½, ¼, ¼]``).
     """
     bits, to_expert = _codes(num_experts)
     s = smooth_step(z, gamma)[..., None, :]  # (..., 1, m)

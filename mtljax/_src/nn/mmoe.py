@@ -14,10 +14,9 @@ from mtljax._src.nn.towers import StackedMLP, check_features, check_positive
 
 
 def check_input(owner: str, x: jax.Array, in_features: int) -> None:
-    if x.ndim < 1 or x.shape[-1] != in_features:
+    if x.ndim != 2 or x.shape[-1] != in_features:
         raise ValueError(
-            f"{owner}: expected inputs with {in_features} features in the last axis, got "
-            f"shape {x.shape}"
+            f"{owner}: expected inputs of shape (batch, {in_features}), got shape {x.shape}"
         )
 
 
@@ -48,10 +47,11 @@ class MMoE(nnx.Module):
 
         gᵏ(x) = softmax(W_gk x),   fᵏ(x) = Σᵢ gᵏ(x)ᵢ fᵢ(x),   yₖ = hᵏ(fᵏ(x)),
 
-    with ``n`` experts ``fᵢ`` (stacked MLPs ``(in, *expert_features)``, ReLU output), one linear
-    softmax gate per task (stacked ``(T, in, n)``) and a tower ``hᵏ`` per task (stacked
-    ``(expert_features[-1], *tower_features)``). With ``num_gates=1`` it is the paper's
-    one-gate baseline OMoE (eq. 5 feeding every tower).
+    with ``n ≥ 2`` experts ``fᵢ`` (stacked MLPs ``(in, *expert_features)``, ReLU output), one
+    linear softmax gate per task (stacked ``(T, in, n)``; without a bias, as in the paper, unless
+    ``gate_bias=True``) and a tower ``hᵏ`` per task (stacked ``(expert_features[-1],
+    *tower_features)``). With ``num_gates=1`` it is the paper's one-gate baseline OMoE (eq. 5
+    feeding every tower).
 
     **Shared / task-specific split.** The experts feed every task: **shared**. Gate ``k`` and
     tower ``k`` move task ``k``'s loss only: **task-specific** (the single OMoE gate feeds every
@@ -70,11 +70,14 @@ class MMoE(nnx.Module):
         *,
         rngs: nnx.Rngs,
         num_gates: int | None = None,
+        gate_bias: bool = False,
         activation: Callable[[jax.Array], jax.Array] = nnx.relu,
     ):
         check_positive(
             "MMoE", in_features=in_features, num_experts=num_experts, num_tasks=num_tasks
         )
+        if num_experts < 2:
+            raise ValueError("MMoE: needs at least 2 experts for the gates to choose between")
         gates = num_tasks if num_gates is None else num_gates
         if gates not in (1, num_tasks):
             raise ValueError(f"MMoE: num_gates must be 1 (OMoE) or T={num_tasks}, got {num_gates}")
@@ -87,7 +90,7 @@ class MMoE(nnx.Module):
             rngs=rngs,
             activation=activation,
         )
-        self.gates = StackedLinear(in_features, num_experts, gates, rngs=rngs)
+        self.gates = StackedLinear(in_features, num_experts, gates, rngs=rngs, use_bias=gate_bias)
         self.towers = StackedMLP(tf, num_tasks, rngs=rngs, activation=activation)
         self.in_features = in_features
         self.num_tasks = num_tasks
@@ -103,8 +106,7 @@ class MMoE(nnx.Module):
 
     @property
     def last_shared(self) -> str:
-        if self.num_gates == 1:
-            return "gates"
+        """The experts' last layer (OMoE's gate is a small side branch of the mixture)."""
         return f"experts/layers/{len(self.experts.layers) - 1}"
 
     def gate_weights(self, x: jax.Array) -> jax.Array:
@@ -144,6 +146,7 @@ class OMoE(MMoE):
         num_tasks: int,
         *,
         rngs: nnx.Rngs,
+        gate_bias: bool = False,
         activation: Callable[[jax.Array], jax.Array] = nnx.relu,
     ):
         super().__init__(
@@ -154,5 +157,6 @@ class OMoE(MMoE):
             num_tasks,
             rngs=rngs,
             num_gates=1,
+            gate_bias=gate_bias,
             activation=activation,
         )

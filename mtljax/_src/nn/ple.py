@@ -22,7 +22,11 @@ class ExtractionLayer(nnx.Module):
 
     Task ``k``'s gate mixes its own experts and the shared ones (Tang et al. eq. 4–5); the
     shared gate mixes every expert of the layer (§4.3.2). All experts of a kind are stacked
-    (``StackedMLP``), the task gates too (``StackedLinear (T, in, m_k + m_s)``).
+    (``StackedMLP``), the task gates too (``StackedLinear (T, in, m_k + m_s)``). Gates are
+    ``softmax(W x)`` without a bias, as in the paper, unless ``gate_bias=True``.
+
+    A building block of :class:`PLE` and :class:`CGC` (it has no ``__call__``: :meth:`experts`,
+    :meth:`task_mix` and :meth:`shared_mix` are its steps).
     """
 
     def __init__(
@@ -34,7 +38,8 @@ class ExtractionLayer(nnx.Module):
         *,
         rngs: nnx.Rngs,
         shared_gate: bool,
-        activation: Callable[[jax.Array], jax.Array],
+        gate_bias: bool = False,
+        activation: Callable[[jax.Array], jax.Array] = nnx.relu,
     ):
         feats = check_features("ExtractionLayer", features)
         check_positive(
@@ -54,10 +59,19 @@ class ExtractionLayer(nnx.Module):
             final_activation=True,
         )
         self.task_gates = StackedLinear(
-            feats[0], num_task_experts + num_shared_experts, num_tasks, rngs=rngs
+            feats[0],
+            num_task_experts + num_shared_experts,
+            num_tasks,
+            rngs=rngs,
+            use_bias=gate_bias,
         )
         self.shared_gate = (
-            nnx.Linear(feats[0], num_tasks * num_task_experts + num_shared_experts, rngs=rngs)
+            nnx.Linear(
+                feats[0],
+                num_tasks * num_task_experts + num_shared_experts,
+                rngs=rngs,
+                use_bias=gate_bias,
+            )
             if shared_gate
             else None
         )
@@ -123,6 +137,7 @@ class PLE(nnx.Module):
         *,
         rngs: nnx.Rngs,
         num_levels: int = 2,
+        gate_bias: bool = False,
         activation: Callable[[jax.Array], jax.Array] = nnx.relu,
     ):
         check_positive(
@@ -143,6 +158,7 @@ class PLE(nnx.Module):
                     num_tasks,
                     rngs=rngs,
                     shared_gate=j < num_levels - 1,
+                    gate_bias=gate_bias,
                     activation=activation,
                 )
             )
@@ -229,6 +245,7 @@ class CGC(PLE):
         num_tasks: int,
         *,
         rngs: nnx.Rngs,
+        gate_bias: bool = False,
         activation: Callable[[jax.Array], jax.Array] = nnx.relu,
     ):
         super().__init__(
@@ -240,5 +257,6 @@ class CGC(PLE):
             num_tasks,
             rngs=rngs,
             num_levels=1,
+            gate_bias=gate_bias,
             activation=activation,
         )

@@ -30,7 +30,9 @@ class SoftSharing(nnx.Module):
     Duong, Cohn, Bird & Cook, "Low Resource Dependency Parsing: Cross-lingual Parameter Sharing
     in a Neural Network Parser", ACL 2015 (ℓ₂ distance between the two parsers' parameters);
     Yang & Hospedales, "Trace Norm Regularised Deep Multi-Task Learning", ICLR-W 2017 (soft
-    sharing of per-task layers by a regularizer). The towers are one :class:`StackedMLP`
+    sharing of per-task layers by a regularizer; their coupling is the trace norm of the
+    stacked layers, :func:`mtljax.regularizers.trace_norm`, which can replace this block's
+    squared distance as the model's regularizer). The towers are one :class:`StackedMLP`
     (``T`` stacked ``(f_l, f_{l+1})`` kernels, one batched matmul per layer) and the penalty is
 
     * ``penalty="pairwise"``: ``λ Σ_{i<j} ‖θᵢ − θⱼ‖²``;

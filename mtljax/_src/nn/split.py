@@ -68,14 +68,10 @@ class PathPrefixes:
 
 
 def shared_filter(module: Any) -> Any:
-    """The NNX filter of a block's shared parameters (``"encoder"`` for :class:`HardSharing`;
-    ``None`` for a block that shares no parameter, as :func:`mtljax.from_nnx` takes it)."""
+    """The NNX filter of a block's shared parameters (``None`` for a block that shares no
+    parameter, as :func:`mtljax.from_nnx` takes it)."""
     if hasattr(module, "shared_filter"):
         return module.shared_filter
-    from mtljax._src.nn.hard_sharing import HardSharing
-
-    if isinstance(module, HardSharing):
-        return "encoder"
     raise TypeError(
         f"{type(module).__name__} declares no shared parameters; mtljax.nn blocks expose "
         "`shared_filter` (pass any NNX filter to mtljax.from_nnx(shared=...) for other modules)"
@@ -84,14 +80,7 @@ def shared_filter(module: Any) -> Any:
 
 def last_shared(module: Any) -> str | None:
     """The path prefix of a block's last shared layer, for methods that differentiate it only."""
-    ls = getattr(module, "last_shared", None)
-    if ls is not None:
-        return ls
-    from mtljax._src.nn.hard_sharing import HardSharing
-
-    if isinstance(module, HardSharing) and hasattr(module.encoder, "last_layer_path"):
-        return f"encoder/{module.encoder.last_layer_path}"
-    return None
+    return getattr(module, "last_shared", None)
 
 
 def block_regularizer(module: Any) -> Callable[[Any, Batch], jax.Array] | None:
@@ -177,11 +166,23 @@ class SplitReport:
         return tuple(p for p, n in self.shared_tasks.items() if n <= 1)
 
 
-def _dependence(jac_leaf: jax.Array, rtol: float) -> np.ndarray:
-    """``(T, *shape)`` Jacobian -> bool ``(T, *shape)``: does task t's loss move with the scalar."""
+def _task_scales(*jacobians: Any) -> np.ndarray:
+    """``(T,)``: each task's largest ``|∂Lₜ/∂θ|`` over every parameter."""
+    rows = [
+        np.abs(np.asarray(leaf, np.float64)).reshape(leaf.shape[0], -1).max(axis=1)
+        for jac in jacobians
+        for leaf in jax.tree_util.tree_leaves(jac)
+        if leaf.size
+    ]
+    return np.max(np.stack(rows), axis=0) if rows else np.zeros((0,))
+
+
+def _dependence(jac_leaf: jax.Array, rtol: float, scales: np.ndarray) -> np.ndarray:
+    """``(T, *shape)`` Jacobian -> bool ``(T, *shape)``: does task t's loss move with the scalar
+    (more than ``rtol`` × task ``t``'s largest entry: a small loss still counts)."""
     a = np.abs(np.asarray(jac_leaf, dtype=np.float64))
-    scale = a.max() if a.size else 0.0
-    return a > rtol * scale if scale > 0 else np.zeros(a.shape, bool)
+    s = scales.reshape((-1,) + (1,) * (a.ndim - 1))
+    return (a > rtol * s) & (s > 0)
 
 
 def check_shared_split(
@@ -197,7 +198,8 @@ def check_shared_split(
     Computes the Jacobian ``∂L/∂θ`` (``T`` rows) of the losses w.r.t. every parameter at
     ``params`` on ``batch`` and reads its sparsity: for the task-specific parameters it must be
     block-structured (each scalar's column has at most one non-zero). An entry counts as
-    non-zero when it exceeds ``rtol`` times the largest entry of its leaf. Use a batch and
+    non-zero when it exceeds ``rtol`` times the largest entry of its task's row (over every
+    parameter), so that a task with a small loss is judged on its own scale. Use a batch and
     parameters in general position (random, not all-zero) so that a dependence does not vanish
     by accident.
 
@@ -213,11 +215,13 @@ def check_shared_split(
     shared_tasks: dict[str, int] = {}
     unused: list[str] = []
     reach = np.zeros((t,), np.int64)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(jac_specific)[0]:
-        name = tree_lib.path_str(path)
+    for leaf in jax.tree_util.tree_leaves((jac_shared, jac_specific)):
         if leaf.shape[:1] != (t,):
             raise ValueError(f"check_shared_split: the losses must have shape ({t},)")
-        dep = _dependence(leaf, rtol)
+    scales = _task_scales(jac_shared, jac_specific)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jac_specific)[0]:
+        name = tree_lib.path_str(path)
+        dep = _dependence(leaf, rtol, scales)
         count = dep.sum(axis=0)
         owner = np.where(count == 0, -1, np.where(count == 1, dep.argmax(axis=0), -2))
         owners[name] = owner
@@ -228,7 +232,7 @@ def check_shared_split(
             unused.append(name)
     for path, leaf in jax.tree_util.tree_flatten_with_path(jac_shared)[0]:
         name = tree_lib.path_str(path)
-        dep = _dependence(leaf, rtol)
+        dep = _dependence(leaf, rtol, scales)
         shared_tasks[name] = int(dep.sum(axis=0).max()) if dep.size else 0
         reach += dep.reshape(t, -1).sum(axis=1)
         if not dep.any():

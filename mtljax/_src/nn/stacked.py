@@ -8,14 +8,23 @@ from flax import nnx
 
 
 class StackedLinear(nnx.Module):
-    """``T`` linear heads in one kernel ``(T, in, out)`` and bias ``(T, out)``.
+    """``T`` linear heads in one kernel ``(T, in, out)`` and bias ``(T, out)`` (none with
+    ``use_bias=False``).
 
     Applied to a shared representation ``x: (..., in)`` it returns ``(T, ..., out)``; applied to
     per-task inputs ``x: (T, ..., in)`` with ``per_task=True`` it maps each task's input by its
     own head. Either way it is one batched matmul, not ``T`` small ones.
     """
 
-    def __init__(self, in_features: int, out_features: int, num_tasks: int, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_tasks: int,
+        *,
+        rngs: nnx.Rngs,
+        use_bias: bool = True,
+    ):
         if min(in_features, out_features, num_tasks) < 1:
             raise ValueError(
                 "StackedLinear: in_features, out_features and num_tasks must be positive, got "
@@ -27,17 +36,21 @@ class StackedLinear(nnx.Module):
                 jax.random.split(rngs.params(), num_tasks)
             )
         )
-        self.bias = nnx.Param(jnp.zeros((num_tasks, out_features)))
+        self.bias = nnx.Param(jnp.zeros((num_tasks, out_features))) if use_bias else None
         self.num_tasks = num_tasks
 
     def __call__(self, x: jax.Array, *, per_task: bool = False) -> jax.Array:
-        kernel, bias = self.kernel[...], self.bias[...]
-        bias = bias.reshape((bias.shape[0],) + (1,) * (x.ndim - per_task - 1) + bias.shape[1:])
+        kernel = self.kernel[...]
         if per_task:
             if x.shape[0] != self.num_tasks:
                 raise ValueError(
                     f"StackedLinear: per-task input needs a leading axis of {self.num_tasks} "
                     f"tasks, got shape {x.shape}"
                 )
-            return jnp.einsum("t...i,tio->t...o", x, kernel) + bias
-        return jnp.einsum("...i,tio->t...o", x, kernel) + bias
+            out = jnp.einsum("t...i,tio->t...o", x, kernel)
+        else:
+            out = jnp.einsum("...i,tio->t...o", x, kernel)
+        if self.bias is None:
+            return out
+        bias = self.bias[...]
+        return out + bias.reshape((bias.shape[0],) + (1,) * (out.ndim - 2) + bias.shape[1:])

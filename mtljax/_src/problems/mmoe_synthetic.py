@@ -154,9 +154,11 @@ def build_module(
     expert_hidden: int = 16,
     tower_hidden: int = 8,
     bottom_hidden: int = 113,
+    gate_bias: bool = False,
 ) -> nnx.Module:
     """The model for ``arch`` with Ma et al.'s sizes: single-layer experts of 16 units, towers
-    with 8 hidden units, a 113-unit shared bottom (about MMoE's parameter count)."""
+    with 8 hidden units, a 113-unit shared bottom (about MMoE's parameter count); the softmax
+    gates of OMoE, MMoE, CGC and PLE have no bias, as in the papers, unless ``gate_bias``."""
     d, t = num_features, len(TASKS)
     tower = (tower_hidden, 1)
     if arch == "shared_bottom":
@@ -165,15 +167,15 @@ def build_module(
             StackedMLP((bottom_hidden, *tower), t, rngs=rngs),
         )
     if arch == "omoe":
-        return OMoE(d, num_experts, (expert_hidden,), tower, t, rngs=rngs)
+        return OMoE(d, num_experts, (expert_hidden,), tower, t, rngs=rngs, gate_bias=gate_bias)
     if arch == "mmoe":
-        return MMoE(d, num_experts, (expert_hidden,), tower, t, rngs=rngs)
-    if arch == "cgc":
+        return MMoE(d, num_experts, (expert_hidden,), tower, t, rngs=rngs, gate_bias=gate_bias)
+    if arch in ("cgc", "ple"):
         half = max(1, num_experts // 2)
-        return CGC(d, (expert_hidden,), half, max(1, half // t), tower, t, rngs=rngs)
-    if arch == "ple":
-        half = max(1, num_experts // 2)
-        return PLE(d, (expert_hidden,), half, max(1, half // t), tower, t, rngs=rngs)
+        block = CGC if arch == "cgc" else PLE
+        return block(
+            d, (expert_hidden,), half, max(1, half // t), tower, t, rngs=rngs, gate_bias=gate_bias
+        )
     if arch == "dselect_k":
         return DSelectK(
             d, num_experts, (expert_hidden,), tower, t, k=2, rngs=rngs, entropy_weight=1e-3
@@ -203,10 +205,11 @@ def _gate_entropy(module: Any, batch: dict[str, jax.Array]) -> jax.Array:
 
 
 def build_model(
-    arch: str, key: jax.Array | int, num_features: int = 100, **sizes: int
+    arch: str, key: jax.Array | int, num_features: int = 100, **options: Any
 ) -> tuple[Model, Params]:
-    """``(Model, Params)`` for ``arch`` (losses: per-task MSE), initialised from ``key``."""
-    module = build_module(arch, num_features, rngs=nnx.Rngs(key), **sizes)
+    """``(Model, Params)`` for ``arch`` (losses: per-task MSE), initialised from ``key``;
+    ``options``: the sizes and ``gate_bias`` of :func:`build_module`."""
+    module = build_module(arch, num_features, rngs=nnx.Rngs(key), **options)
     extra = _gate_entropy if isinstance(module, DSelectK) else None
     return from_block(module, task_names=TASKS, losses=task_losses, regularizer=extra)
 
