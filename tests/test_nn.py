@@ -762,6 +762,13 @@ def test_cascade_anchor_checkpointed_beside_the_train_state(tmp_path):
             "successive_weight",
         ),
         (lambda: mnn.StackedMLP((D,), T, rngs=nnx.Rngs(0)), "features"),
+        (lambda: mnn.CrossStitchUnit(0), "num_tasks"),
+        (lambda: mnn.CrossStitchUnit(T, channels=0), "channels"),
+        (
+            lambda: mnn.CrossStitch((D, 4, 4, 1), T, stitch_after=(True,), rngs=nnx.Rngs(0)),
+            "stitch_after",
+        ),
+        (lambda: mnn.Cascade(D, 4, (1, 2), rngs=nnx.Rngs(0)), "softmax would be constant"),
     ],
 )
 def test_bad_hyper_parameters_raise(build, match):

@@ -106,6 +106,13 @@ class Cascade(nnx.Module):
                 f"Cascade: kinds must be 'classification' or 'regression' (one, or one per task "
                 f"for {t} tasks), got {kinds!r}"
             )
+        for i, (k, o) in enumerate(zip(ks[:-1], outs[:-1], strict=True)):
+            if k == "classification" and o < 2:
+                raise ValueError(
+                    f"Cascade: classification task {i} has {o} output; its softmax would be "
+                    "constant and pass nothing to later tasks (give ≥ 2 classes, or kind "
+                    "'regression')"
+                )
         if label_inputs not in ("all", "previous"):
             raise ValueError(
                 f"Cascade: label_inputs must be 'all' or 'previous', got {label_inputs!r}"

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mtljax._src.nn.split import PathPrefixes
@@ -41,6 +42,9 @@ class CrossStitchUnit(nnx.Module):
         alpha_same: float = 0.9,
         alpha_diff: float | None = None,
     ):
+        check_positive("CrossStitchUnit", num_tasks=num_tasks)
+        if channels is not None:
+            check_positive("CrossStitchUnit", channels=channels)
         a = cross_stitch_init(num_tasks, alpha_same, alpha_diff)
         if channels is not None:
             a = jnp.broadcast_to(a, (channels, num_tasks, num_tasks))
@@ -54,6 +58,11 @@ class CrossStitchUnit(nnx.Module):
                 f"CrossStitchUnit: expected a leading task axis of {a.shape[-1]}, got {x.shape}"
             )
         if self.channelwise:
+            if x.ndim < 2 or x.shape[-1] != a.shape[0]:
+                raise ValueError(
+                    f"CrossStitchUnit: expected {a.shape[0]} channels in the last axis, got "
+                    f"{x.shape}"
+                )
             return jnp.einsum("cij,j...c->i...c", a, x)
         return jnp.einsum("ij,j...->i...", a, x)
 
@@ -98,6 +107,7 @@ class CrossStitch(nnx.Module):
         after = tuple(range(n_layers - 1)) if stitch_after is None else tuple(stitch_after)
         if (
             not after
+            or any(isinstance(i, bool) or not isinstance(i, int | np.integer) for i in after)
             or list(after) != sorted(set(after))
             or not all(0 <= i < n_layers for i in after)
         ):
@@ -105,6 +115,7 @@ class CrossStitch(nnx.Module):
                 f"CrossStitch: stitch_after must be increasing layer indices in [0, {n_layers}) "
                 f"(at least one), got {stitch_after!r}"
             )
+        after = tuple(int(i) for i in after)
         self.layers = nnx.List(
             [
                 StackedLinear(a, b, num_tasks, rngs=rngs)
