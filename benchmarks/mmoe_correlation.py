@@ -63,11 +63,15 @@ def run_cell(
     online: bool,
     checkpoints: int,
     gate_bias: bool = False,
+    eval_on_train: bool = False,
 ) -> dict:
     """Trains ``seeds`` independent runs of one (arch, correlation) cell; returns its curves.
 
     Run ``s`` draws its task vectors, data and initial parameters from seed ``s`` (the same
-    for every arch and correlation: common random numbers)."""
+    for every arch and correlation: common random numbers). ``eval_on_train`` (with a fixed
+    training set) reports the MSE on that training set instead of the held-out one."""
+    if eval_on_train and online:
+        raise ValueError("run_cell: eval_on_train needs a fixed training set (online=False)")
     params, train_sets, val_sets, test_sets = [], [], [], []
     for s in range(seeds):
         k_task, k_train, k_test, k_init = jax.random.split(jax.random.key(s), 4)
@@ -90,7 +94,7 @@ def run_cell(
             key,
             steps=steps,
             batch_size=batch_size,
-            eval_data=test,
+            eval_data=data if eval_on_train else test,
             checkpoints=checkpoints,
         )
         return curve, ms.mse(model, p, val)  # (checkpoints, T), (T,)
@@ -250,6 +254,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="sample minibatches from --num-train fixed examples (default: fresh data each step)",
     )
     ap.add_argument(
+        "--eval",
+        choices=("test", "train"),
+        default="test",
+        help="the split the curves and tables read: held-out (default) or, with --fixed-data, "
+        "the training set",
+    )
+    ap.add_argument(
         "--gate-bias",
         action="store_true",
         help="give the softmax gates a bias (the papers' gates, the default, have none)",
@@ -258,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--checkpoints", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mmoe_correlation.json"))
     args = ap.parse_args(argv)
+    if args.eval == "train" and not args.fixed_data:
+        ap.error("--eval train needs --fixed-data (with fresh data every step there is no set)")
 
     runs = []
     for a in args.archs:
@@ -279,16 +292,19 @@ def main(argv: list[str] | None = None) -> dict:
                     online=not args.fixed_data,
                     checkpoints=args.checkpoints,
                     gate_bias=args.gate_bias,
+                    eval_on_train=args.eval == "train",
                 )
                 runs.append(r)
                 print(
                     f"{a:<15} p={c:<4} lr={lr:<7g} validation MSE {r['validation_mse']:.4f} "
-                    f"test MSE {np.mean(r['final_mse']):.4f} ({r['seconds']:.0f}s)",
+                    f"{args.eval} MSE {np.mean(r['final_mse']):.4f} ({r['seconds']:.0f}s)",
                     flush=True,
                 )
     results, lr_text = select_learning_rates(runs)
     corrs = sorted(args.correlations)
     text = (lr_text + "\n\n") if len(args.learning_rates) > 1 else ""
+    if args.eval == "train":
+        text += "every MSE below is on the fixed training set (--eval train), not held out\n\n"
     text += table(results, args.archs, corrs)
     text += "\n\n" + ratio_table(results, args.archs, corrs)
     text += "\n\n" + spread_table(results, args.archs, corrs)

@@ -86,3 +86,21 @@ def test_main_runs_a_cell_with_the_chosen_optimizer(sweep, tmp_path):
     # SGD at rate 0 leaves the parameters where they started: the curve is flat.
     np.testing.assert_allclose(cell["curve"][0], cell["curve"][1], rtol=1e-6)
     assert (tmp_path / "sweep.json").exists()
+
+
+def test_eval_train_reads_the_fixed_training_set(sweep, tmp_path):
+    import jax
+
+    from mtljax._src.problems import mmoe_synthetic as ms
+
+    args = ["--archs", "shared_bottom", "--correlations", "1.0", "--seeds", "2", "--steps", "2"]
+    args += ["--checkpoints", "1", "--num-test", "16", "--num-train", "32", "--optimizer", "sgd"]
+    args += ["--learning-rates", "0.0", "--out", str(tmp_path / "s.json")]
+    out = sweep.main(args + ["--fixed-data", "--eval", "train"])
+    for s, got in enumerate(out["results"][0]["final_mse"]):
+        k_task, k_train, _, k_init = jax.random.split(jax.random.key(s), 4)
+        train = ms.sample_data(k_train, ms.make_tasks(k_task, 1.0), 32)
+        model, params = ms.build_model("shared_bottom", k_init)
+        np.testing.assert_allclose(got, float(ms.mse(model, params, train).mean()), rtol=1e-5)
+    with pytest.raises(SystemExit):
+        sweep.main(args + ["--eval", "train"])
