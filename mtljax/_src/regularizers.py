@@ -278,6 +278,13 @@ def _membership(assignment: jax.Array, num_tasks: int, num_clusters: int | None)
     )
 
 
+def _cluster_means(a: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sizes (K,), centres (K, P))`` of the tasks ``m (T, P)`` under memberships
+    ``a (T, K)`` (an empty cluster's centre is 0)."""
+    sizes = jnp.sum(a, axis=0)
+    return sizes, (a.T @ m) / jnp.where(sizes > 0, sizes, 1.0)[:, None]
+
+
 def task_clustering(
     w: jax.Array,
     assignment: jax.Array,
@@ -310,9 +317,7 @@ def task_clustering(
     m = _task_matrix(w, task_axis, "task_clustering")
     t = m.shape[0]
     a = _membership(assignment, t, num_clusters).astype(m.dtype)
-    sizes = jnp.sum(a, axis=0)  # (K,)
-    safe = jnp.where(sizes > 0, sizes, 1.0)
-    centers = (a.T @ m) / safe[:, None]  # (K, P)
+    sizes, centers = _cluster_means(a, m)
     mean = jnp.mean(m, axis=0)
     between = jnp.sum(sizes * jnp.sum((centers - mean) ** 2, axis=1))
     d2 = jnp.sum((m[:, None, :] - centers[None]) ** 2, axis=-1)  # (T, K)
@@ -354,28 +359,19 @@ def assign_clusters(
         idx = jnp.zeros((k,), jnp.int32).at[0].set(first)
         idx = jax.lax.fori_loop(1, k, init_step, idx)
 
+        def members(centers):
+            return jax.nn.one_hot(jnp.argmin(sq_dist(centers), axis=1), k, dtype=m.dtype)
+
         def lloyd(_, centers):
-            a = jax.nn.one_hot(jnp.argmin(sq_dist(centers), axis=1), k, dtype=m.dtype)
-            sizes = jnp.sum(a, axis=0)
-            new = (a.T @ m) / jnp.where(sizes > 0, sizes, 1.0)[:, None]
+            sizes, new = _cluster_means(members(centers), m)
             return jnp.where(sizes[:, None] > 0, new, centers)
 
-        d2 = sq_dist(jax.lax.fori_loop(0, iters, lloyd, m[idx]))
-        labels = jnp.argmin(d2, axis=1)
+        a = members(jax.lax.fori_loop(0, iters, lloyd, m[idx]))
         # The within-cluster sum of squares of this partition (about its own means).
-        a = jax.nn.one_hot(labels, k, dtype=m.dtype)
-        sizes = jnp.sum(a, axis=0)
-        means = (a.T @ m) / jnp.where(sizes > 0, sizes, 1.0)[:, None]
-        return labels, jnp.sum((m - a @ means) ** 2)
+        return jnp.argmax(a, axis=1), jnp.sum((m - a @ _cluster_means(a, m)[1]) ** 2)
 
     labels, within = jax.vmap(from_first)(jnp.arange(t, dtype=jnp.int32))
     return labels[jnp.argmin(within)]
-
-
-def _centered_gram(m: jax.Array) -> jax.Array:
-    """``Π W Wᵀ Π`` (``T × T``, ``Π = I − 11ᵀ/T``): the Gram matrix of the centred tasks."""
-    c = m - jnp.mean(m, axis=0)
-    return c @ c.T
 
 
 def _cluster_spectrum(
@@ -429,9 +425,18 @@ def _cluster_spectrum(
     return vecs, lam
 
 
-def _convex_cluster_args(
-    name: str, num_clusters: int, between_weight: float, within_weight: float, t: int
-) -> tuple[float, float, float]:
+def _convex_clusters(
+    name: str,
+    w: jax.Array,
+    num_clusters: int,
+    between_weight: float,
+    within_weight: float,
+    task_axis: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(tasks (T, P) in ≥ float32, V, λ)``: the checked arguments of the convex relaxation and
+    the spectrum of its minimising ``Σ`` (held constant: no gradient flows through it)."""
+    m = _task_matrix(w, task_axis, name)
+    t = m.shape[0]
     r = _index(num_clusters, name, "num_clusters")
     if not 1 <= r <= t:
         raise ValueError(f"{name}: num_clusters must lie in [1, {t}] for {t} tasks, got {r}")
@@ -442,7 +447,10 @@ def _convex_cluster_args(
             f"between_weight={between_weight!r}, within_weight={within_weight!r}"
         )
     lo, hi = 1.0 / ew, 1.0 / eb
-    return lo, hi, (t - r + 1) * lo + (r - 1) * hi
+    m = m.astype(_compute_dtype(m.dtype))
+    centred = jax.lax.stop_gradient(m - jnp.mean(m, axis=0))  # Π W
+    vecs, lam = _cluster_spectrum(centred @ centred.T, lo, hi, (t - r + 1) * lo + (r - 1) * hi)
+    return m, vecs, lam
 
 
 def cluster_covariance(
@@ -463,12 +471,9 @@ def cluster_covariance(
     between-cluster directions and ``α`` elsewhere; its top ``r − 1`` eigenvectors are the
     learned between-cluster subspace. A constant of the weights (no gradient flows through it).
     """
-    m = jax.lax.stop_gradient(_task_matrix(w, task_axis, "cluster_covariance"))
-    lo, hi, total = _convex_cluster_args(
-        "cluster_covariance", num_clusters, between_weight, within_weight, m.shape[0]
+    _, vecs, lam = _convex_clusters(
+        "cluster_covariance", w, num_clusters, between_weight, within_weight, task_axis
     )
-    m = m.astype(_compute_dtype(m.dtype))
-    vecs, lam = _cluster_spectrum(_centered_gram(m), lo, hi, total)
     return (vecs * lam) @ vecs.T
 
 
@@ -495,18 +500,14 @@ def task_clustering_convex(
     ``2 Π Σ*⁻¹ Π W`` (the minimising ``Σ*`` held fixed, by the envelope theorem).
     """
     _nonneg(mean_weight, "task_clustering_convex", "mean_weight")
-    m = _task_matrix(w, task_axis, "task_clustering_convex")
-    t = m.shape[0]
-    lo, hi, total = _convex_cluster_args(
-        "task_clustering_convex", num_clusters, between_weight, within_weight, t
+    m, vecs, lam = _convex_clusters(
+        "task_clustering_convex", w, num_clusters, between_weight, within_weight, task_axis
     )
-    cm = m.astype(_compute_dtype(m.dtype))
-    vecs, lam = _cluster_spectrum(jax.lax.stop_gradient(_centered_gram(cm)), lo, hi, total)
-    inv = jax.lax.stop_gradient((vecs / lam) @ vecs.T)
-    centred = cm - jnp.mean(cm, axis=0)
-    trace_term = jnp.sum(centred * (inv @ centred))
-    mean = jnp.mean(cm, axis=0)
-    return (mean_weight * t * jnp.sum(mean**2) + trace_term).astype(m.dtype)
+    mean = jnp.mean(m, axis=0)
+    centred = m - mean
+    trace_term = jnp.sum(centred * (((vecs / lam) @ vecs.T) @ centred))
+    out = mean_weight * m.shape[0] * jnp.sum(mean**2) + trace_term
+    return out.astype(jnp.asarray(w).dtype)
 
 
 # -- task relationships: matrix-variate normal prior ---------------------------------------------
@@ -536,10 +537,11 @@ def task_relationship_penalty(w: jax.Array, omega: jax.Array, task_axis: int = 0
         scale = max(float(np.abs(known).max()), np.finfo(np.float64).tiny)
         if not np.allclose(known, known.T, rtol=0, atol=1e-5 * scale):
             raise ValueError("task_relationship_penalty: omega must be symmetric")
-        if not np.linalg.eigvalsh(0.5 * (known + known.T)).min() > 0:
+        smallest = np.linalg.eigvalsh(0.5 * (known + known.T)).min()
+        if not smallest > 0:
             raise ValueError(
                 "task_relationship_penalty: omega must be positive definite (its smallest "
-                f"eigenvalue is {np.linalg.eigvalsh(0.5 * (known + known.T)).min():.3g}); "
+                f"eigenvalue is {smallest:.3g}); "
                 "update_task_covariance(w) with its default eps gives an invertible one"
             )
     gram = m @ m.T
