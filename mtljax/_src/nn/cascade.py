@@ -7,12 +7,11 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mtljax._src.nn.constant import Constant
 from mtljax._src.nn.split import PathPrefixes
-from mtljax._src.nn.towers import check_positive
+from mtljax._src.nn.towers import check_positive, int_tuple
 
 Kind = Literal["classification", "regression"]
 
@@ -90,7 +89,7 @@ class Cascade(nnx.Module):
         successive_weight: float = 0.0,
         label_inputs: Literal["all", "previous"] = "all",
     ):
-        outs = tuple(int(o) if isinstance(o, np.integer) else o for o in out_features)
+        outs = int_tuple(out_features)
         if len(outs) < 2 or any(not isinstance(o, int) or o < 1 for o in outs):
             raise ValueError(
                 f"Cascade: out_features must give a positive output size for each of ≥ 2 tasks, "

@@ -6,12 +6,11 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
-from mtljax._src.nn.towers import check_features, check_positive
+from mtljax._src.nn.towers import check_features, check_positive, int_tuple
 
 
 def cross_stitch_init(
@@ -104,10 +103,10 @@ class CrossStitch(nnx.Module):
         if num_tasks < 2:
             raise ValueError("CrossStitch: needs at least 2 tasks to stitch")
         n_layers = len(feats) - 1
-        after = tuple(range(n_layers - 1)) if stitch_after is None else tuple(stitch_after)
+        after = tuple(range(n_layers - 1)) if stitch_after is None else int_tuple(stitch_after)
         if (
             not after
-            or any(isinstance(i, bool) or not isinstance(i, int | np.integer) for i in after)
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in after)
             or list(after) != sorted(set(after))
             or not all(0 <= i < n_layers for i in after)
         ):
@@ -115,7 +114,6 @@ class CrossStitch(nnx.Module):
                 f"CrossStitch: stitch_after must be increasing layer indices in [0, {n_layers}) "
                 f"(at least one), got {stitch_after!r}"
             )
-        after = tuple(int(i) for i in after)
         self.layers = nnx.List(
             [
                 StackedLinear(a, b, num_tasks, rngs=rngs)

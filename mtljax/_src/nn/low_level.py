@@ -6,12 +6,11 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
-from mtljax._src.nn.towers import check_positive
+from mtljax._src.nn.towers import check_positive, int_tuple
 
 
 class LowLevelSupervision(nnx.Module):
@@ -44,7 +43,7 @@ class LowLevelSupervision(nnx.Module):
         check_positive(
             "LowLevelSupervision", in_features=in_features, hidden=hidden, out_features=out_features
         )
-        d = tuple(int(i) if isinstance(i, np.integer) else i for i in depths)
+        d = int_tuple(depths)
         if len(d) < 2 or any(not isinstance(i, int) or i < 1 for i in d):
             raise ValueError(
                 f"LowLevelSupervision: depths must give a positive layer index (1-based) for each "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from mtljax._src.nn.stacked import StackedLinear
@@ -19,6 +21,12 @@ def check_features(owner: str, features: Sequence[int], *, min_len: int = 2) -> 
             f"{tuple(features)}"
         )
     return feats
+
+
+def int_tuple(values: Any) -> tuple:
+    """``values`` as a tuple with NumPy integers turned into Python ints (anything else is
+    kept as it is, for the caller's check to name)."""
+    return tuple(int(v) if isinstance(v, np.integer) else v for v in values)
 
 
 def check_positive(owner: str, **values: int) -> None:
