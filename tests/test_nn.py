@@ -769,11 +769,48 @@ def test_cascade_anchor_checkpointed_beside_the_train_state(tmp_path):
             "stitch_after",
         ),
         (lambda: mnn.Cascade(D, 4, (1, 2), rngs=nnx.Rngs(0)), "softmax would be constant"),
+        # sizes and indices are integers: a float or a bool is refused, never truncated to int
+        (lambda: mnn.MLP((D, 2.5), rngs=nnx.Rngs(0)), "MLP: features .* integer"),
+        (lambda: mnn.MLP((D, True), rngs=nnx.Rngs(0)), "MLP: features .* integer"),
+        (lambda: mnn.StackedMLP((D, 4.0, 1), T, rngs=nnx.Rngs(0)), "StackedMLP: features"),
+        (lambda: mnn.MMoE(D, 4, (8.5,), (1,), T, rngs=nnx.Rngs(0)), "expert_features"),
+        (lambda: mnn.MTAN(2, (3.7, 4), 2, T, rngs=nnx.Rngs(0)), "MTAN: channels"),
+        (lambda: mnn.MTAN(2, (True, 4), 2, T, rngs=nnx.Rngs(0)), "MTAN: channels"),
+        (lambda: mnn.LowLevelSupervision(D, 4, 1, (True, 2), rngs=nnx.Rngs(0)), "depths"),
+        (lambda: mnn.LowLevelSupervision(D, 4, 1, (1.0, 2), rngs=nnx.Rngs(0)), "depths"),
+        (lambda: mnn.Cascade(D, 4, (True, 2), rngs=nnx.Rngs(0)), "out_features .* integer"),
+        (lambda: mnn.MMoE(D, True, (8,), (1,), T, rngs=nnx.Rngs(0)), "num_experts"),
+        (lambda: mnn.MMoE(D, 4, (8,), (1,), 2.0, rngs=nnx.Rngs(0)), "num_tasks"),
     ],
 )
 def test_bad_hyper_parameters_raise(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_numpy_integer_sizes_are_accepted():
+    """Sizes computed with NumPy (``np.int64``) build the same blocks as Python ints."""
+    n = np.int64
+    blocks = [
+        (mnn.MLP((n(D), n(4)), rngs=nnx.Rngs(0)), mnn.MLP((D, 4), rngs=nnx.Rngs(0))),
+        (
+            mnn.MMoE(n(D), n(4), (n(8),), (n(1),), n(T), rngs=nnx.Rngs(0)),
+            mnn.MMoE(D, 4, (8,), (1,), T, rngs=nnx.Rngs(0)),
+        ),
+        (
+            mnn.LowLevelSupervision(D, 4, 1, (n(1), n(2)), rngs=nnx.Rngs(0)),
+            mnn.LowLevelSupervision(D, 4, 1, (1, 2), rngs=nnx.Rngs(0)),
+        ),
+        (
+            mnn.MTAN(2, (n(3), n(4)), 2, T, rngs=nnx.Rngs(0)),
+            mnn.MTAN(2, (3, 4), 2, T, rngs=nnx.Rngs(0)),
+        ),
+    ]
+    for got, want in blocks:
+        g, w = nnx.state(got, nnx.Param), nnx.state(want, nnx.Param)
+        assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(w)
+        for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(w), strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_bad_inputs_raise():

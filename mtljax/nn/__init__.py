@@ -8,6 +8,11 @@ tasks (soft sharing, a cascade's successive regularization) defines ``regularize
 f32[]``, which :func:`from_block` wires as the model's regularizer: added to the multi-task
 method's update, outside the loss vector. A penalty that reads the input (DSelect-k's
 ``entropy_penalty(x)``) is passed to :func:`from_block` as ``regularizer=lambda m, batch: …``.
+
+Sizes, counts and layer indices are integers (Python or NumPy); a float or a bool is refused,
+not truncated. Every block accepts a single task (``T = 1``, the single-task baseline with the
+same architecture) except those whose structure is a relation between tasks: ``CrossStitch``,
+``LowLevelSupervision`` and ``Cascade`` need ``T ≥ 2``.
 """
 
 from mtljax._src.nn.cascade import Cascade

@@ -11,7 +11,7 @@ from flax import nnx
 
 from mtljax._src.nn.constant import Constant
 from mtljax._src.nn.split import PathPrefixes
-from mtljax._src.nn.towers import check_positive, int_tuple
+from mtljax._src.nn.towers import check_positive, int_tuple, is_count
 
 Kind = Literal["classification", "regression"]
 
@@ -90,10 +90,10 @@ class Cascade(nnx.Module):
         label_inputs: Literal["all", "previous"] = "all",
     ):
         outs = int_tuple(out_features)
-        if len(outs) < 2 or any(not isinstance(o, int) or o < 1 for o in outs):
+        if len(outs) < 2 or any(not is_count(o) or o < 1 for o in outs):
             raise ValueError(
-                f"Cascade: out_features must give a positive output size for each of ≥ 2 tasks, "
-                f"got {out_features!r}"
+                "Cascade: out_features must give a positive integer output size for each of ≥ 2 "
+                f"tasks, got {out_features!r}"
             )
         check_positive(
             "Cascade", in_features=in_features, hidden=hidden, label_features=label_features

@@ -10,7 +10,7 @@ from flax import nnx
 
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
-from mtljax._src.nn.towers import check_features, check_positive, int_tuple
+from mtljax._src.nn.towers import check_features, check_positive, int_tuple, is_count
 
 
 def cross_stitch_init(
@@ -106,7 +106,7 @@ class CrossStitch(nnx.Module):
         after = tuple(range(n_layers - 1)) if stitch_after is None else int_tuple(stitch_after)
         if (
             not after
-            or any(isinstance(i, bool) or not isinstance(i, int) for i in after)
+            or any(not is_count(i) for i in after)
             or list(after) != sorted(set(after))
             or not all(0 <= i < n_layers for i in after)
         ):

@@ -10,7 +10,7 @@ from flax import nnx
 
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
-from mtljax._src.nn.towers import check_positive, int_tuple
+from mtljax._src.nn.towers import check_positive, int_tuple, is_count
 
 
 class LowLevelSupervision(nnx.Module):
@@ -44,10 +44,10 @@ class LowLevelSupervision(nnx.Module):
             "LowLevelSupervision", in_features=in_features, hidden=hidden, out_features=out_features
         )
         d = int_tuple(depths)
-        if len(d) < 2 or any(not isinstance(i, int) or i < 1 for i in d):
+        if len(d) < 2 or any(not is_count(i) or i < 1 for i in d):
             raise ValueError(
-                f"LowLevelSupervision: depths must give a positive layer index (1-based) for each "
-                f"of ≥ 2 tasks, got {depths!r}"
+                "LowLevelSupervision: depths must give a positive integer layer index (1-based) "
+                f"for each of ≥ 2 tasks, got {depths!r}"
             )
         n = max(d)
         self.layers = nnx.List(

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 import jax
 from flax import nnx
 
+from mtljax._src.nn.towers import check_features
+
 
 class MLP(nnx.Module):
     """``x -> act(W₁x + b₁) -> … -> W_L(…) + b_L`` (no activation after the last layer unless
@@ -22,11 +24,7 @@ class MLP(nnx.Module):
         activation: Callable[[jax.Array], jax.Array] = nnx.relu,
         final_activation: bool = False,
     ):
-        features = tuple(int(f) for f in features)
-        if len(features) < 2 or min(features) < 1:
-            raise ValueError(
-                f"MLP: features must list ≥ 2 positive sizes (input, …, output), got {features}"
-            )
+        features = check_features("MLP", features)
         self.layers = nnx.List(
             [nnx.Linear(a, b, rngs=rngs) for a, b in zip(features[:-1], features[1:], strict=True)]
         )

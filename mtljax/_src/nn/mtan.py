@@ -11,7 +11,7 @@ from flax import nnx
 
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
-from mtljax._src.nn.towers import check_positive
+from mtljax._src.nn.towers import check_positive, int_tuple, is_count
 
 
 def pool2(x: jax.Array) -> jax.Array:
@@ -88,9 +88,11 @@ class MTAN(nnx.Module):
         rngs: nnx.Rngs,
         share_extractor: bool = True,
     ):
-        chans = tuple(int(c) for c in channels)
-        if not chans or min(chans) < 1:
-            raise ValueError(f"MTAN: channels must list ≥ 1 positive sizes, got {channels!r}")
+        chans = int_tuple(channels)
+        if not chans or not all(is_count(c) and c >= 1 for c in chans):
+            raise ValueError(
+                f"MTAN: channels must list ≥ 1 positive integer sizes, got {channels!r}"
+            )
         check_positive(
             "MTAN", in_channels=in_channels, out_features=out_features, num_tasks=num_tasks
         )

@@ -12,13 +12,20 @@ from flax import nnx
 from mtljax._src.nn.stacked import StackedLinear
 
 
+def is_count(value: Any) -> bool:
+    """Whether ``value`` is an integer (Python or NumPy), not a bool: a size or an index.
+
+    Floats and bools are refused rather than truncated (``int(2.5) == 2``, ``True == 1``)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_features(owner: str, features: Sequence[int], *, min_len: int = 2) -> tuple[int, ...]:
     """Validates a ``(in, hidden…, out)`` size list; returns it as a tuple of ints."""
-    feats = tuple(int(f) for f in features)
-    if len(feats) < min_len or min(feats, default=0) < 1:
+    feats = int_tuple(features)
+    if len(feats) < min_len or not all(is_count(f) and f >= 1 for f in feats):
         raise ValueError(
-            f"{owner}: features must list ≥ {min_len} positive sizes (input, …, output), got "
-            f"{tuple(features)}"
+            f"{owner}: features must list ≥ {min_len} positive integer sizes (input, …, output), "
+            f"got {tuple(features)}"
         )
     return feats
 
@@ -31,7 +38,7 @@ def int_tuple(values: Any) -> tuple:
 
 def check_positive(owner: str, **values: int) -> None:
     for name, v in values.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not is_count(v) or v < 1:
             raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
 
 
