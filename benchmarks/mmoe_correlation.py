@@ -14,6 +14,7 @@ never used for the choice, so no model is judged at a rate that suits another.
     python benchmarks/mmoe_correlation.py                 # 16 seeds × 5000 steps, ~5 min on 2 cores
     python benchmarks/mmoe_correlation.py --learning-rates 1e-4 1e-3 1e-2
     python benchmarks/mmoe_correlation.py --seeds 2 --steps 300 --out /tmp/sweep.json
+    python benchmarks/mmoe_correlation.py --seeds 32 --first-seed 16   # seeds 16…47 only
 
 Prints a table, writes JSON (and a PNG when matplotlib is installed).
 """
@@ -64,16 +65,19 @@ def run_cell(
     checkpoints: int,
     gate_bias: bool = False,
     eval_on_train: bool = False,
+    first_seed: int = 0,
 ) -> dict:
     """Trains ``seeds`` independent runs of one (arch, correlation) cell; returns its curves.
 
-    Run ``s`` draws its task vectors, data and initial parameters from seed ``s`` (the same
-    for every arch and correlation: common random numbers). ``eval_on_train`` (with a fixed
-    training set) reports the MSE on that training set instead of the held-out one."""
+    Run ``s`` (``first_seed ≤ s < first_seed + seeds``) draws its task vectors, data and
+    initial parameters from seed ``s`` (the same for every arch and correlation: common random
+    numbers), so runs split over several calls with ``first_seed`` equal one call's.
+    ``eval_on_train`` (with a fixed training set) reports the MSE on that training set instead
+    of the held-out one."""
     if eval_on_train and online:
         raise ValueError("run_cell: eval_on_train needs a fixed training set (online=False)")
     params, train_sets, val_sets, test_sets = [], [], [], []
-    for s in range(seeds):
+    for s in range(first_seed, first_seed + seeds):
         k_task, k_train, k_test, k_init = jax.random.split(jax.random.key(s), 4)
         tasks = ms.make_tasks(k_task, correlation, sines=sines, num_sines=num_sines)
         train_sets.append(tasks if online else ms.sample_data(k_train, tasks, num_train))
@@ -105,7 +109,7 @@ def run_cell(
         _stack(train_sets),
         _stack(val_sets),
         _stack(test_sets),
-        jax.random.split(jax.random.key(7), seeds),
+        jax.random.split(jax.random.key(7), first_seed + seeds)[first_seed:],
     )
     curves = np.asarray(jax.block_until_ready(curves))  # (seeds, checkpoints, T)
     chunk = steps // checkpoints
@@ -233,6 +237,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS), choices=ms.ARCHS)
     ap.add_argument("--correlations", nargs="+", type=float, default=list(DEFAULT_CORRELATIONS))
     ap.add_argument("--seeds", type=int, default=16)
+    ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="run seeds first-seed … first-seed + seeds − 1 (to split a sweep over calls)",
+    )
     ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--num-train", type=int, default=10_000)
@@ -271,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.eval == "train" and not args.fixed_data:
         ap.error("--eval train needs --fixed-data (with fresh data every step there is no set)")
+    if args.seeds < 1 or args.first_seed < 0:
+        ap.error("--seeds must be ≥ 1 and --first-seed ≥ 0")
 
     runs = []
     for a in args.archs:
@@ -293,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
                     checkpoints=args.checkpoints,
                     gate_bias=args.gate_bias,
                     eval_on_train=args.eval == "train",
+                    first_seed=args.first_seed,
                 )
                 runs.append(r)
                 print(

@@ -104,3 +104,26 @@ def test_eval_train_reads_the_fixed_training_set(sweep, tmp_path):
         np.testing.assert_allclose(got, float(ms.mse(model, params, train).mean()), rtol=1e-5)
     with pytest.raises(SystemExit):
         sweep.main(args + ["--eval", "train"])
+
+
+def test_first_seed_splits_a_sweep_into_calls(sweep):
+    """Seeds 1, 2 run on their own give the same runs as within seeds 0, 1, 2 (same tasks,
+    data, initialisation and minibatch keys), so a long sweep can be split over calls."""
+    kw = dict(
+        steps=4,
+        batch_size=8,
+        num_train=32,
+        num_test=16,
+        learning_rate=1e-2,
+        optimizer="adam",
+        method="ew",
+        sines="range",
+        num_sines=5,
+        online=True,
+        checkpoints=2,
+    )
+    whole = sweep.run_cell("mmoe", 0.5, 3, **kw)
+    tail = sweep.run_cell("mmoe", 0.5, 2, first_seed=1, **kw)
+    head = sweep.run_cell("mmoe", 0.5, 2, **kw)
+    np.testing.assert_allclose(tail["final_mse"], whole["final_mse"][1:], rtol=1e-5)
+    assert not np.allclose(tail["final_mse"], head["final_mse"], rtol=1e-3)
