@@ -11,7 +11,7 @@ from flax import nnx
 
 from mtljax._src.nn.constant import Constant
 from mtljax._src.nn.split import PathPrefixes
-from mtljax._src.nn.towers import check_positive, int_tuple, is_count
+from mtljax._src.nn.towers import check_positive, count_tuple
 
 Kind = Literal["classification", "regression"]
 
@@ -89,8 +89,8 @@ class Cascade(nnx.Module):
         successive_weight: float = 0.0,
         label_inputs: Literal["all", "previous"] = "all",
     ):
-        outs = int_tuple(out_features)
-        if len(outs) < 2 or any(not is_count(o) or o < 1 for o in outs):
+        outs = count_tuple(out_features, min_len=2)
+        if outs is None:
             raise ValueError(
                 "Cascade: out_features must give a positive integer output size for each of ≥ 2 "
                 f"tasks, got {out_features!r}"

@@ -10,7 +10,7 @@ from flax import nnx
 
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
-from mtljax._src.nn.towers import check_positive, int_tuple, is_count
+from mtljax._src.nn.towers import check_positive, count_tuple
 
 
 class LowLevelSupervision(nnx.Module):
@@ -43,8 +43,8 @@ class LowLevelSupervision(nnx.Module):
         check_positive(
             "LowLevelSupervision", in_features=in_features, hidden=hidden, out_features=out_features
         )
-        d = int_tuple(depths)
-        if len(d) < 2 or any(not is_count(i) or i < 1 for i in d):
+        d = count_tuple(depths, min_len=2)
+        if d is None:
             raise ValueError(
                 "LowLevelSupervision: depths must give a positive integer layer index (1-based) "
                 f"for each of ≥ 2 tasks, got {depths!r}"

@@ -11,7 +11,7 @@ from flax import nnx
 
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
-from mtljax._src.nn.towers import check_positive, int_tuple, is_count
+from mtljax._src.nn.towers import check_positive, count_tuple
 
 
 def pool2(x: jax.Array) -> jax.Array:
@@ -88,8 +88,8 @@ class MTAN(nnx.Module):
         rngs: nnx.Rngs,
         share_extractor: bool = True,
     ):
-        chans = int_tuple(channels)
-        if not chans or not all(is_count(c) and c >= 1 for c in chans):
+        chans = count_tuple(channels, min_len=1)
+        if chans is None:
             raise ValueError(
                 f"MTAN: channels must list ≥ 1 positive integer sizes, got {channels!r}"
             )

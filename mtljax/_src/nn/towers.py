@@ -19,10 +19,17 @@ def is_count(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def count_tuple(values: Any, *, min_len: int) -> tuple[int, ...] | None:
+    """``values`` as a tuple of Python ints when it lists at least ``min_len`` positive integers
+    (NumPy ones included), else ``None``, for the caller to raise with its own message."""
+    out = int_tuple(values)
+    return out if len(out) >= min_len and all(is_count(v) and v >= 1 for v in out) else None
+
+
 def check_features(owner: str, features: Sequence[int], *, min_len: int = 2) -> tuple[int, ...]:
     """Validates a ``(in, hidden…, out)`` size list; returns it as a tuple of ints."""
-    feats = int_tuple(features)
-    if len(feats) < min_len or not all(is_count(f) and f >= 1 for f in feats):
+    feats = count_tuple(features, min_len=min_len)
+    if feats is None:
         raise ValueError(
             f"{owner}: features must list ≥ {min_len} positive integer sizes (input, …, output), "
             f"got {tuple(features)}"
