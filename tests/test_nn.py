@@ -781,6 +781,9 @@ def test_cascade_anchor_checkpointed_beside_the_train_state(tmp_path):
         (lambda: mnn.Cascade(D, 4, (True, 2), rngs=nnx.Rngs(0)), "out_features .* integer"),
         (lambda: mnn.MMoE(D, True, (8,), (1,), T, rngs=nnx.Rngs(0)), "num_experts"),
         (lambda: mnn.MMoE(D, 4, (8,), (1,), 2.0, rngs=nnx.Rngs(0)), "num_tasks"),
+        (lambda: mnn.StackedLinear(True, 2, T, rngs=nnx.Rngs(0)), "StackedLinear: in_features"),
+        (lambda: mnn.StackedLinear(D, 2.0, T, rngs=nnx.Rngs(0)), "StackedLinear: out_features"),
+        (lambda: mnn.StackedLinear(D, 2, 0, rngs=nnx.Rngs(0)), "StackedLinear: num_tasks"),
     ],
 )
 def test_bad_hyper_parameters_raise(build, match):
@@ -804,6 +807,10 @@ def test_numpy_integer_sizes_are_accepted():
         (
             mnn.MTAN(2, (n(3), n(4)), 2, T, rngs=nnx.Rngs(0)),
             mnn.MTAN(2, (3, 4), 2, T, rngs=nnx.Rngs(0)),
+        ),
+        (
+            mnn.StackedLinear(n(D), n(2), n(T), rngs=nnx.Rngs(0)),
+            mnn.StackedLinear(D, 2, T, rngs=nnx.Rngs(0)),
         ),
     ]
     for got, want in blocks:

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtljax._src.nn.checks import check_positive, count_tuple
 from mtljax._src.nn.constant import Constant
 from mtljax._src.nn.split import PathPrefixes
-from mtljax._src.nn.towers import check_positive, count_tuple
 
 Kind = Literal["classification", "regression"]
 

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtljax._src.nn.checks import check_positive
 from mtljax._src.nn.mmoe import check_input, expert_bank
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
-from mtljax._src.nn.towers import StackedMLP, check_positive
+from mtljax._src.nn.towers import StackedMLP
 
 
 def smooth_step(t: jax.Array, gamma: float) -> jax.Array:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import jax
 from flax import nnx
 
-from mtljax._src.nn.towers import check_features
+from mtljax._src.nn.checks import check_features
 
 
 class MLP(nnx.Module):

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtljax._src.nn.checks import check_features, check_positive
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
-from mtljax._src.nn.towers import StackedMLP, check_features, check_positive
+from mtljax._src.nn.towers import StackedMLP
 
 
 def check_input(owner: str, x: jax.Array, in_features: int) -> None:

@@ -8,8 +8,9 @@ from typing import Any, Literal
 import jax
 from flax import nnx
 
+from mtljax._src.nn.checks import check_positive
 from mtljax._src.nn.split import PathPrefixes
-from mtljax._src.nn.towers import StackedMLP, check_positive
+from mtljax._src.nn.towers import StackedMLP
 from mtljax._src.regularizers import mean_regularized
 
 PenaltyKind = Literal["mean", "pairwise"]

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtljax._src.nn.checks import check_positive
+
 
 class StackedLinear(nnx.Module):
     """``T`` linear heads in one kernel ``(T, in, out)`` and bias ``(T, out)`` (none with
@@ -25,11 +27,13 @@ class StackedLinear(nnx.Module):
         rngs: nnx.Rngs,
         use_bias: bool = True,
     ):
-        if min(in_features, out_features, num_tasks) < 1:
-            raise ValueError(
-                "StackedLinear: in_features, out_features and num_tasks must be positive, got "
-                f"{(in_features, out_features, num_tasks)}"
-            )
+        check_positive(
+            "StackedLinear",
+            in_features=in_features,
+            out_features=out_features,
+            num_tasks=num_tasks,
+        )
+        in_features, out_features, num_tasks = int(in_features), int(out_features), int(num_tasks)
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(
             jax.vmap(lambda k: init(k, (in_features, out_features)))(
