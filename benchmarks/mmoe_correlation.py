@@ -66,6 +66,8 @@ def run_cell(
     gate_bias: bool = False,
     eval_on_train: bool = False,
     first_seed: int = 0,
+    scale: float = 1.0,
+    alpha_scale: float = 1.0,
 ) -> dict:
     """Trains ``seeds`` independent runs of one (arch, correlation) cell; returns its curves.
 
@@ -79,7 +81,14 @@ def run_cell(
     params, train_sets, val_sets, test_sets = [], [], [], []
     for s in range(first_seed, first_seed + seeds):
         k_task, k_train, k_test, k_init = jax.random.split(jax.random.key(s), 4)
-        tasks = ms.make_tasks(k_task, correlation, sines=sines, num_sines=num_sines)
+        tasks = ms.make_tasks(
+            k_task,
+            correlation,
+            sines=sines,
+            num_sines=num_sines,
+            scale=scale,
+            alpha_scale=alpha_scale,
+        )
         train_sets.append(tasks if online else ms.sample_data(k_train, tasks, num_train))
         val_sets.append(ms.sample_data(jax.random.fold_in(k_test, 1), tasks, num_test))
         test_sets.append(ms.sample_data(k_test, tasks, num_test))
@@ -258,6 +267,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
     ap.add_argument("--sines", choices=("range", "normal"), default="range")
     ap.add_argument("--num-sines", type=int, default=5)
+    ap.add_argument("--scale", type=float, default=1.0, help="the tasks' scale c (|wₖ| = c)")
+    ap.add_argument(
+        "--alpha-scale",
+        type=float,
+        default=1.0,
+        help="with --sines normal, α ~ N(0, alpha_scale²)",
+    )
     ap.add_argument(
         "--fixed-data",
         action="store_true",
@@ -306,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
                     gate_bias=args.gate_bias,
                     eval_on_train=args.eval == "train",
                     first_seed=args.first_seed,
+                    scale=args.scale,
+                    alpha_scale=args.alpha_scale,
                 )
                 runs.append(r)
                 print(

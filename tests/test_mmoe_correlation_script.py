@@ -88,7 +88,20 @@ def test_main_runs_a_cell_with_the_chosen_optimizer(sweep, tmp_path):
     assert (tmp_path / "sweep.json").exists()
 
 
-def test_eval_train_reads_the_fixed_training_set(sweep, tmp_path):
+@pytest.mark.parametrize(
+    "task_args, task_kwargs",
+    [
+        ([], {}),
+        (["--scale", "2.5"], {"scale": 2.5}),
+        (
+            ["--sines", "normal", "--alpha-scale", "3", "--num-sines", "4"],
+            {"sines": "normal", "alpha_scale": 3.0, "num_sines": 4},
+        ),
+    ],
+)
+def test_eval_train_reads_the_fixed_training_set(sweep, tmp_path, task_args, task_kwargs):
+    """The training MSE at rate 0 is the initial model's on the training set drawn from the
+    tasks the flags describe (the scale c and the sines included)."""
     import jax
 
     from mtljax._src.problems import mmoe_synthetic as ms
@@ -96,10 +109,10 @@ def test_eval_train_reads_the_fixed_training_set(sweep, tmp_path):
     args = ["--archs", "shared_bottom", "--correlations", "1.0", "--seeds", "2", "--steps", "2"]
     args += ["--checkpoints", "1", "--num-test", "16", "--num-train", "32", "--optimizer", "sgd"]
     args += ["--learning-rates", "0.0", "--out", str(tmp_path / "s.json")]
-    out = sweep.main(args + ["--fixed-data", "--eval", "train"])
+    out = sweep.main(args + task_args + ["--fixed-data", "--eval", "train"])
     for s, got in enumerate(out["results"][0]["final_mse"]):
         k_task, k_train, _, k_init = jax.random.split(jax.random.key(s), 4)
-        train = ms.sample_data(k_train, ms.make_tasks(k_task, 1.0), 32)
+        train = ms.sample_data(k_train, ms.make_tasks(k_task, 1.0, **task_kwargs), 32)
         model, params = ms.build_model("shared_bottom", k_init)
         np.testing.assert_allclose(got, float(ms.mse(model, params, train).mean()), rtol=1e-5)
     with pytest.raises(SystemExit):
