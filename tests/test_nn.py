@@ -820,6 +820,35 @@ def test_numpy_integer_sizes_are_accepted():
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize(
+    "block, name",
+    [
+        (lambda: mnn.MLP((D, 4), rngs=nnx.Rngs(0)), "MLP"),
+        (lambda: mnn.StackedLinear(D, 2, T, rngs=nnx.Rngs(0)), "StackedLinear"),
+        (
+            lambda: mnn.HardSharing(
+                mnn.MLP((D, 4), rngs=nnx.Rngs(0)), mnn.StackedLinear(4, 1, T, rngs=nnx.Rngs(0))
+            ),
+            "MLP",
+        ),
+        (lambda: mnn.StackedMLP((D, 4, 1), T, rngs=nnx.Rngs(0)), "StackedMLP"),
+        (lambda: mnn.SoftSharing((D, 4, 1), T, rngs=nnx.Rngs(0)), "StackedMLP"),
+        (lambda: mnn.CrossStitch((D, 4, 1), T, rngs=nnx.Rngs(0)), "CrossStitch"),
+        (lambda: mnn.MMoE(D, 4, (8,), (1,), T, rngs=nnx.Rngs(0)), "MMoE"),
+        (lambda: mnn.CGC(D, (8,), 2, 1, (1,), T, rngs=nnx.Rngs(0)), "CGC"),
+        (lambda: mnn.PLE(D, (8,), 2, 1, (1,), T, rngs=nnx.Rngs(0), num_levels=2), "PLE"),
+        (lambda: mnn.DSelectK(D, 4, (8,), (1,), T, k=2, rngs=nnx.Rngs(0)), "DSelectK"),
+        (lambda: mnn.LowLevelSupervision(D, 4, 1, (1, 2), rngs=nnx.Rngs(0)), "LowLevelSupervision"),
+        (lambda: mnn.Cascade(D, 4, (2, 2), rngs=nnx.Rngs(0)), "Cascade"),
+    ],
+)
+def test_wrong_input_width_names_the_block(block, name):
+    """An input with the wrong number of features raises a ValueError naming the block and
+    the expected width, not an error from deep inside a matmul."""
+    with pytest.raises(ValueError, match=rf"{name}: expected .*{D}"):
+        block()(jnp.zeros((3, D + 1)))
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="MMoE"):
         mnn.MMoE(D, 4, (8,), (1,), T, rngs=nnx.Rngs(0))(jnp.zeros((2, D + 1)))

@@ -30,12 +30,18 @@ class MLP(nnx.Module):
         )
         self.activation = activation
         self.final_activation = final_activation
+        self.in_features = features[0]
 
     @property
     def last_layer_path(self) -> str:
         return f"layers/{len(self.layers) - 1}"
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"MLP: expected inputs with {self.in_features} features in the last axis, "
+                f"got shape {x.shape}"
+            )
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
             x = layer(x)

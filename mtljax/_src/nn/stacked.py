@@ -42,8 +42,14 @@ class StackedLinear(nnx.Module):
         )
         self.bias = nnx.Param(jnp.zeros((num_tasks, out_features))) if use_bias else None
         self.num_tasks = num_tasks
+        self.in_features = in_features
 
     def __call__(self, x: jax.Array, *, per_task: bool = False) -> jax.Array:
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"StackedLinear: expected inputs with {self.in_features} features in the last "
+                f"axis, got shape {x.shape}"
+            )
         kernel = self.kernel[...]
         if per_task:
             if x.shape[0] != self.num_tasks:
