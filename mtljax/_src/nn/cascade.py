@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtljax._src.nn.checks import check_positive, count_tuple
+from mtljax._src.nn.checks import check_positive, check_width, count_tuple
 from mtljax._src.nn.constant import Constant
 from mtljax._src.nn.split import PathPrefixes
 
@@ -171,8 +171,7 @@ class Cascade(nnx.Module):
         return f"heads/{self.num_tasks - 2}"
 
     def __call__(self, x: jax.Array) -> list[jax.Array]:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"Cascade: expected {self.in_features} input features, got {x.shape}")
+        check_width("Cascade", x, self.in_features)
         e = self.activation(self.embedding(x)) if self.embedding is not None else x
         preds, labels = [], []
         h = None

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from jax import Array
 
 
 def is_count(value: Any) -> bool:
@@ -47,3 +48,12 @@ def check_positive(owner: str, **values: int) -> None:
     for name, v in values.items():
         if not is_count(v) or v < 1:
             raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
+
+
+def check_width(owner: str, x: Array, in_features: int) -> None:
+    """Refuses an input whose last axis is not ``in_features`` wide, naming ``owner``."""
+    if x.ndim < 1 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"{owner}: expected inputs with {in_features} features in the last axis, got shape "
+            f"{x.shape}"
+        )

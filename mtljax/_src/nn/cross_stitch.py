@@ -8,7 +8,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtljax._src.nn.checks import check_features, check_positive, int_tuple, is_count
+from mtljax._src.nn.checks import (
+    check_features,
+    check_positive,
+    check_width,
+    int_tuple,
+    is_count,
+)
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
 
@@ -165,10 +171,7 @@ class CrossStitch(nnx.Module):
 
     def encode(self, x: jax.Array) -> jax.Array:
         """The column activations ``(T, batch, f)`` entering the last stitch unit (shared part)."""
-        if x.shape[-1] != self.features[0]:
-            raise ValueError(
-                f"CrossStitch: expected {self.features[0]} input features, got {x.shape}"
-            )
+        check_width("CrossStitch", x, self.features[0])
         return self._run(x, 0, self.stitch_after[-1] + 1, stitch_last=False)
 
     def predict(self, z: jax.Array) -> jax.Array:

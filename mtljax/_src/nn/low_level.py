@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtljax._src.nn.checks import check_positive, count_tuple
+from mtljax._src.nn.checks import check_positive, check_width, count_tuple
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
 
@@ -83,10 +83,7 @@ class LowLevelSupervision(nnx.Module):
 
     def encode(self, x: jax.Array) -> jax.Array:
         """Hidden states ``(S, batch, hidden)`` of the ``S`` shared layers."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"LowLevelSupervision: expected {self.in_features} input features, got {x.shape}"
-            )
+        check_width("LowLevelSupervision", x, self.in_features)
         return jnp.stack(self._run(x, 0, len(self.shared_paths)))
 
     def predict(self, hs: jax.Array) -> jax.Array:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import jax
 from flax import nnx
 
-from mtljax._src.nn.checks import check_features
+from mtljax._src.nn.checks import check_features, check_width
 
 
 class MLP(nnx.Module):
@@ -37,11 +37,7 @@ class MLP(nnx.Module):
         return f"layers/{len(self.layers) - 1}"
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if x.ndim < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"MLP: expected inputs with {self.in_features} features in the last axis, "
-                f"got shape {x.shape}"
-            )
+        check_width("MLP", x, self.in_features)
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
             x = layer(x)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtljax._src.nn.checks import check_positive
+from mtljax._src.nn.checks import check_positive, check_width
 
 
 class StackedLinear(nnx.Module):
@@ -45,11 +45,7 @@ class StackedLinear(nnx.Module):
         self.in_features = in_features
 
     def __call__(self, x: jax.Array, *, per_task: bool = False) -> jax.Array:
-        if x.ndim < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"StackedLinear: expected inputs with {self.in_features} features in the last "
-                f"axis, got shape {x.shape}"
-            )
+        check_width("StackedLinear", x, self.in_features)
         kernel = self.kernel[...]
         if per_task:
             if x.shape[0] != self.num_tasks:

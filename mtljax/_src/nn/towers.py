@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import jax
 from flax import nnx
 
-from mtljax._src.nn.checks import check_features, check_positive
+from mtljax._src.nn.checks import check_features, check_positive, check_width
 from mtljax._src.nn.stacked import StackedLinear
 
 
@@ -45,11 +45,7 @@ class StackedMLP(nnx.Module):
         self.final_activation = final_activation
 
     def __call__(self, x: jax.Array, *, per_task: bool = False) -> jax.Array:
-        if x.shape[-1] != self.features[0]:
-            raise ValueError(
-                f"StackedMLP: expected inputs with {self.features[0]} features in the last axis, "
-                f"got shape {x.shape}"
-            )
+        check_width("StackedMLP", x, self.features[0])
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
             x = layer(x, per_task=per_task or i > 0)
