@@ -5,7 +5,7 @@ Trains shared-bottom, OMoE and MMoE on ``mmoe_synthetic`` at task correlations
 reports the held-out MSE averaged over tasks and seeds, at the end and along training, and the
 spread of the runs' final MSE (the paper's Figure 5 reads trainability from that spread). The
 published behaviour: the shared-bottom model degrades as the correlation falls; MMoE much less
-(README: what this sweep finds).
+(``benchmarks/README.md``: what this sweep finds).
 
 With several ``--learning-rates`` each (arch, correlation) cell is trained at every rate and
 reports the one with the lowest final validation MSE (averaged over seeds); the test split is
@@ -140,12 +140,12 @@ def run_cell(
 
 
 def _final_mse_by_cell(results: list[dict]) -> dict[tuple[str, float], np.ndarray]:
-    """``(arch, correlation) -> final held-out MSE per seed``."""
+    """``(arch, correlation) -> final MSE per seed``."""
     return {(r["arch"], r["correlation"]): np.asarray(r["final_mse"]) for r in results}
 
 
 def table(results: list[dict], archs, correlations) -> str:
-    """Mean ± standard error of the final held-out MSE, and its ratio to correlation 1.0."""
+    """Mean ± standard error of the final MSE, and its ratio to correlation 1.0."""
     by = _final_mse_by_cell(results)
     head = f"{'arch':<15}" + "".join(f"{'p=' + str(c):>18}" for c in correlations)
     lines = [head + f"{'MSE(p=min)/MSE(p=max)':>24}", "-" * (15 + 18 * len(correlations) + 24)]
@@ -176,13 +176,13 @@ def ratio_table(results: list[dict], archs, correlations) -> str:
     return "\n".join(lines)
 
 
-def spread_table(results: list[dict], archs, correlations) -> str:
-    """Quantiles of the runs' final held-out MSE per cell: a model that some runs fail to
+def spread_table(results: list[dict], archs, correlations, split: str = "held-out") -> str:
+    """Quantiles of the runs' final MSE (on ``split``) per cell: a model that some runs fail to
     train shows it in the upper quantiles before the mean (Ma et al., Figure 5)."""
     by = _final_mse_by_cell(results)
     qs = (0.1, 0.25, 0.5, 0.75, 0.9)
     lines = [
-        "final held-out MSE across runs (quantiles)",
+        f"final {split} MSE across runs (quantiles)",
         f"{'arch':<15}{'p':>6}" + "".join(f"{f'q{int(100 * q)}':>9}" for q in qs) + f"{'max':>9}",
     ]
     for a in archs:
@@ -217,7 +217,7 @@ def select_learning_rates(runs: list[dict]) -> tuple[list[dict], str]:
     return chosen, "\n".join(lines)
 
 
-def plot(results: list[dict], archs, correlations, path: Path) -> bool:
+def plot(results: list[dict], archs, correlations, path: Path, split: str = "held-out") -> bool:
     try:
         import matplotlib
 
@@ -233,7 +233,7 @@ def plot(results: list[dict], archs, correlations, path: Path) -> bool:
         ax.set_title(a)
         ax.set_xlabel("training step")
         ax.set_yscale("log")
-    np.atleast_1d(axes)[0].set_ylabel("held-out MSE (mean over tasks, seeds)")
+    np.atleast_1d(axes)[0].set_ylabel(f"{split} MSE (mean over tasks, seeds)")
     np.atleast_1d(axes)[-1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
         text += "every MSE below is on the fixed training set (--eval train), not held out\n\n"
     text += table(results, args.archs, corrs)
     text += "\n\n" + ratio_table(results, args.archs, corrs)
-    text += "\n\n" + spread_table(results, args.archs, corrs)
+    split = "training-set" if args.eval == "train" else "held-out"
+    text += "\n\n" + spread_table(results, args.archs, corrs, split)
     print()
     print(text)
     out = {
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     png = args.out.with_suffix(".png")
-    if plot(results, args.archs, sorted(args.correlations), png):
+    if plot(results, args.archs, corrs, png, split):
         print(f"wrote {args.out} and {png}")
     else:
         print(f"wrote {args.out} (matplotlib not installed: no plot)")
