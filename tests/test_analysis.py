@@ -1,6 +1,7 @@
 """Task relations: conflict statistics and inter-task affinity against direct per-pair loops."""
 
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -206,3 +207,34 @@ def test_negative_transfer_flags():
     assert out["acc"]["relative_change"] == pytest.approx((0.9 - 0.8) / 0.9 * 100)
     assert not out["err"]["hurts"] and out["err"]["relative_change"] == pytest.approx(-50.0)
     assert not out["acc2"]["hurts"] and not out["acc2"]["significant"]  # one seed: no s.e.
+    assert all(v["finite"] for v in out.values())
+
+
+def test_negative_transfer_refuses_mismatched_tasks_and_shows_diverged_seeds():
+    with pytest.raises(ValueError, match=r"mtl .*missing \['b'\], unexpected \['typo'\]"):
+        analysis.negative_transfer(
+            {"a": [1.0], "typo": [1.0]}, {"a": [1.0], "b": [1.0]}, {"a": True, "b": True}
+        )
+    with pytest.raises(ValueError, match=r"single_task .*missing \['b'\]"):
+        analysis.negative_transfer({"a": [1.0], "b": [1.0]}, {"a": [1.0]}, {"a": True, "b": True})
+    with pytest.raises(ValueError, match="must be bools"):
+        analysis.negative_transfer({"a": [1.0]}, {"a": [1.0]}, {"a": "False"})
+    # Two of three seeds diverged: no verdict is drawn from the one that did not.
+    out = analysis.negative_transfer(
+        {"a": [0.5, float("nan"), float("nan")]}, {"a": [0.9, 0.91, 0.92]}, {"a": True}
+    )["a"]
+    assert not out["finite"] and math.isnan(out["mtl"])
+    assert not out["hurts"] and not out["significant"]
+    # A negative metric keeps the sign convention (positive = worse).
+    out = analysis.negative_transfer({"a": [-0.75]}, {"a": [-0.5]}, {"a": True})["a"]
+    assert out["relative_change"] == pytest.approx(50.0) and out["hurts"]
+
+
+def test_conflict_stats_show_non_finite_gradients():
+    g = np.array([[1.0, 0.0], [np.nan, 1.0], [-1.0, 0.5]])
+    gram = jnp.asarray(g @ g.T, jnp.float32)
+    stats = analysis.conflict_stats(gram)
+    cos = np.asarray(stats["cosines"])
+    assert np.isnan(cos[1]).all() and np.isnan(cos[:, 1]).all()
+    assert cos[0, 2] < 0 and np.isfinite(cos[0, 2])  # the finite pair is still read
+    assert np.isnan(float(stats["conflict_fraction"])) and np.isnan(float(stats["mean_cosine"]))

@@ -1,5 +1,6 @@
 """The benchmark engine: Δm%, model selection on validation only, the report and the CLI."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -38,10 +39,31 @@ def test_delta_m_hand_computed_cases():
         bench.delta_m([1.0, 2.0], [1.0], [True])
 
 
+def test_delta_m_refuses_ambiguous_input_and_keeps_its_sign_for_negative_metrics():
+    with pytest.raises(ValueError, match="must be bools"):
+        bench.delta_m([0.9], [0.8], ["False"])  # a string would read as True
+    with pytest.raises(ValueError, match="must be bools"):
+        bench.delta_m({"a": 0.9}, {"a": 0.8}, {"a": 1})
+    with pytest.raises(ValueError, match="named twice"):
+        bench.delta_m(
+            {"a": 1.0, "b": 2.0}, {"a": 1.0, "b": 1.0}, {"a": True, "b": True}, ["a", "a", "b"]
+        )
+    with pytest.raises(ValueError, match=r"no metric, baseline or direction for \['c'\]"):
+        bench.delta_m({"a": 1.0}, {"a": 1.0}, {"a": True}, ["a", "c"])
+    # A negative metric, higher is better: −0.25 against −0.5 is an improvement of 50%.
+    assert bench.delta_m([-0.25], [-0.5], [True]) == pytest.approx(-50.0)
+    assert bench.delta_m([-0.75], [-0.5], [True]) == pytest.approx(50.0)
+
+
 def test_mean_and_standard_error():
-    s = bench.mean_se([1.0, 2.0, 3.0, float("nan")])
+    s = bench.mean_se([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0 and s["se"] == pytest.approx(1.0 / math.sqrt(3))
+    assert s["nonfinite"] == 0
     assert math.isnan(bench.mean_se([4.0])["se"])
+    # A diverged seed is not averaged away: the mean is NaN and the seed is counted.
+    s = bench.mean_se([1.0, float("nan"), 3.0])
+    assert math.isnan(s["mean"]) and math.isnan(s["se"]) and s["nonfinite"] == 1
+    assert math.isnan(s["values"][1]) and len(s["values"]) == 3
 
 
 def test_single_task_baseline_trains_one_task_alone():
@@ -167,6 +189,17 @@ def test_report_structure_leaderboard_and_json(counted, tmp_path):
     )
     cos = loaded["problems"]["multidigits"]["methods"]["ew"]["conflicts"]["mean_cosine"]
     assert np.asarray(cos).shape == (4, 4)
+
+
+def test_leaderboard_shows_non_finite_seeds(counted):
+    _, section, _ = counted
+    section = copy.deepcopy(section)
+    ew = section["methods"]["ew"]
+    ew["test"]["left"] = bench.mean_se([0.9, float("nan")])
+    text = bench.problem_table(section)
+    line = next(x for x in text.splitlines() if x.startswith("non-finite test metrics"))
+    assert "ew (left in 1 of 2 seeds)" in line
+    assert "non-finite" not in bench.problem_table(counted[1])
 
 
 def test_cli_bench_prints_the_leaderboard_and_writes_json_and_plots(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -58,10 +58,12 @@ def conflict_stats(gram: jax.Array) -> dict[str, jax.Array]:
 
     Returns (jittable):
 
-    * ``cosines``: ``cos(gᵢ, gⱼ) = Gᵢⱼ / √(Gᵢᵢ Gⱼⱼ)`` (0 where a gradient is zero);
+    * ``cosines``: ``cos(gᵢ, gⱼ) = Gᵢⱼ / √(Gᵢᵢ Gⱼⱼ)`` (0 where a gradient is zero, NaN where
+      one is not finite);
     * ``grad_norms``: ``‖gᵢ‖ = √Gᵢᵢ``;
     * ``conflicting``: ``cos(gᵢ, gⱼ) < 0`` (boolean, False on the diagonal);
-    * ``conflict_fraction``: the fraction of the ``T(T−1)/2`` pairs that conflict;
+    * ``conflict_fraction``: the fraction of the ``T(T−1)/2`` pairs that conflict (NaN when a
+      cosine is);
     * ``magnitude_similarity``: ``Φᵢⱼ`` (see :func:`magnitude_similarity`);
     * ``mean_cosine``: the mean of the off-diagonal cosines.
     """
@@ -77,7 +79,9 @@ def conflict_stats(gram: jax.Array) -> dict[str, jax.Array]:
         "cosines": cos,
         "grad_norms": norms,
         "conflicting": conflicting,
-        "conflict_fraction": jnp.sum(jnp.triu(conflicting, 1)) / pairs,
+        "conflict_fraction": jnp.where(
+            jnp.all(jnp.isfinite(cos)), jnp.sum(jnp.triu(conflicting, 1)) / pairs, jnp.nan
+        ),
         "magnitude_similarity": magnitude_similarity(norms),
         "mean_cosine": _off_diagonal_mean(cos),
     }
@@ -420,10 +424,19 @@ def suggest_groups(
 # Negative transfer
 
 
+def check_directions(owner: str, higher_is_better: Iterable[Any]) -> None:
+    """Every ``higher_is_better`` entry must be a bool (``"False"`` or ``0.5`` would otherwise
+    be read by truthiness)."""
+    bad = [h for h in higher_is_better if not isinstance(h, bool | np.bool_)]
+    if bad:
+        raise ValueError(f"{owner}: higher_is_better entries must be bools, got {bad!r}")
+
+
 def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error ``s/√n`` over seeds; NaN when any seed's value is not finite
+    (a diverged seed is not averaged away), and ``se`` NaN for a single seed."""
     v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
+    if v.size == 0 or not np.all(np.isfinite(v)):
         return float("nan"), float("nan")
     se = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
     return float(v.mean()), se
@@ -441,20 +454,29 @@ def negative_transfer(
       single_task: ``{task: metric}`` of each task's single-task model (idem).
       higher_is_better: ``{task: bool}``.
 
-    Returns ``{task: {...}}`` with ``mtl`` and ``single_task`` (means over seeds), their standard
-    errors, ``relative_change`` ``= (−1)^{h}(M_mtl − M_st)/M_st × 100`` (positive = worse, the
-    sign convention of Δm%), ``hurts`` (the mean is worse than the baseline) and
-    ``significant`` (worse by more than twice the combined standard error, when both have
-    several seeds).
+    Returns ``{task: {...}}`` with ``mtl`` and ``single_task`` (means over seeds; NaN when a
+    seed's value is not finite), their standard errors, ``relative_change``
+    ``= (−1)^{h}(M_mtl − M_st)/|M_st| × 100`` (positive = worse, the sign convention of Δm%),
+    ``hurts`` (the mean is worse than the baseline), ``significant`` (worse by more than twice
+    the combined standard error, when both have several seeds) and ``finite`` (every seed's
+    value of both is finite; otherwise ``hurts`` and ``significant`` are False and say nothing).
+    The three mappings must name the same tasks.
     """
+    check_directions("negative_transfer", higher_is_better.values())
+    tasks = set(higher_is_better)
+    for what, given in (("mtl", mtl), ("single_task", single_task)):
+        if set(given) != tasks:
+            missing, extra = sorted(tasks - set(given)), sorted(set(given) - tasks)
+            raise ValueError(
+                f"negative_transfer: {what} must have one entry per task of higher_is_better "
+                f"({sorted(tasks)}); missing {missing}, unexpected {extra}"
+            )
     out: dict[str, dict[str, Any]] = {}
     for task, hib in higher_is_better.items():
-        if task not in mtl or task not in single_task:
-            continue
         m, m_se = _mean_se(np.atleast_1d(mtl[task]))
         b, b_se = _mean_se(np.atleast_1d(single_task[task]))
         sign = -1.0 if hib else 1.0
-        rel = sign * (m - b) / b * 100.0 if b != 0 else float("nan")
+        rel = sign * (m - b) / abs(b) * 100.0 if b != 0 else float("nan")
         worse_by = sign * (m - b)
         se = math.hypot(m_se, b_se) if math.isfinite(m_se) and math.isfinite(b_se) else None
         out[task] = {
@@ -465,6 +487,7 @@ def negative_transfer(
             "relative_change": rel,
             "hurts": bool(worse_by > 0),
             "significant": bool(se is not None and worse_by > 2 * se),
+            "finite": bool(math.isfinite(m) and math.isfinite(b)),
         }
     return out
 

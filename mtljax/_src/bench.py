@@ -74,7 +74,11 @@ def delta_m(
     higher_is_better: Mapping[str, bool] | Sequence[bool],
     tasks: Sequence[str] | None = None,
 ) -> float:
-    """``Δm% = (1/T) Σₜ (−1)^{hₜ} (M_{m,t} − M_{b,t}) / M_{b,t} × 100`` (lower is better).
+    """``Δm% = (1/T) Σₜ (−1)^{hₜ} (M_{m,t} − M_{b,t}) / |M_{b,t}| × 100`` (lower is better).
+
+    Maninis, Radosavovic & Kokkinos, CVPR 2019; Vandenhende et al., TPAMI 2021. The papers
+    divide by ``M_{b,t}``, their metrics being positive; ``|M_{b,t}|`` keeps the sign
+    meaning "worse" for a negative metric (e.g. a log-likelihood) and equals it otherwise.
 
     Args:
       metrics: the method's metric per task (a mapping by task name, or a sequence).
@@ -88,15 +92,25 @@ def delta_m(
     """
     if isinstance(higher_is_better, Mapping):
         tasks = tuple(higher_is_better) if tasks is None else tuple(tasks)
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"delta_m: a task is named twice in {tasks}")
+        missing = [t for t in tasks if t not in metrics or t not in baseline]
+        missing += [t for t in tasks if t not in higher_is_better]
+        if missing:
+            raise ValueError(
+                f"delta_m: no metric, baseline or direction for {sorted(set(missing))}"
+            )
+        directions = [higher_is_better[t] for t in tasks]
         m = np.asarray([metrics[t] for t in tasks], np.float64)
         b = np.asarray([baseline[t] for t in tasks], np.float64)
-        h = np.asarray([bool(higher_is_better[t]) for t in tasks])
     else:
-        m = np.asarray(metrics, np.float64)
-        b = np.asarray(baseline, np.float64)
-        h = np.asarray(higher_is_better, bool)
         if tasks is not None:
             raise ValueError("delta_m: `tasks` applies to mappings only")
+        directions = list(np.atleast_1d(np.asarray(higher_is_better, object)))
+        m = np.asarray(metrics, np.float64)
+        b = np.asarray(baseline, np.float64)
+    analysis.check_directions("delta_m", directions)
+    h = np.asarray(directions, bool)
     if not (m.shape == b.shape == h.shape) or m.ndim != 1 or m.size == 0:
         raise ValueError(
             f"delta_m: need one metric, baseline and direction per task; got shapes "
@@ -105,17 +119,19 @@ def delta_m(
     if np.any(b == 0):
         raise ValueError("delta_m: a baseline metric is 0; the relative change is undefined")
     sign = np.where(h, -1.0, 1.0)
-    return float(np.mean(sign * (m - b) / b) * 100.0)
+    return float(np.mean(sign * (m - b) / np.abs(b)) * 100.0)
 
 
 def mean_se(values: Sequence[float]) -> dict[str, Any]:
-    """``{"mean", "se", "values"}``: the mean and standard error ``s/√n`` of the finite values
-    (``se`` is NaN for fewer than two)."""
+    """``{"mean", "se", "values", "nonfinite"}``: the mean and standard error ``s/√n`` over
+    seeds (``se`` is NaN for fewer than two). A non-finite value makes both NaN: a seed that
+    diverged is counted in ``nonfinite`` and shown, never averaged away."""
     v = np.asarray(values, np.float64)
-    finite = v[np.isfinite(v)]
-    mean = float(finite.mean()) if finite.size else float("nan")
-    se = float(finite.std(ddof=1) / np.sqrt(finite.size)) if finite.size > 1 else float("nan")
-    return {"mean": mean, "se": se, "values": v.tolist()}
+    nonfinite = int(np.sum(~np.isfinite(v)))
+    ok = v.size > 0 and nonfinite == 0
+    mean = float(v.mean()) if ok else float("nan")
+    se = float(v.std(ddof=1) / np.sqrt(v.size)) if ok and v.size > 1 else float("nan")
+    return {"mean": mean, "se": se, "values": v.tolist(), "nonfinite": nonfinite}
 
 
 def _ranks(values: Sequence[float]) -> np.ndarray:
@@ -919,6 +935,15 @@ def problem_table(section: Mapping[str, Any]) -> str:
         lines.append(
             "negative transfer (main task worse than single-task by > 2 s.e.): " + "; ".join(hurt)
         )
+    nonfinite = []
+    for label in section["leaderboard"]:
+        e = section["methods"][label]
+        counts = {t: e["test"][t].get("nonfinite", 0) for t in tasks}
+        bad = [f"{t} in {k}" for t, k in counts.items() if k]
+        if bad:
+            nonfinite.append(f"{label} ({', '.join(bad)} of {len(e['seeds'])} seeds)")
+    if nonfinite:
+        lines.append("non-finite test metrics (means shown as '-'): " + "; ".join(nonfinite))
     if section["failed"]:
         lines.append("failed: " + "; ".join(f"{m}: {msg}" for m, msg in section["failed"].items()))
     return "\n".join(lines)

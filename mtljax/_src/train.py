@@ -80,10 +80,13 @@ def _strong(tree: PyTree) -> PyTree:
 
 
 def pairwise_cosines(gram: jax.Array) -> jax.Array:
-    """``cos(gᵢ, gⱼ) = Gᵢⱼ / (‖gᵢ‖‖gⱼ‖)`` from the Gramian (0 where a gradient is zero)."""
+    """``cos(gᵢ, gⱼ) = Gᵢⱼ / (‖gᵢ‖‖gⱼ‖)`` from the Gramian (0 where a gradient is zero; NaN
+    where ``Gᵢⱼ``, ``Gᵢᵢ`` or ``Gⱼⱼ`` is not finite, so a non-finite gradient is never read as
+    an orthogonal one)."""
     norms = jnp.sqrt(jnp.clip(jnp.diagonal(gram), 0.0))
     denom = norms[:, None] * norms[None, :]
-    return jnp.where(denom > 0, gram / jnp.where(denom > 0, denom, 1.0), 0.0)
+    cos = jnp.where(denom > 0, gram / jnp.where(denom > 0, denom, 1.0), 0.0)
+    return jnp.where(jnp.isfinite(gram) & jnp.isfinite(denom), cos, jnp.nan)
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
