@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import mtljax as mtl
 from mtljax._src import runner
@@ -165,7 +166,50 @@ def test_without_a_spec(setup):
         match=r"cannot be evaluated on this batch \(x: float32\[16, 5\]\): missing key 'y'",
     ):
         step(state, {"x": batch["x"]})
+    with pytest.raises(TypeError, match=r"batch field 'x' is a Python list .*jnp.asarray"):
+        step(state, {"x": np.asarray(batch["x"]).tolist(), "y": batch["y"]})
     assert step.jitted._cache_size() == 0
+
+
+def test_state_and_step_from_different_methods_are_refused(setup):
+    model, params, batch = setup
+    opt = optax.adam(0.01)
+    state = mtl.init_train_state(model, params, mtl.methods.uw(), opt, jax.random.key(0))
+    step = mtl.make_train_step(model, mtl.methods.gradnorm(), opt)
+    with pytest.raises(ValueError, match=r"method_state does not fit method 'gradnorm'"):
+        step(state, batch)
+    assert step.jitted._cache_size() == 0
+
+
+def test_init_train_state_checks_its_arguments(setup):
+    model, params, _ = setup
+    opt = optax.adam(0.01)
+    with pytest.raises(TypeError, match=r"expected an mtljax Method, got function \(a factory"):
+        mtl.init_train_state(model, params, mtl.methods.ew, opt, jax.random.key(0))
+    with pytest.raises(TypeError, match=r"expected an mtljax Model"):
+        mtl.init_train_state(params, model, mtl.methods.ew(), opt, jax.random.key(0))
+    with pytest.raises(TypeError, match=r"key must be a PRNG key .*int32\[\]"):
+        mtl.init_train_state(model, params, mtl.methods.ew(), opt, 0)
+    with pytest.raises(ValueError, match=r"one PRNG key, got keys of shape \(2,\)"):
+        mtl.init_train_state(
+            model, params, mtl.methods.ew(), opt, jax.random.split(jax.random.key(0))
+        )
+    # Raw uint32[2] keys (jax.random.PRNGKey) are accepted as they are.
+    state = mtl.init_train_state(model, params, mtl.methods.ew(), opt, jax.random.PRNGKey(0))
+    assert state.key.dtype == jnp.uint32 and state.key.shape == (2,)
+
+
+def test_task_names_as_a_bare_string_is_refused():
+    model, _ = tiny_model(1)
+    with pytest.raises(ValueError, match=r"sequence of names, got the string 'cls' .*\('cls',\)"):
+        mtl.Model("cls", model.losses_fn)
+    with pytest.raises(ValueError, match=r"Model.from_encoder_heads: task_names .*string 'cls'"):
+        mtl.Model.from_encoder_heads(model.encode_fn, model.heads_fn, "cls")
+    net = mtl.nn.HardSharing(
+        mtl.nn.MLP((3, 4), rngs=nnx.Rngs(0)), mtl.nn.StackedLinear(4, 1, 1, rngs=nnx.Rngs(1))
+    )
+    with pytest.raises(ValueError, match=r"from_nnx: task_names .*string 'cls'"):
+        mtl.from_nnx(net, task_names="cls", shared="encoder", losses=lambda m, b: 0)
 
 
 # ----------------------------------------------------------------------------------------------

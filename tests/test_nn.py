@@ -849,6 +849,21 @@ def test_wrong_input_width_names_the_block(block, name):
         block()(jnp.zeros((3, D + 1)))
 
 
+def test_mtan_with_shared_extractors_refuses_feature_level_and_names_the_option():
+    def encode(m, b):
+        return m.encode(b["x"])
+
+    def heads(m, z, b):
+        return jnp.mean(m.predict(z) ** 2, axis=(1, 2))
+
+    shared = mnn.MTAN(2, (3, 4), 2, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"share_extractor=False"):
+        mnn.from_block(shared, task_names=("a", "b"), encode=encode, heads=heads)
+    own = mnn.MTAN(2, (3, 4), 2, 2, rngs=nnx.Rngs(0), share_extractor=False)
+    model, _ = mnn.from_block(own, task_names=("a", "b"), encode=encode, heads=heads)
+    assert model.has_features
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="MMoE"):
         mnn.MMoE(D, 4, (8,), (1,), T, rngs=nnx.Rngs(0))(jnp.zeros((2, D + 1)))

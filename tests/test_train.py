@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import mtljax as mtl
+from mtljax._src import tree as tree_lib
 from tests.helpers import max_abs_diff, tiny_batch, tiny_model
 
 T = 3
@@ -148,6 +149,35 @@ def test_bad_arguments_are_named(setup):
     bad_last = mtl.Model(model.task_names, model.losses_fn, last_shared="encoder/nope")
     with pytest.raises(ValueError, match="matches no shared parameter"):
         bad_last.check(params, batch)
+
+
+def test_from_nnx_shared_name_is_a_path_prefix():
+    """``shared="encoder"`` is the top-level attribute: a head's own ``encoder`` sub-module
+    stays task-specific (and so gets its own task's gradient, not a shared one)."""
+
+    class Head(nnx.Module):
+        def __init__(self, rngs):
+            self.encoder = nnx.Linear(4, 4, rngs=rngs)
+            self.out = nnx.Linear(4, 1, rngs=rngs)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.encoder = nnx.Linear(3, 4, rngs=rngs)
+            self.heads = nnx.List([Head(rngs), Head(rngs)])
+
+    def losses(m, b):
+        z = m.encoder(b["x"])
+        return jnp.stack([jnp.mean(h.out(h.encoder(z)) ** 2) for h in m.heads])
+
+    model, params = mtl.from_nnx(
+        Net(nnx.Rngs(0)), task_names=("a", "b"), shared="encoder", losses=losses
+    )
+    shared = tree_lib.leaf_paths(params.shared)
+    specific = tree_lib.leaf_paths(params.specific)
+    assert shared == ["encoder/bias", "encoder/kernel"]
+    assert "heads/0/encoder/kernel" in specific and "heads/1/encoder/kernel" in specific
+    batch = {"x": jnp.ones((8, 3))}
+    assert mtl.nn.check_shared_split(model, params, batch).over_shared() == ()
 
 
 def test_from_nnx_errors():

@@ -175,6 +175,16 @@ def _dtype_ok(dtype: Any, want: Any) -> bool:
     return np.dtype(dtype) == np.dtype(want)
 
 
+def check_task_names(owner: str, task_names: Any) -> None:
+    """``task_names`` must be a sequence of names: a bare string would be read as one task per
+    character (``"cls"`` as ``('c', 'l', 's')``)."""
+    if isinstance(task_names, str | bytes):
+        raise ValueError(
+            f"{owner}: task_names must be a sequence of names, got the string {task_names!r} "
+            f"(for one task, pass ({task_names!r},))"
+        )
+
+
 def check_batch(spec: PyTree, batch: Batch, task_names: Sequence[str]) -> None:
     """Checks ``batch`` against a spec of :class:`BatchField`; errors name the field and task.
 
@@ -243,6 +253,14 @@ def check_batch_generic(batch: Batch) -> None:
         name = tree_lib.path_str(path) or "<batch>"
         if not hasattr(leaf, "shape"):
             if isinstance(leaf, int | float | bool | np.generic):
+                if path and isinstance(path[-1], jax.tree_util.SequenceKey):
+                    while path and isinstance(path[-1], jax.tree_util.SequenceKey):
+                        path = path[:-1]
+                    field = tree_lib.path_str(path) or "<batch>"
+                    raise TypeError(
+                        f"batch field {field!r} is a Python list or tuple of numbers; pass an "
+                        "array (jnp.asarray(...))"
+                    )
                 continue
             raise TypeError(f"batch field {name!r} must be an array, got {type(leaf).__name__}")
         if 0 in tuple(leaf.shape):
@@ -300,6 +318,7 @@ class Model:
     regularizer: Callable[[PyTree, PyTree, Batch], jax.Array] | None = None
 
     def __post_init__(self):
+        check_task_names("Model", self.task_names)
         names = tuple(self.task_names)
         if not names:
             raise ValueError("Model: task_names is empty")
@@ -342,6 +361,8 @@ class Model:
         optional ``(shared, specific, batch) -> f32[]`` penalty added outside the method (see
         :class:`Model`)."""
 
+        check_task_names("Model.from_encoder_heads", task_names)
+
         def losses_fn(shared, specific, batch):
             return heads(specific, encode(shared, batch), batch)
 
@@ -367,7 +388,7 @@ class Model:
         self.check_batch(batch)
         try:
             out = jax.eval_shape(self.losses_fn, params.shared, params.specific, batch)
-        except (TypeError, ValueError, IndexError, KeyError) as e:
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
             why = f"missing key {e}" if isinstance(e, KeyError) else str(e)
             raise ValueError(
                 f"the model's losses cannot be evaluated on this batch ({_batch_summary(batch)}): "
@@ -467,12 +488,15 @@ def from_nnx(
     Args:
       module: an ``nnx.Module`` holding every parameter.
       task_names: the tasks, in the order of the loss vector.
-      shared: which ``nnx.Param`` are shared: an attribute name (``"encoder"``), or any NNX
-        filter; every other ``nnx.Param`` is task-specific. A filter that selects no parameter
-        is an error (usually a typo). ``shared=None`` declares that no parameter is shared by
-        two tasks' losses (pure soft sharing, independent per-task models): the shared set is
-        empty, the task Jacobian has no columns and the Gramian is zero, so the method's
-        weights only decide what the task-specific parameters get (its ``head_grads`` rule).
+      shared: which ``nnx.Param`` are shared: an attribute path (``"encoder"``,
+        ``"trunk/layers/0"``: the parameters whose path starts with it, as
+        :class:`mtljax.nn.PathPrefixes`; a head's own ``encoder`` attribute is not matched),
+        or any NNX filter; every other ``nnx.Param`` is task-specific. A filter that selects no
+        parameter is an error (usually a typo). ``shared=None`` declares that no parameter is
+        shared by two tasks' losses (pure soft sharing, independent per-task models): the
+        shared set is empty, the task Jacobian has no columns and the Gramian is zero, so the
+        method's weights only decide what the task-specific parameters get (its
+        ``head_grads`` rule).
       losses: ``(module, batch) -> f32[T]``; or give ``encode`` and ``heads`` instead:
       encode: ``(module, batch) -> representation``, touching shared parameters only;
       heads: ``(module, representation, batch) -> f32[T]``, touching task-specific ones only
@@ -493,6 +517,7 @@ def from_nnx(
 
     from mtljax._src.nn.constant import Constant
 
+    check_task_names("from_nnx", task_names)
     if (losses is None) == (encode is None and heads is None):
         raise ValueError("from_nnx: give `losses`, or `encode` and `heads` (not both)")
     if (encode is None) != (heads is None):
@@ -505,7 +530,9 @@ def from_nnx(
     if shared is None:
         shared_filter = nnx.Nothing
     elif isinstance(shared, str):
-        shared_filter = nnx.PathContains(shared)
+        from mtljax._src.nn.split import PathPrefixes
+
+        shared_filter = PathPrefixes(shared)
     else:
         shared_filter = shared
     graphdef, *states = nnx.split(module, nnx.All(nnx.Param, shared_filter), nnx.Param, ...)

@@ -56,6 +56,14 @@ def init_train_state(
     key: jax.Array,
 ) -> TrainState:
     """The initial :class:`TrainState`; checks that the method accepts the model's ``T``."""
+    if not isinstance(model, Model):
+        raise TypeError(f"init_train_state: expected an mtljax Model, got {type(model).__name__}")
+    if not isinstance(method, base.Method):
+        hint = " (a factory: call it, e.g. mtl.methods.ew())" if callable(method) else ""
+        raise TypeError(
+            f"init_train_state: expected an mtljax Method, got {type(method).__name__}{hint}"
+        )
+    key = _check_key(key)
     if not isinstance(params, Params):
         raise TypeError(f"params must be mtljax.Params(shared, specific), got {type(params)}")
     # Strong types from the start: a weak-typed leaf (e.g. from jnp.full(shape, 0.1)) turns
@@ -66,10 +74,27 @@ def init_train_state(
         params=params,
         opt_state=optimizer.init(params),
         method_state=method_state,
-        key=jnp.asarray(key),
+        key=key,
         step=jnp.zeros((), jnp.int32),
         skipped=jnp.zeros((), jnp.int32),
     )
+
+
+def _check_key(key: Any) -> jax.Array:
+    """A PRNG key: typed (``jax.random.key``) or raw ``uint32[2]`` (``jax.random.PRNGKey``)."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(
+                f"init_train_state: expected one PRNG key, got keys of shape {key.shape}"
+            )
+        return key
+    if key.dtype != jnp.uint32 or key.shape != (2,):
+        raise TypeError(
+            f"init_train_state: key must be a PRNG key (jax.random.key(seed)), got "
+            f"{key.dtype}{list(key.shape)}"
+        )
+    return key
 
 
 def _strong(tree: PyTree) -> PyTree:
@@ -608,7 +633,16 @@ class TrainStep:
         return new, metrics
 
     def check(self, state: TrainState, batch: Batch) -> None:
-        """The first-call checks (batch spec, empty fields, the losses' shape)."""
+        """The first-call checks (the method's state, batch spec, empty fields, the losses'
+        shape)."""
+        expected = jax.eval_shape(lambda: self.method.init(self.model.num_tasks))
+        got, want = (jax.tree_util.tree_structure(x) for x in (state.method_state, expected))
+        if got != want:
+            raise ValueError(
+                f"the state's method_state does not fit method {self.method.name!r} (expected "
+                f"{want}, got {got}); build the state with init_train_state(..., method, ...) "
+                "for the same method as the step"
+            )
         self.model.check(state.params, batch)
         self._checked = True
 

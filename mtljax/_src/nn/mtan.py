@@ -145,6 +145,17 @@ class MTAN(nnx.Module):
     def last_shared(self) -> str:
         return f"trunk/{len(self.trunk) - 1}"
 
+    def check_feature_level(self) -> None:
+        """Feature level (``encode``/``predict`` as separate halves) needs task-specific
+        extractors: shared ones read the task-specific masked features."""
+        if self.share_extractor and len(self.extractors):
+            raise ValueError(
+                "MTAN: with share_extractor=True the shared extractors f⁽ʲ⁾ read task-specific "
+                "masked features, so encode/predict cannot be split into shared and "
+                "task-specific halves; build MTAN(..., share_extractor=False) for feature "
+                "level, or train at parameter level with losses="
+            )
+
     def _check(self, x: jax.Array) -> None:
         div = 2 ** (len(self.channels) - 1)
         if x.ndim != 4 or x.shape[-1] != self.in_channels or x.shape[1] % div or x.shape[2] % div:

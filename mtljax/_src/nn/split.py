@@ -110,7 +110,13 @@ def from_block(
     it defines a ``regularizer(self) -> f32[]`` method, that regularizer (see the module
     docstring): the losses then hold the task losses only. ``regularizer``: a further
     ``(module, batch) -> f32[]`` penalty, e.g. one that reads the input (DSelect-k's
-    ``lambda m, b: m.entropy_penalty(b["x"])``); it is added to the block's own."""
+    ``lambda m, b: m.entropy_penalty(b["x"])``); it is added to the block's own.
+
+    With ``encode`` and ``heads`` (feature level), a block that defines
+    ``check_feature_level(self)`` is asked first whether its configuration allows it (MTAN
+    with shared extractors does not, and says which option does)."""
+    if heads is not None and callable(getattr(module, "check_feature_level", None)):
+        module.check_feature_level()
     own = block_regularizer(module)
     if regularizer is not None and not callable(regularizer):
         raise TypeError(
