@@ -32,6 +32,9 @@ def test_train_result_and_determinism():
     json.dumps(a)  # serialisable
     table = runner.summary_table(a)
     assert "task3" in table and "weights" in table
+    assert a["skipped_steps"] == 0 and "skipped" not in table
+    line = runner.summary_table(dict(a, skipped_steps=30)).splitlines()[-1]
+    assert line.startswith("30 of 30 steps were skipped") and "--nonfinite raise" in line
 
 
 def test_gradnorm_weights_ordered_inversely_to_sigma():

@@ -410,7 +410,15 @@ def summary_table(result: dict[str, Any]) -> str:
         f"seed={result['seed']}  median step {result['median_step_ms']:.3g} ms  "
         f"params sha256 {result['params_sha256'][:12]}"
     )
-    return head + "\n" + format_table(headers, rows)
+    text = head + "\n" + format_table(headers, rows)
+    skipped = result.get("skipped_steps", 0)
+    if skipped:
+        text += (
+            f"\n{skipped} of {result['steps']} steps were skipped (a non-finite loss, gradient "
+            "or update left the state untouched); --nonfinite raise names the first such step "
+            "and task"
+        )
+    return text
 
 
 # ----------------------------------------------------------------------------------------------
