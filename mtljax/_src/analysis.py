@@ -432,7 +432,7 @@ def check_directions(owner: str, higher_is_better: Iterable[Any]) -> None:
         raise ValueError(f"{owner}: higher_is_better entries must be bools, got {bad!r}")
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
     """Mean and standard error ``s/√n`` over seeds; NaN when any seed's value is not finite
     (a diverged seed is not averaged away), and ``se`` NaN for a single seed."""
     v = np.asarray(values, np.float64)
@@ -473,8 +473,8 @@ def negative_transfer(
             )
     out: dict[str, dict[str, Any]] = {}
     for task, hib in higher_is_better.items():
-        m, m_se = _mean_se(np.atleast_1d(mtl[task]))
-        b, b_se = _mean_se(np.atleast_1d(single_task[task]))
+        m, m_se = mean_and_se(np.atleast_1d(mtl[task]))
+        b, b_se = mean_and_se(np.atleast_1d(single_task[task]))
         sign = -1.0 if hib else 1.0
         rel = sign * (m - b) / abs(b) * 100.0 if b != 0 else float("nan")
         worse_by = sign * (m - b)

@@ -165,6 +165,14 @@ def _check_losses(name: str, losses: jax.Array, t: int) -> jax.Array:
     return losses
 
 
+def check_method(owner: str, method: Any) -> None:
+    """``method`` must be a :class:`Method` (an uncalled factory, ``mtl.methods.ew``, is named
+    as such)."""
+    if not isinstance(method, Method):
+        hint = " (a factory: call it, e.g. mtl.methods.ew())" if callable(method) else ""
+        raise TypeError(f"{owner}: expected an mtljax Method, got {type(method).__name__}{hint}")
+
+
 def aggregate(
     method: Method,
     jacobian: PyTree,
@@ -180,8 +188,7 @@ def aggregate(
     with no leaves (no shared parameters) gives an empty direction; ``T`` is then the length
     of ``losses``. Pure and jittable: ``jax.jit(functools.partial(mtljax.aggregate, method))``.
     """
-    if not isinstance(method, Method):
-        raise TypeError(f"aggregate: expected an mtljax Method, got {type(method).__name__}")
+    check_method("aggregate", method)
     empty = not jax.tree_util.tree_leaves(jacobian)
     t = num_tasks_of(jacobian, jnp.shape(losses)[0] if empty and jnp.ndim(losses) == 1 else None)
     check_num_tasks(method.name, t, method.min_tasks)

@@ -94,12 +94,10 @@ def delta_m(
         tasks = tuple(higher_is_better) if tasks is None else tuple(tasks)
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"delta_m: a task is named twice in {tasks}")
-        missing = [t for t in tasks if t not in metrics or t not in baseline]
-        missing += [t for t in tasks if t not in higher_is_better]
+        given = (metrics, baseline, higher_is_better)
+        missing = [t for t in tasks if any(t not in d for d in given)]
         if missing:
-            raise ValueError(
-                f"delta_m: no metric, baseline or direction for {sorted(set(missing))}"
-            )
+            raise ValueError(f"delta_m: no metric, baseline or direction for {missing}")
         directions = [higher_is_better[t] for t in tasks]
         m = np.asarray([metrics[t] for t in tasks], np.float64)
         b = np.asarray([baseline[t] for t in tasks], np.float64)
@@ -127,11 +125,8 @@ def mean_se(values: Sequence[float]) -> dict[str, Any]:
     seeds (``se`` is NaN for fewer than two). A non-finite value makes both NaN: a seed that
     diverged is counted in ``nonfinite`` and shown, never averaged away."""
     v = np.asarray(values, np.float64)
-    nonfinite = int(np.sum(~np.isfinite(v)))
-    ok = v.size > 0 and nonfinite == 0
-    mean = float(v.mean()) if ok else float("nan")
-    se = float(v.std(ddof=1) / np.sqrt(v.size)) if ok and v.size > 1 else float("nan")
-    return {"mean": mean, "se": se, "values": v.tolist(), "nonfinite": nonfinite}
+    mean, se = analysis.mean_and_se(v)
+    return {"mean": mean, "se": se, "values": v.tolist(), "nonfinite": int(np.sum(~np.isfinite(v)))}
 
 
 def _ranks(values: Sequence[float]) -> np.ndarray:

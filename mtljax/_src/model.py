@@ -253,10 +253,11 @@ def check_batch_generic(batch: Batch) -> None:
         name = tree_lib.path_str(path) or "<batch>"
         if not hasattr(leaf, "shape"):
             if isinstance(leaf, int | float | bool | np.generic):
-                if path and isinstance(path[-1], jax.tree_util.SequenceKey):
-                    while path and isinstance(path[-1], jax.tree_util.SequenceKey):
-                        path = path[:-1]
-                    field = tree_lib.path_str(path) or "<batch>"
+                field = path  # a number inside a list or tuple: the field is the outer path
+                while field and isinstance(field[-1], jax.tree_util.SequenceKey):
+                    field = field[:-1]
+                if len(field) < len(path):
+                    field = tree_lib.path_str(field) or "<batch>"
                     raise TypeError(
                         f"batch field {field!r} is a Python list or tuple of numbers; pass an "
                         "array (jnp.asarray(...))"

@@ -56,13 +56,7 @@ def init_train_state(
     key: jax.Array,
 ) -> TrainState:
     """The initial :class:`TrainState`; checks that the method accepts the model's ``T``."""
-    if not isinstance(model, Model):
-        raise TypeError(f"init_train_state: expected an mtljax Model, got {type(model).__name__}")
-    if not isinstance(method, base.Method):
-        hint = " (a factory: call it, e.g. mtl.methods.ew())" if callable(method) else ""
-        raise TypeError(
-            f"init_train_state: expected an mtljax Method, got {type(method).__name__}{hint}"
-        )
+    _check_model_and_method("init_train_state", model, method)
     key = _check_key(key)
     if not isinstance(params, Params):
         raise TypeError(f"params must be mtljax.Params(shared, specific), got {type(params)}")
@@ -80,9 +74,15 @@ def init_train_state(
     )
 
 
+def _check_model_and_method(owner: str, model: Any, method: Any) -> None:
+    if not isinstance(model, Model):
+        raise TypeError(f"{owner}: expected an mtljax Model, got {type(model).__name__}")
+    base.check_method(owner, method)
+
+
 def _check_key(key: Any) -> jax.Array:
     """A PRNG key: typed (``jax.random.key``) or raw ``uint32[2]`` (``jax.random.PRNGKey``)."""
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    key = jnp.asarray(key)
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.shape != ():
             raise ValueError(
@@ -498,10 +498,7 @@ class TrainStep:
         jacobian_constraint=None,
         prox=None,
     ):
-        if not isinstance(model, Model):
-            raise TypeError(f"expected an mtljax Model, got {type(model).__name__}")
-        if not isinstance(method, base.Method):
-            raise TypeError(f"expected an mtljax Method, got {type(method).__name__}")
+        _check_model_and_method("make_train_step", model, method)
         if mode not in ("parameter", "feature"):
             raise ValueError(f"mode must be 'parameter' or 'feature', got {mode!r}")
         if mode == "feature" and not model.has_features:
