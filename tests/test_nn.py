@@ -454,6 +454,117 @@ def test_short_training_lowers_every_task_loss(name):
         assert int(state.skipped) == 0
 
 
+# -- heads of different widths ----------------------------------------------------------------
+
+WIDTHS = (3, 1)  # task 0: a 3-way classifier; task 1: a scalar regression
+
+
+def _mixed_losses(m: Any, b: dict) -> jax.Array:
+    logits, value = mnn.split_outputs(m(b["x"]), WIDTHS)
+    ce = -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * b["labels"], axis=-1))
+    return jnp.stack([ce, jnp.mean((value[..., 0] - b["target"]) ** 2)])
+
+
+def _mixed_batch(key: jax.Array, image: bool) -> dict[str, jax.Array]:
+    kx, ka = jax.random.split(key)
+    x = jax.random.normal(kx, (8, 4, 4, 2) if image else (B, D))
+    flat = x.mean(axis=(1, 2)) if image else x
+    a = jax.random.normal(ka, (flat.shape[-1], 4))
+    labels = jax.nn.one_hot(jnp.argmax(flat @ a[:, :3], axis=1), 3)
+    return {"x": x, "labels": labels, "target": jnp.tanh(flat @ a[:, 3])}
+
+
+MIXED: dict[str, Callable[[], nnx.Module]] = {
+    "hard_sharing": lambda: mnn.HardSharing(
+        mnn.MLP((D, 8), rngs=nnx.Rngs(0), final_activation=True),
+        mnn.StackedLinear(8, WIDTHS, 2, rngs=nnx.Rngs(1)),
+    ),
+    "hybrid_sharing": lambda: mnn.HybridSharing(
+        mnn.MLP((D, 8), rngs=nnx.Rngs(0), final_activation=True),
+        (8, 6, WIDTHS),
+        2,
+        rngs=nnx.Rngs(1),
+        soft_layers=(0,),
+    ),
+    "cross_stitch": lambda: mnn.CrossStitch((D, 8, 8, WIDTHS), 2, rngs=nnx.Rngs(0)),
+    "mmoe": lambda: mnn.MMoE(D, 4, (8,), (6, WIDTHS), 2, rngs=nnx.Rngs(0)),
+    "omoe": lambda: mnn.OMoE(D, 4, (8,), (6, WIDTHS), 2, rngs=nnx.Rngs(0)),
+    "ple": lambda: mnn.PLE(D, (8,), 2, 1, (6, WIDTHS), 2, rngs=nnx.Rngs(0)),
+    "dselect_k": lambda: mnn.DSelectK(D, 4, (8,), (WIDTHS,), 2, k=2, rngs=nnx.Rngs(0)),
+    "mtan": lambda: mnn.MTAN(2, (3, 4), WIDTHS, 2, rngs=nnx.Rngs(0)),
+    "low_level": lambda: mnn.LowLevelSupervision(D, 8, WIDTHS, (1, 2), rngs=nnx.Rngs(0)),
+}
+
+
+def _padded_layers(module: nnx.Module) -> list[tuple[str, Any]]:
+    return [
+        ("/".join(map(str, path)), m)
+        for path, m in nnx.iter_modules(module)
+        if isinstance(m, mnn.StackedLinear) and m.padded
+    ]
+
+
+@pytest.mark.parametrize("name", list(MIXED))
+def test_heads_of_different_widths(name):
+    """Per-task output widths: each task's extra columns output 0, their parameters are 0 and get
+    no gradient, the split stays right, and both tasks learn."""
+    module = MIXED[name]()
+    batch = _mixed_batch(jax.random.key(1), image=name == "mtan")
+    layers = _padded_layers(module)
+    assert len(layers) == 1 and layers[0][1].out_sizes == WIDTHS
+    path = layers[0][0]
+    out = module(batch["x"])
+    assert out.shape == (2, batch["x"].shape[0], 3)
+    assert np.all(np.asarray(out[1, :, 1:]) == 0.0)
+    model, params = mnn.from_block(module, task_names=["cls", "reg"], losses=_mixed_losses)
+    mnn.check_shared_split(model, _perturb(params), batch)
+
+    def padded_entries(p: mtl.Params) -> list[np.ndarray]:
+        layer = dict(_padded_layers(mtl.to_nnx(model, p)))[path]
+        return [np.asarray(layer.kernel[...][1, :, 1:]), np.asarray(layer.bias[...][1, 1:])]
+
+    # The mask, not the zero initialisation, keeps them out: perturbed, they still output 0.
+    perturbed_out = mtl.to_nnx(model, _perturb(params))(batch["x"])
+    assert np.all(np.asarray(perturbed_out[1, :, 1:]) == 0.0)
+    assert np.any(np.asarray(perturbed_out[0]) != np.asarray(out[0]))
+    grads = jax.grad(lambda p: jnp.sum(model.losses(p, batch)))(_perturb(params))
+    assert all(np.all(g == 0.0) for g in padded_entries(grads))
+    assert all(np.all(v == 0.0) for v in padded_entries(params))
+    before = np.asarray(model.losses(params, batch))
+    for method_name in ("ew", "upgrad"):
+        method = mtl.methods.get(method_name)
+        step = mtl.make_train_step(model, method, optax.adam(1e-2))
+        state = mtl.init_train_state(model, params, method, optax.adam(1e-2), jax.random.key(0))
+        for _ in range(30):
+            state, _ = step(state, batch)
+        after = np.asarray(model.losses(state.params, batch))
+        assert np.all(after < before), (method_name, before, after)
+        assert all(np.all(v == 0.0) for v in padded_entries(state.params))
+
+
+def test_split_outputs_and_coupled_padded_layers_are_refused():
+    y = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3)
+    a, b = mnn.split_outputs(y, WIDTHS)
+    np.testing.assert_array_equal(a, y[0])
+    np.testing.assert_array_equal(b, y[1, :, :1])
+    with pytest.raises(ValueError, match="split_outputs: expected stacked outputs"):
+        mnn.split_outputs(y, (4, 1))
+    with pytest.raises(ValueError, match="split_outputs: expected stacked outputs"):
+        mnn.split_outputs(y, (3, 1, 1))
+    with pytest.raises(ValueError, match="split_outputs: sizes"):
+        mnn.split_outputs(y, (3, 0))
+    with pytest.raises(ValueError, match="SoftSharing: the output layer .* soft_layers"):
+        mnn.SoftSharing((D, 8, WIDTHS), 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="CrossStitch: the output layer .* stitch_after"):
+        mnn.CrossStitch((D, 8, WIDTHS), 2, stitch_after=(1,), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="MMoE tower_features: the last size .* 2 positive"):
+        mnn.MMoE(D, 4, (8,), (6, (3, 1, 1)), 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="MTAN: out_features"):
+        mnn.MTAN(2, (3,), (3, 0), 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="LowLevelSupervision: out_features"):
+        mnn.LowLevelSupervision(D, 8, (3,), (1, 2), rngs=nnx.Rngs(0))
+
+
 # -- blocks' own maths ------------------------------------------------------------------------
 
 

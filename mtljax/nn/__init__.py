@@ -34,7 +34,7 @@ from mtljax._src.nn.split import (
     last_shared,
     shared_filter,
 )
-from mtljax._src.nn.stacked import StackedLinear
+from mtljax._src.nn.stacked import StackedLinear, split_outputs
 from mtljax._src.nn.towers import StackedMLP
 
 __all__ = [
@@ -65,4 +65,5 @@ __all__ = [
     "selector_weights",
     "shared_filter",
     "smooth_step",
+    "split_outputs",
 ]

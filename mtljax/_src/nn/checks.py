@@ -38,6 +38,53 @@ def check_features(owner: str, features: Sequence[int], *, min_len: int = 2) -> 
     return feats
 
 
+def check_out_features(
+    owner: str, out_features: Any, num_tasks: int, *, name: str = "out_features"
+) -> int | tuple[int, ...]:
+    """An output size: one positive int for every task, or a sequence of ``num_tasks`` positive
+    ints, one per task (heterogeneous heads: e.g. 10 classes for one task, 1 value for another);
+    returns an int, or the tuple of per-task sizes. Bad sizes raise naming ``owner`` and
+    ``name``."""
+    if is_count(out_features) and out_features >= 1:
+        return int(out_features)
+    sizes = (
+        count_tuple(out_features, min_len=1)
+        if isinstance(out_features, Sequence) and not isinstance(out_features, str)
+        else None
+    )
+    if sizes is None or len(sizes) != num_tasks:
+        raise ValueError(
+            f"{owner}: {name} must be a positive int, or a sequence of {num_tasks} positive ints "
+            f"(one per task), got {out_features!r}"
+        )
+    return sizes
+
+
+def check_stacked_features(
+    owner: str, features: Sequence[Any], num_stacks: int, *, min_len: int = 2
+) -> tuple[Any, ...]:
+    """Validates a ``(in, hidden…, out)`` size list of ``num_stacks`` stacked MLPs whose last
+    entry may give one size per stack (see :func:`check_out_features`); returns the sizes as
+    ints, the last one possibly a tuple."""
+    if isinstance(features, Sequence) and not isinstance(features, str) and len(features):
+        last = features[-1]
+        if isinstance(last, Sequence) and not isinstance(last, str):
+            head = count_tuple(features[:-1], min_len=min_len - 1)
+            if head is None:
+                raise ValueError(
+                    f"{owner}: features must list ≥ {min_len} sizes (input, …, output), each a "
+                    f"positive integer but the output, which may give one per task; got "
+                    f"{tuple(features)}"
+                )
+            return (*head, check_out_features(owner, last, num_stacks, name="the last size"))
+    return check_features(owner, features, min_len=min_len)
+
+
+def max_width(size: int | tuple[int, ...]) -> int:
+    """The stacked width of an output size: the size, or the widest of the per-task sizes."""
+    return max(size) if isinstance(size, tuple) else size
+
+
 def int_tuple(values: Any) -> tuple:
     """``values`` as a tuple with NumPy integers turned into Python ints (anything else is
     kept as it is, for the caller's check to name)."""

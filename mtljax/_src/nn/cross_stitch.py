@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtljax._src.nn.checks import (
-    check_features,
     check_positive,
+    check_stacked_features,
     check_width,
     int_tuple,
     is_count,
@@ -104,10 +104,10 @@ class CrossStitch(nnx.Module):
         channelwise: bool = False,
         activation: Callable[[jax.Array], jax.Array] = nnx.relu,
     ):
-        feats = check_features("CrossStitch", features)
         check_positive("CrossStitch", num_tasks=num_tasks)
         if num_tasks < 2:
             raise ValueError("CrossStitch: needs at least 2 tasks to stitch")
+        feats = check_stacked_features("CrossStitch", features, num_tasks)
         n_layers = len(feats) - 1
         after = tuple(range(n_layers - 1)) if stitch_after is None else int_tuple(stitch_after)
         if (
@@ -119,6 +119,12 @@ class CrossStitch(nnx.Module):
             raise ValueError(
                 f"CrossStitch: stitch_after must be increasing layer indices in [0, {n_layers}) "
                 f"(at least one), got {stitch_after!r}"
+            )
+        if isinstance(feats[-1], tuple) and after[-1] == n_layers - 1:
+            raise ValueError(
+                f"CrossStitch: the output layer has one width per task {feats[-1]}, so its "
+                f"columns do not correspond and cannot be stitched; stitch_after must stop "
+                f"before layer {n_layers - 1}, got {stitch_after!r}"
             )
         self.layers = nnx.List(
             [

@@ -76,7 +76,9 @@ class DSelectK(nnx.Module):
     it): ``from_block(net, ..., regularizer=lambda m, b: m.entropy_penalty(b["x"]))``.
 
     **Shared / task-specific split.** Experts: shared. Gates and towers: task-specific.
-    Input ``(batch, in)``; output ``(T, batch, tower_features[-1])``.
+    Input ``(batch, in)``; output ``(T, batch, tower_features[-1])``. The last tower size may
+    give one width per task (``(8, (10, 1))``): the output is then ``(T, batch, max)`` with
+    each task's extra columns 0; :func:`mtljax.nn.split_outputs` slices them off.
     """
 
     def __init__(
@@ -84,7 +86,7 @@ class DSelectK(nnx.Module):
         in_features: int,
         num_experts: int,
         expert_features: Sequence[int],
-        tower_features: Sequence[int],
+        tower_features: Sequence[int | Sequence[int]],
         num_tasks: int,
         *,
         k: int,
@@ -112,6 +114,7 @@ class DSelectK(nnx.Module):
             num_experts,
             expert_features,
             tower_features,
+            num_tasks,
             rngs=rngs,
             activation=activation,
         )

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtljax._src.nn.checks import check_positive, check_width, count_tuple
+from mtljax._src.nn.checks import check_out_features, check_positive, check_width, count_tuple
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
 
@@ -27,28 +27,29 @@ class LowLevelSupervision(nnx.Module):
     ``depth ≥ l``: shared when that is two tasks or more, task-specific when it is one (the
     layers above the second-deepest head belong to the deepest task). Heads: task-specific.
 
-    Input ``(batch, in)``; output ``(T, batch, out_features)``.
+    Input ``(batch, in)``; output ``(T, batch, out_features)``; with one width per task in
+    ``out_features``, ``(T, batch, max)`` with each task's extra columns 0
+    (:func:`mtljax.nn.split_outputs` slices them off).
     """
 
     def __init__(
         self,
         in_features: int,
         hidden: int,
-        out_features: int,
+        out_features: int | Sequence[int],
         depths: Sequence[int],
         *,
         rngs: nnx.Rngs,
         activation: Callable[[jax.Array], jax.Array] = nnx.relu,
     ):
-        check_positive(
-            "LowLevelSupervision", in_features=in_features, hidden=hidden, out_features=out_features
-        )
+        check_positive("LowLevelSupervision", in_features=in_features, hidden=hidden)
         d = count_tuple(depths, min_len=2)
         if d is None:
             raise ValueError(
                 "LowLevelSupervision: depths must give a positive integer layer index (1-based) "
                 f"for each of ≥ 2 tasks, got {depths!r}"
             )
+        out_features = check_out_features("LowLevelSupervision", out_features, len(d))
         n = max(d)
         self.layers = nnx.List(
             [nnx.Linear(in_features if i == 0 else hidden, hidden, rngs=rngs) for i in range(n)]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtljax._src.nn.checks import check_features, check_positive
+from mtljax._src.nn.checks import check_features, check_positive, check_stacked_features
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
 from mtljax._src.nn.towers import StackedMLP
@@ -26,16 +27,17 @@ def expert_bank(
     in_features: int,
     num_experts: int,
     expert_features: Sequence[int],
-    tower_features: Sequence[int],
+    tower_features: Sequence[Any],
+    num_tasks: int,
     *,
     rngs: nnx.Rngs,
     activation: Callable[[jax.Array], jax.Array],
-) -> tuple[StackedMLP, tuple[int, ...]]:
+) -> tuple[StackedMLP, tuple[Any, ...]]:
     """The experts of a mixture (``num_experts`` stacked MLPs ``(in, *expert_features)``,
     activation on the output) and the towers' layer sizes ``(expert_features[-1],
-    *tower_features)``; bad sizes raise naming ``owner``."""
+    *tower_features)``, the last one possibly per task; bad sizes raise naming ``owner``."""
     ef = check_features(f"{owner} expert_features", (in_features, *expert_features))
-    tf = check_features(f"{owner} tower_features", (ef[-1], *tower_features))
+    tf = check_stacked_features(f"{owner} tower_features", (ef[-1], *tower_features), num_tasks)
     experts = StackedMLP(ef, num_experts, rngs=rngs, activation=activation, final_activation=True)
     return experts, tf
 
@@ -58,7 +60,9 @@ class MMoE(nnx.Module):
     tower ``k`` move task ``k``'s loss only: **task-specific** (the single OMoE gate feeds every
     task and is shared).
 
-    Input ``(batch, in)``; output ``(T, batch, tower_features[-1])``.
+    Input ``(batch, in)``; output ``(T, batch, tower_features[-1])``. The last tower size may
+    give one width per task (``(8, (10, 1))``): the output is then ``(T, batch, max)`` with
+    each task's extra columns 0; :func:`mtljax.nn.split_outputs` slices them off.
     """
 
     def __init__(
@@ -66,7 +70,7 @@ class MMoE(nnx.Module):
         in_features: int,
         num_experts: int,
         expert_features: Sequence[int],
-        tower_features: Sequence[int],
+        tower_features: Sequence[int | Sequence[int]],
         num_tasks: int,
         *,
         rngs: nnx.Rngs,
@@ -88,6 +92,7 @@ class MMoE(nnx.Module):
             num_experts,
             expert_features,
             tower_features,
+            num_tasks,
             rngs=rngs,
             activation=activation,
         )
@@ -143,7 +148,7 @@ class OMoE(MMoE):
         in_features: int,
         num_experts: int,
         expert_features: Sequence[int],
-        tower_features: Sequence[int],
+        tower_features: Sequence[int | Sequence[int]],
         num_tasks: int,
         *,
         rngs: nnx.Rngs,

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtljax._src.nn.checks import check_positive, count_tuple
+from mtljax._src.nn.checks import check_out_features, check_positive, count_tuple
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
 
@@ -75,14 +75,16 @@ class MTAN(nnx.Module):
     Task-specific: ``attention``, ``heads`` (and per-task ``extractors``).
 
     Input ``(batch, H, W, C)`` with ``H, W`` divisible by ``2^(L−1)``; output
-    ``(T, batch, out_features)``.
+    ``(T, batch, out_features)``. ``out_features`` may give one width per task (``(10, 1)``:
+    a classifier and a regressor): the output is then ``(T, batch, max)`` with each task's
+    extra columns 0; :func:`mtljax.nn.split_outputs` slices them off.
     """
 
     def __init__(
         self,
         in_channels: int,
         channels: Sequence[int],
-        out_features: int,
+        out_features: int | Sequence[int],
         num_tasks: int,
         *,
         rngs: nnx.Rngs,
@@ -93,9 +95,8 @@ class MTAN(nnx.Module):
             raise ValueError(
                 f"MTAN: channels must list ≥ 1 positive integer sizes, got {channels!r}"
             )
-        check_positive(
-            "MTAN", in_channels=in_channels, out_features=out_features, num_tasks=num_tasks
-        )
+        check_positive("MTAN", in_channels=in_channels, num_tasks=num_tasks)
+        out_features = check_out_features("MTAN", out_features, num_tasks)
         self.trunk = nnx.List(
             [
                 _TrunkBlock(a, b, rngs=rngs)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtljax._src.nn.checks import check_features, check_positive
+from mtljax._src.nn.checks import check_features, check_positive, check_stacked_features
 from mtljax._src.nn.mmoe import check_input
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
@@ -124,7 +124,9 @@ class PLE(nnx.Module):
     next-level task experts that are shared, so they are shared; the task gates of the last
     two levels are task-specific, as are the towers.
 
-    Input ``(batch, in)``; output ``(T, batch, tower_features[-1])``.
+    Input ``(batch, in)``; output ``(T, batch, tower_features[-1])``. The last tower size may
+    give one width per task (``(8, (10, 1))``): the output is then ``(T, batch, max)`` with
+    each task's extra columns 0; :func:`mtljax.nn.split_outputs` slices them off.
     """
 
     def __init__(
@@ -133,7 +135,7 @@ class PLE(nnx.Module):
         expert_features: Sequence[int],
         num_shared_experts: int,
         num_task_experts: int,
-        tower_features: Sequence[int],
+        tower_features: Sequence[int | Sequence[int]],
         num_tasks: int,
         *,
         rngs: nnx.Rngs,
@@ -147,7 +149,9 @@ class PLE(nnx.Module):
         ef = check_features(
             f"{type(self).__name__} expert_features", (in_features, *expert_features)
         )
-        tf = check_features(f"{type(self).__name__} tower_features", (ef[-1], *tower_features))
+        tf = check_stacked_features(
+            f"{type(self).__name__} tower_features", (ef[-1], *tower_features), num_tasks
+        )
         levels = []
         for j in range(num_levels):
             feats = ef if j == 0 else (ef[-1], *ef[1:])
@@ -242,7 +246,7 @@ class CGC(PLE):
         expert_features: Sequence[int],
         num_shared_experts: int,
         num_task_experts: int,
-        tower_features: Sequence[int],
+        tower_features: Sequence[int | Sequence[int]],
         num_tasks: int,
         *,
         rngs: nnx.Rngs,

@@ -57,7 +57,9 @@ class SoftSharing(nnx.Module):
     ``head_grads`` rule) plus the coupling gradient (Nash-MTL and GradNorm, whose weights
     would come from the zero Gramian, need ``head_grads="unit"`` here).
 
-    Output: ``(T, batch, out)``.
+    Output: ``(T, batch, out)``. The last size of ``features`` may give one width per task
+    (then ``(T, batch, max)``, each task's extra columns 0, see :class:`StackedMLP`); that
+    output layer cannot be coupled, so ``soft_layers`` must leave it out.
     """
 
     def __init__(
@@ -88,6 +90,18 @@ class SoftSharing(nnx.Module):
             raise ValueError(
                 f"SoftSharing: soft_layers must be distinct indices in [0, {n_layers}), got "
                 f"{soft_layers!r}"
+            )
+        padded = n_layers - 1
+        if self.towers.layers[padded].padded and padded in layers:
+            raise ValueError(
+                f"SoftSharing: the output layer has one width per task "
+                f"{self.towers.out_sizes}, so its parameters do not correspond across tasks and "
+                f"cannot be coupled; "
+                + (
+                    f"pass soft_layers without layer {padded}, e.g. {tuple(range(padded))}"
+                    if padded
+                    else "with no hidden layer there is nothing left to couple"
+                )
             )
         self.soft_layers = layers
         self.num_tasks = num_tasks

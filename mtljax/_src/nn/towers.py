@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import jax
 from flax import nnx
 
-from mtljax._src.nn.checks import check_features, check_positive, check_width
+from mtljax._src.nn.checks import check_positive, check_stacked_features, check_width
 from mtljax._src.nn.stacked import StackedLinear
 
 
@@ -18,6 +18,11 @@ class StackedMLP(nnx.Module):
     ``layers/l``. Applied to a shared input ``x: (..., f_0)`` it returns ``(n, ..., f_L)``;
     applied to stacked inputs ``x: (n, ..., f_0)`` with ``per_task=True`` each stack member
     maps its own input. No activation after the last layer unless ``final_activation``.
+
+    The last size may give one width per stack member (task towers with heads of different
+    widths, e.g. ``(16, 8, (10, 1))``): the last layer is then a padded :class:`StackedLinear`
+    whose columns past each member's width output 0; :attr:`out_sizes` lists the widths and
+    :func:`mtljax.nn.split_outputs` slices each member's own columns.
 
     Used for task towers (``n = T``) and for mixture-of-experts experts (``n = E``).
     """
@@ -31,8 +36,8 @@ class StackedMLP(nnx.Module):
         activation: Callable[[jax.Array], jax.Array] = nnx.relu,
         final_activation: bool = False,
     ):
-        feats = check_features("StackedMLP", features)
         check_positive("StackedMLP", num_stacks=num_stacks)
+        feats = check_stacked_features("StackedMLP", features, num_stacks)
         self.layers = nnx.List(
             [
                 StackedLinear(a, b, num_stacks, rngs=rngs)
@@ -40,6 +45,7 @@ class StackedMLP(nnx.Module):
             ]
         )
         self.features = feats
+        self.out_sizes = self.layers[-1].out_sizes
         self.num_stacks = num_stacks
         self.activation = activation
         self.final_activation = final_activation
