@@ -439,16 +439,22 @@ TRAIN_BLOCKS = [
 ]
 
 
+def _train(model: mtl.Model, params: mtl.Params, batch: dict, method_name: str, steps: int):
+    """``steps`` Adam(1e-2) steps of ``method_name`` on one batch; returns the train state."""
+    method = mtl.methods.get(method_name, like=params.shared)
+    step = mtl.make_train_step(model, method, optax.adam(1e-2))
+    state = mtl.init_train_state(model, params, method, optax.adam(1e-2), jax.random.key(0))
+    for _ in range(steps):
+        state, _ = step(state, batch)
+    return state
+
+
 @pytest.mark.parametrize("name", TRAIN_BLOCKS)
 def test_short_training_lowers_every_task_loss(name):
     spec, module, batch, model, params = _setup(name)
     before = np.asarray(model.losses(params, batch))
     for method_name in TRAIN_METHODS:
-        method = mtl.methods.get(method_name, like=params.shared)
-        step = mtl.make_train_step(model, method, optax.adam(1e-2))
-        state = mtl.init_train_state(model, params, method, optax.adam(1e-2), jax.random.key(0))
-        for _ in range(40):
-            state, metrics = step(state, batch)
+        state = _train(model, params, batch, method_name, 40)
         after = np.asarray(model.losses(state.params, batch))
         assert np.all(after < before), (method_name, before, after)
         assert int(state.skipped) == 0
@@ -532,11 +538,7 @@ def test_heads_of_different_widths(name):
     assert all(np.all(v == 0.0) for v in padded_entries(params))
     before = np.asarray(model.losses(params, batch))
     for method_name in ("ew", "upgrad"):
-        method = mtl.methods.get(method_name)
-        step = mtl.make_train_step(model, method, optax.adam(1e-2))
-        state = mtl.init_train_state(model, params, method, optax.adam(1e-2), jax.random.key(0))
-        for _ in range(30):
-            state, _ = step(state, batch)
+        state = _train(model, params, batch, method_name, 30)
         after = np.asarray(model.losses(state.params, batch))
         assert np.all(after < before), (method_name, before, after)
         assert all(np.all(v == 0.0) for v in padded_entries(state.params))
