@@ -98,6 +98,23 @@ def test_a_good_batch_passes_the_spec(stacked_step):
     assert int(new.step) == 1
 
 
+def test_every_new_batch_shape_is_checked_not_only_the_first(setup):
+    """A bad batch after good ones is refused before compiling, like a bad first batch."""
+    model, params, batch = setup
+    state, step = make(with_spec(model, STACKED), params)
+    state, _ = step(state, batch)
+    state, _ = step(state, batch)
+    assert step.jitted._cache_size() == 1
+    with pytest.raises(ValueError, match=r"'y' has shape \(3, 16, 1\), expected"):
+        step(state, dict(batch, y=batch["y"][..., :1]))
+    with pytest.raises(TypeError, match=r"'y' has dtype int32, expected floating"):
+        step(state, dict(batch, y=batch["y"].astype(jnp.int32)))
+    assert step.jitted._cache_size() == 1
+    half = {"x": batch["x"][:8], "y": batch["y"][:, :8]}  # a good batch of another size
+    state, _ = step(state, half)
+    assert int(state.step) == 3 and step.jitted._cache_size() == 2
+
+
 @pytest.fixture(scope="module")
 def stacked_step(setup):
     model, params, batch = setup

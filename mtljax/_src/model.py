@@ -296,8 +296,8 @@ class Model:
       last_shared: path prefix (``"encoder/layers/2"``) of the last shared layer inside the
         shared parameters, for methods that differentiate only that layer (GradNorm).
       batch_spec: optional pytree of :class:`BatchField` that batches must match (checked by
-        the train step's first call, before compilation); it also tells data parallelism
-        which axis of each field holds the examples.
+        the train step on every batch of a new shape or dtype, before compilation); it also
+        tells data parallelism which axis of each field holds the examples.
       regularizer: optional ``(shared, specific, batch) -> f32[]``, a penalty ``R(θ; batch)``
         added **outside** the multi-task method: the train step computes the method's update
         ``d`` from the task losses as usual and descends along ``d + ∇_θ R``. ``R`` never

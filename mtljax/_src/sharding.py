@@ -330,8 +330,7 @@ class DataParallelStep:
         return self._compiled(state, batch).lower(state, batch)
 
     def __call__(self, state: TrainState, batch: Batch):
-        if not self.step._checked:
-            self.step.check(state, batch)
+        self.step.check_if_new(state, batch)
         state = self.place_state(state)
         batch = self.shard_batch(batch)
         new, metrics = self._compiled(state, batch)(state, batch)

@@ -475,12 +475,20 @@ def _nonfinite_message(
     )
 
 
+def _signature(batch: Batch) -> tuple[Any, ...]:
+    """The batch's tree structure, leaf shapes and dtypes: what makes ``jit`` compile anew."""
+    leaves, treedef = jax.tree_util.tree_flatten(batch)
+    return (treedef, *((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves))
+
+
 class TrainStep:
     """``step(state, batch) -> (state, metrics)``, jit-compiled once per batch shape.
 
-    The first call checks the batch (against the model's ``batch_spec`` when it has one) and
-    the model's output by abstract evaluation, so that errors name the field, the task or the
-    problem instead of surfacing inside XLA.
+    Every batch of a shape or dtype not seen before (the first, and any that would make
+    ``jit`` compile again) is checked first: against the model's ``batch_spec`` when it has
+    one, and the model's output by abstract evaluation, so that errors name the field, the task
+    or the problem instead of surfacing inside XLA (or training silently on a wrong layout).
+    Batches like an already-checked one pass with no cost beyond reading their shapes.
     """
 
     def __init__(
@@ -549,7 +557,7 @@ class TrainStep:
         self._compute_model = (
             model if self.compute_dtype is None else mixed_precision(model, self.compute_dtype)
         )
-        self._checked = False
+        self._checked: set[Any] = set()
         self.jitted = jax.jit(self._step)
         self._scan_jitted = jax.jit(self._scan, static_argnums=1)
 
@@ -630,8 +638,8 @@ class TrainStep:
         return new, metrics
 
     def check(self, state: TrainState, batch: Batch) -> None:
-        """The first-call checks (the method's state, batch spec, empty fields, the losses'
-        shape)."""
+        """The checks run for each new batch signature (the method's state, batch spec, empty
+        fields, the losses' shape)."""
         expected = jax.eval_shape(lambda: self.method.init(self.model.num_tasks))
         got, want = (jax.tree_util.tree_structure(x) for x in (state.method_state, expected))
         if got != want:
@@ -641,7 +649,12 @@ class TrainStep:
                 "for the same method as the step"
             )
         self.model.check(state.params, batch)
-        self._checked = True
+        self._checked.add(_signature(batch))
+
+    def check_if_new(self, state: TrainState, batch: Batch) -> None:
+        """:meth:`check` unless a batch of the same structure, shapes and dtypes passed it."""
+        if _signature(batch) not in self._checked:
+            self.check(state, batch)
 
     def raise_if_nonfinite(self, metrics: dict[str, jax.Array]) -> None:
         """Raises :class:`NonFiniteError` if the step (or any step of stacked metrics) failed."""
@@ -675,8 +688,7 @@ class TrainStep:
         raise NonFiniteError(message, step=step, tasks=tasks)
 
     def __call__(self, state: TrainState, batch: Batch):
-        if not self._checked:
-            self.check(state, batch)
+        self.check_if_new(state, batch)
         new, metrics = self.jitted(state, batch)
         if self.nonfinite == "raise":
             self.raise_if_nonfinite(metrics)
@@ -697,8 +709,7 @@ class TrainStep:
         With ``nonfinite="raise"`` the error (naming the first failing step) comes after the
         scan.
         """
-        if not self._checked:
-            self.check(state, jax.eval_shape(sample, keys[0]))
+        self.check_if_new(state, jax.eval_shape(sample, keys[0]))
         new, metrics = self._scan_jitted(state, sample, keys)
         if self.nonfinite == "raise":
             self.raise_if_nonfinite(metrics)
