@@ -1,4 +1,4 @@
-"""Step cost of every mtljax method against its own floor (DESIGN §6).
+"""Step cost of every mtljax method against its own floor.
 
 Model: MLP encoder 128→H→H→256 (ReLU), T linear heads, per-task MSE, batch B. Every row is
 a full jitted train step (gradient + SGD update) measured in the same process:

@@ -122,7 +122,7 @@ def test_run_records_trajectories():
 # ----------------------------------------------------------------------------------------------
 # The full reproduction: every registered method, 35k Adam steps from the five starts.
 
-MUST_REACH = ("mgda", "imtl_g")  # DESIGN §5: must reach the front from every start
+MUST_REACH = ("mgda", "imtl_g")  # must reach the front from every start
 PAPERS_REACH = ("nash_mtl", "famo")  # their papers show every start reaching it
 
 

@@ -545,9 +545,12 @@ def run_problem(
         ``{label: Method}``; ``None`` for every method of ``mtljax.methods`` but ``fixed``
         (``fixed`` named explicitly without arguments gets equal weights; methods whose
         factory takes ``like`` get the structure of the shared parameters).
-      steps: training steps per run, rounded up to a multiple of ``eval_every``.
+      steps: training steps per run (``None``: the problem's own ``steps``), rounded up to a
+        multiple of ``eval_every``.
       eval_every: steps between validation evaluations.
       seeds: a number of seeds (``base_seed, base_seed + 1, …``) or the seeds themselves.
+      base_seed: the first seed when ``seeds`` is a number.
+      method_args: ``{name: {argument: value}}`` for the factories of methods given by name.
       init: ``seed -> initial Params`` for problems without ``init_params``.
       progress: show a progress bar.
 
@@ -1011,6 +1014,12 @@ def plot_delta_m(section: Mapping[str, Any], ax=None):
     return ax
 
 
+def _line_style(cmap: Any, k: int) -> dict[str, Any]:
+    """Colour and dash of curve ``k``: 20 colours, then the same colours dotted and dash-dotted,
+    so that no two of up to 60 methods share both."""
+    return {"color": cmap(k % 20), "linestyle": ("-", ":", "-.")[(k // 20) % 3]}
+
+
 def figures(section: Mapping[str, Any]) -> dict[str, Any]:
     """The plots of one problem as matplotlib figures, by name: ``delta_m`` (Δm% with error
     bars), ``validation`` (per-task validation curves, mean over seeds, single-task baselines
@@ -1035,7 +1044,7 @@ def figures(section: Mapping[str, Any]) -> dict[str, Any]:
         ax = axes[0, i]
         for k, label in enumerate(labels):
             steps, v = _curve(entries[label], "validation", lambda d, t=task: d[t])
-            ax.plot(steps, v, color=cmap(k % 20), lw=1.2, label=label)
+            ax.plot(steps, v, lw=1.2, label=label, **_line_style(cmap, k))
         steps, v = _curve(section["baselines"][task], "validation", lambda d, t=task: d[t])
         ax.plot(steps, v, "k--", lw=1.5, label=SINGLE_TASK)
         m = section["metrics"][task]
@@ -1058,6 +1067,7 @@ def figures(section: Mapping[str, Any]) -> dict[str, Any]:
             for i, task in enumerate(tasks):
                 steps, v = _curve(entries[label], "weights", lambda w, i=i: w[i])
                 ax.plot(steps, v, label=task)
+            ax.ticklabel_format(axis="y", useOffset=False)
             ax.set_title(label, fontsize=9)
         for k in range(len(weighted), rows * cols):
             axes[k // cols, k % cols].axis("off")
@@ -1091,7 +1101,7 @@ def figures(section: Mapping[str, Any]) -> dict[str, Any]:
         fig.colorbar(im, ax=ax0)
         for k, label in enumerate(labels):
             steps, v = _curve(entries[label], "conflict_fraction", lambda x: x)
-            ax1.plot(steps, v, color=cmap(k % 20), label=label)
+            ax1.plot(steps, v, label=label, **_line_style(cmap, k))
         ax1.set_xlabel("step")
         ax1.set_ylabel("fraction of conflicting pairs")
         ax1.legend(fontsize=7, ncol=2)

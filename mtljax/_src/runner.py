@@ -402,7 +402,9 @@ def summary_table(result: dict[str, Any]) -> str:
             headers.append(key.replace("_", " "))
             cols.append(final[key])
     for field, values in final.get("method_state", {}).items():
-        headers.append(field)
+        # The method's state after the last update (GradNorm's weights for the next step), beside
+        # the last step's metrics above.
+        headers.append(f"state {field.replace('_', ' ')}")
         cols.append(values)
     rows = [[n, *(c[n] for c in cols)] for n in names]
     head = (

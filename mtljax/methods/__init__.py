@@ -36,7 +36,7 @@ from mtljax._src.methods.stch import stch
 from mtljax._src.methods.upgrad import upgrad
 from mtljax._src.methods.uw import uw
 
-# Method factories, by name (kept in the order of DESIGN's list; more may be added).
+# Method factories, by name.
 _FACTORIES = {
     "ew": ew,
     "fixed": fixed,

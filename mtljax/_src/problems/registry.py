@@ -20,12 +20,16 @@ def register(name: str) -> Callable:
 
 
 def names() -> tuple[str, ...]:
+    """The built-in problems' names (``toy2d``, ``gradnorm_toy``, ``uw_noise``,
+    ``mmoe_synthetic``, ``multidigits``)."""
     _load_all()
     return tuple(_PROBLEMS)
 
 
 def get(name: str, *, seed: int = 0, **options) -> Problem:
-    """Builds a built-in problem by name."""
+    """Builds a built-in problem by name: ``get("mmoe_synthetic", correlation=0.5,
+    arch="mmoe")``. ``options`` are the problem's keyword arguments, documented by its builder
+    in ``mtljax/_src/problems/<name>.py``; an unknown option raises ``TypeError``."""
     _load_all()
     if name not in _PROBLEMS:
         raise ValueError(f"unknown problem {name!r}; valid problems: {', '.join(_PROBLEMS)}")

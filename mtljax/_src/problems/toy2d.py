@@ -152,9 +152,13 @@ def make_model(scale: float = SCALE) -> Model:
 def paper_settings(name: str, scale: float = SCALE) -> dict[str, Any]:
     """Keyword arguments a method's paper uses on this toy beyond its factory defaults.
 
-    Only FAMO's toy differs: decay ``γ = 0`` and the losses' lower bounds (its losses are
-    negative here, while FAMO's default floor is 0).
+    Two papers ran this toy with other settings than their defaults: CAGrad's toy example
+    uses ``c = 0.5`` (its default 0.4 is the NYUv2/Cityscapes value), and FAMO's uses decay
+    ``γ = 0`` and the losses' lower bounds (its losses are negative here, while FAMO's default
+    floor is 0).
     """
+    if name == "cagrad":
+        return {"c": 0.5}
     if name == "famo":
         return {"gamma": 0.0, "min_losses": loss_lower_bounds(scale)}
     return {}
