@@ -897,6 +897,46 @@ def test_cascade_anchor_checkpointed_beside_the_train_state(tmp_path):
         (lambda: mnn.StackedLinear(True, 2, T, rngs=nnx.Rngs(0)), "StackedLinear: in_features"),
         (lambda: mnn.StackedLinear(D, 2.0, T, rngs=nnx.Rngs(0)), "StackedLinear: out_features"),
         (lambda: mnn.StackedLinear(D, 2, 0, rngs=nnx.Rngs(0)), "StackedLinear: num_tasks"),
+        # a bare number where a size list is meant, bools and non-finite reals
+        (lambda: mnn.MMoE(D, 4, 8, (1,), T, rngs=nnx.Rngs(0)), r"MMoE: expert_features .* \(16,\)"),
+        (lambda: mnn.PLE(D, (8,), 2, 1, 1, T, rngs=nnx.Rngs(0)), "PLE: tower_features"),
+        (
+            lambda: mnn.CrossStitch((D, 4, 4, 1), T, stitch_after=1, rngs=nnx.Rngs(0)),
+            "stitch_after",
+        ),
+        (lambda: mnn.LowLevelSupervision(D, 4, 1, 3, rngs=nnx.Rngs(0)), "depths"),
+        (lambda: mnn.MLP(5, rngs=nnx.Rngs(0)), "MLP: features"),
+        (
+            lambda: mnn.Cascade(D, 4, (2, 2), embed_features=True, rngs=nnx.Rngs(0)),
+            "embed_features",
+        ),
+        (lambda: mnn.Cascade(D, 4, (2, 2), embed_features=0, rngs=nnx.Rngs(0)), "embed_features"),
+        (
+            lambda: mnn.SoftSharing((D, 4, 1), T, soft_layers=(True,), rngs=nnx.Rngs(0)),
+            "soft_layers",
+        ),
+        (
+            lambda: mnn.SoftSharing((D, 4, 1), T, soft_layers=(1.0,), rngs=nnx.Rngs(0)),
+            "soft_layers",
+        ),
+        (lambda: mnn.SoftSharing((D,), T, rngs=nnx.Rngs(0)), "SoftSharing: features"),
+        (
+            lambda: mnn.SoftSharing((D, 4, 1), T, penalty_weight="0.1", rngs=nnx.Rngs(0)),
+            "SoftSharing: penalty_weight",
+        ),
+        (
+            lambda: mnn.DSelectK(D, 4, (8,), (1,), T, k=2, gamma=float("inf"), rngs=nnx.Rngs(0)),
+            "DSelectK: gamma must be a finite number",
+        ),
+        (lambda: mnn.DSelectK(D, 4, (8,), (1,), T, k=2, gamma=True, rngs=nnx.Rngs(0)), "gamma"),
+        (
+            lambda: mnn.MMoE(D, 4, (8,), (1,), T, num_gates=True, rngs=nnx.Rngs(0)),
+            "MMoE: num_gates",
+        ),
+        (lambda: mnn.MMoE(D, 4, (8,), (1,), T, num_gates=1.0, rngs=nnx.Rngs(0)), "MMoE: num_gates"),
+        (lambda: mnn.CGC(D, (8,), 2, 0, (1,), T, rngs=nnx.Rngs(0)), "CGC: num_task_experts"),
+        (lambda: mnn.smooth_step(jnp.zeros(3), 0.0), "smooth_step: gamma"),
+        (lambda: mnn.selector_weights(jnp.zeros((2, 1)), 1.0, 4), "selector_weights: 4 experts"),
     ],
 )
 def test_bad_hyper_parameters_raise(build, match):

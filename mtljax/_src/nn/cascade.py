@@ -98,6 +98,8 @@ class Cascade(nnx.Module):
         check_positive(
             "Cascade", in_features=in_features, hidden=hidden, label_features=label_features
         )
+        if embed_features is not None:
+            check_positive("Cascade", embed_features=embed_features)
         t = len(outs)
         ks = (kinds,) * t if isinstance(kinds, str) else tuple(kinds)
         if len(ks) != t or any(k not in ("classification", "regression") for k in ks):

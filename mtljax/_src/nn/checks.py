@@ -22,8 +22,11 @@ def is_count(value: Any) -> bool:
 
 def count_tuple(values: Any, *, min_len: int) -> tuple[int, ...] | None:
     """``values`` as a tuple of Python ints when it lists at least ``min_len`` positive integers
-    (NumPy ones included), else ``None``, for the caller to raise with its own message."""
+    (NumPy ones included), else ``None`` (a bare number included), for the caller to raise with
+    its own message."""
     out = int_tuple(values)
+    if out is None:
+        return None
     return out if len(out) >= min_len and all(is_count(v) and v >= 1 for v in out) else None
 
 
@@ -33,7 +36,7 @@ def check_features(owner: str, features: Sequence[int], *, min_len: int = 2) -> 
     if feats is None:
         raise ValueError(
             f"{owner}: features must list ≥ {min_len} positive integer sizes (input, …, output), "
-            f"got {tuple(features)}"
+            f"got {features!r}"
         )
     return feats
 
@@ -66,7 +69,7 @@ def check_stacked_features(
     """Validates a ``(in, hidden…, out)`` size list of ``num_stacks`` stacked MLPs whose last
     entry may give one size per stack (see :func:`check_out_features`); returns the sizes as
     ints, the last one possibly a tuple."""
-    if isinstance(features, Sequence) and not isinstance(features, str) and len(features):
+    if int_tuple(features) is not None and len(features):
         last = features[-1]
         if isinstance(last, Sequence) and not isinstance(last, str):
             head = count_tuple(features[:-1], min_len=min_len - 1)
@@ -85,10 +88,32 @@ def max_width(size: int | tuple[int, ...]) -> int:
     return max(size) if isinstance(size, tuple) else size
 
 
-def int_tuple(values: Any) -> tuple:
+def int_tuple(values: Any) -> tuple | None:
     """``values`` as a tuple with NumPy integers turned into Python ints (anything else is
-    kept as it is, for the caller's check to name)."""
+    kept as it is, for the caller's check to name); ``None`` when ``values`` is not a sequence
+    (a bare ``8`` where ``(8,)`` was meant, or a string)."""
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
+        return None
     return tuple(int(v) if isinstance(v, np.integer) else v for v in values)
+
+
+def check_sizes(owner: str, **values: Any) -> None:
+    """Refuses a size list given as a bare number or a string (``expert_features=16`` for
+    ``(16,)``), naming ``owner`` and the argument."""
+    for name, v in values.items():
+        if int_tuple(v) is None:
+            raise ValueError(f"{owner}: {name} must be a sequence of sizes, e.g. (16,), got {v!r}")
+
+
+def check_real(owner: str, name: str, value: Any, *, low: float, strict: bool) -> float:
+    """``value`` as a finite float ``> low`` (``strict``) or ``≥ low``; bools, strings and
+    non-finite numbers are refused naming ``owner`` and ``name``."""
+    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    v = float(value) if ok else float("nan")
+    if not (np.isfinite(v) and (v > low if strict else v >= low)):
+        bound = f"{'>' if strict else '≥'} {low:g}"
+        raise ValueError(f"{owner}: {name} must be a finite number {bound}, got {value!r}")
+    return v
 
 
 def check_positive(owner: str, **values: int) -> None:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtljax._src.nn.checks import check_positive
+from mtljax._src.nn.checks import check_positive, check_real
 from mtljax._src.nn.mmoe import check_input, expert_bank
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
@@ -20,6 +20,8 @@ from mtljax._src.nn.towers import StackedMLP
 def smooth_step(t: jax.Array, gamma: float) -> jax.Array:
     """Hazimeh et al.'s smooth-step: 0 for ``t ≤ −γ/2``, 1 for ``t ≥ γ/2``, and
     ``−2t³/γ³ + 3t/(2γ) + 1/2`` between (continuously differentiable, exactly 0/1 outside)."""
+    if not isinstance(gamma, jax.Array):  # a traced γ is the caller's to check
+        gamma = check_real("smooth_step", "gamma", gamma, low=0.0, strict=True)
     cubic = -2.0 / gamma**3 * t**3 + 1.5 / gamma * t + 0.5
     return jnp.where(t <= -gamma / 2, 0.0, jnp.where(t >= gamma / 2, 1.0, cubic))
 
@@ -43,7 +45,13 @@ def selector_weights(z: jax.Array, gamma: float, num_experts: int) -> jax.Array:
     selectors off unused codes), at the price of an uneven prior — at ``z = 0`` experts
     ``0 … 2^m − n − 1`` get two codes' weight (``n = 3``: ``[½, ¼, ¼]``).
     """
+    check_positive("selector_weights", num_experts=num_experts)
     bits, to_expert = _codes(num_experts)
+    if z.ndim < 1 or z.shape[-1] != bits.shape[1]:
+        raise ValueError(
+            f"selector_weights: {num_experts} experts take codes of {bits.shape[1]} bits, so z "
+            f"needs {bits.shape[1]} entries in its last axis; got shape {z.shape}"
+        )
     s = smooth_step(z, gamma)[..., None, :]  # (..., 1, m)
     per_code = jnp.prod(bits * s + (1.0 - bits) * (1.0 - s), axis=-1)  # (..., 2^m)
     return per_code @ to_expert
@@ -67,7 +75,8 @@ class DSelectK(nnx.Module):
 
     so at most ``k`` experts have a non-zero weight once the selectors have converged. With
     ``per_example=True`` (the per-example gate of §3.2) ``z⁽ⁱ⁾ = Z⁽ⁱ⁾x`` and ``α = Ax``
-    (stacked over tasks); otherwise ``z`` and ``α`` are parameters (the static gate).
+    (stacked over tasks); otherwise ``z`` and ``α`` are parameters (the static gate). With
+    ``k = 1`` the softmax of a single ``α`` is constant: ``α`` (or ``A``) gets no gradient.
 
     The entropy regularizer ``λ Σₜ Σᵢ h(r(zₜ⁽ⁱ⁾))`` (averaged over the batch for per-example
     gates) pushes the selectors to binary. It is a penalty of the objective, beside the
@@ -103,10 +112,10 @@ class DSelectK(nnx.Module):
             raise ValueError("DSelectK: needs at least 2 experts to select from")
         if k > num_experts:
             raise ValueError(f"DSelectK: k={k} exceeds the number of experts {num_experts}")
-        if not float(gamma) > 0.0:
-            raise ValueError(f"DSelectK: gamma must be > 0, got {gamma!r}")
-        if not float(entropy_weight) >= 0.0:
-            raise ValueError(f"DSelectK: entropy_weight must be ≥ 0, got {entropy_weight!r}")
+        gamma = check_real("DSelectK", "gamma", gamma, low=0.0, strict=True)
+        entropy_weight = check_real(
+            "DSelectK", "entropy_weight", entropy_weight, low=0.0, strict=False
+        )
         m = max(1, math.ceil(math.log2(num_experts)))
         self.experts, tf = expert_bank(
             "DSelectK",

@@ -9,7 +9,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtljax._src.nn.checks import check_features, check_positive, check_stacked_features
+from mtljax._src.nn.checks import (
+    check_features,
+    check_positive,
+    check_sizes,
+    check_stacked_features,
+    is_count,
+)
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
 from mtljax._src.nn.towers import StackedMLP
@@ -36,6 +42,7 @@ def expert_bank(
     """The experts of a mixture (``num_experts`` stacked MLPs ``(in, *expert_features)``,
     activation on the output) and the towers' layer sizes ``(expert_features[-1],
     *tower_features)``, the last one possibly per task; bad sizes raise naming ``owner``."""
+    check_sizes(owner, expert_features=expert_features, tower_features=tower_features)
     ef = check_features(f"{owner} expert_features", (in_features, *expert_features))
     tf = check_stacked_features(f"{owner} tower_features", (ef[-1], *tower_features), num_tasks)
     experts = StackedMLP(ef, num_experts, rngs=rngs, activation=activation, final_activation=True)
@@ -84,7 +91,7 @@ class MMoE(nnx.Module):
         if num_experts < 2:
             raise ValueError("MMoE: needs at least 2 experts for the gates to choose between")
         gates = num_tasks if num_gates is None else num_gates
-        if gates not in (1, num_tasks):
+        if not is_count(gates) or gates not in (1, num_tasks):
             raise ValueError(f"MMoE: num_gates must be 1 (OMoE) or T={num_tasks}, got {num_gates}")
         self.experts, tf = expert_bank(
             "MMoE",

@@ -9,7 +9,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtljax._src.nn.checks import check_features, check_positive, check_stacked_features
+from mtljax._src.nn.checks import (
+    check_features,
+    check_positive,
+    check_sizes,
+    check_stacked_features,
+)
 from mtljax._src.nn.mmoe import check_input
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.stacked import StackedLinear
@@ -143,9 +148,16 @@ class PLE(nnx.Module):
         gate_bias: bool = False,
         activation: Callable[[jax.Array], jax.Array] = nnx.relu,
     ):
+        name = type(self).__name__
         check_positive(
-            type(self).__name__, in_features=in_features, num_tasks=num_tasks, num_levels=num_levels
+            name,
+            in_features=in_features,
+            num_tasks=num_tasks,
+            num_levels=num_levels,
+            num_shared_experts=num_shared_experts,
+            num_task_experts=num_task_experts,
         )
+        check_sizes(name, expert_features=expert_features, tower_features=tower_features)
         ef = check_features(
             f"{type(self).__name__} expert_features", (in_features, *expert_features)
         )

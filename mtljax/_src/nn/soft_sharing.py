@@ -8,7 +8,13 @@ from typing import Any, Literal
 import jax
 from flax import nnx
 
-from mtljax._src.nn.checks import check_positive
+from mtljax._src.nn.checks import (
+    check_positive,
+    check_real,
+    check_stacked_features,
+    int_tuple,
+    is_count,
+)
 from mtljax._src.nn.split import PathPrefixes
 from mtljax._src.nn.towers import StackedMLP
 from mtljax._src.regularizers import mean_regularized
@@ -75,15 +81,18 @@ class SoftSharing(nnx.Module):
         activation: Callable[[jax.Array], jax.Array] = nnx.relu,
     ):
         check_positive("SoftSharing", num_tasks=num_tasks)
-        if not float(penalty_weight) >= 0.0:
-            raise ValueError(f"SoftSharing: penalty_weight must be ≥ 0, got {penalty_weight!r}")
+        penalty_weight = check_real(
+            "SoftSharing", "penalty_weight", penalty_weight, low=0.0, strict=False
+        )
         _penalty_scale(penalty, 1.0, num_tasks)
+        check_stacked_features("SoftSharing", features, num_tasks)
         self.towers = StackedMLP(features, num_tasks, rngs=rngs, activation=activation)
         self.trunk = trunk
         n_layers = len(self.towers.layers)
-        layers = tuple(range(n_layers)) if soft_layers is None else tuple(soft_layers)
+        layers = tuple(range(n_layers)) if soft_layers is None else int_tuple(soft_layers)
         if (
             not layers
+            or any(not is_count(i) for i in layers)
             or any(not 0 <= i < n_layers for i in layers)
             or len(set(layers)) != len(layers)
         ):
