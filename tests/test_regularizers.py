@@ -409,7 +409,18 @@ def test_task_covariance_update_with_dependent_or_zero_tasks():
     assert np.linalg.eigvalsh(np.asarray(omega, np.float64)).min() > 0
     pen = reg.task_relationship_penalty(w, omega)
     assert bool(jnp.isfinite(pen))
-    np.testing.assert_allclose(pen, reg.trace_norm(w) ** 2, rtol=1e-2)
+    np.testing.assert_allclose(pen, reg.trace_norm(w) ** 2, rtol=2e-3)
+    # Many more tasks than weights: the floor's share of Ω stays 10⁻³ (it grew with T when it
+    # was a multiple of λmax(WᵀW) added to WᵀW: half of Ω at T = 2000).
+    for t, d in ((500, 2), (2000, 3)):
+        w = jax.random.normal(jax.random.key(t), (t, d))
+        omega = np.asarray(reg.update_task_covariance(w), np.float64)
+        assert np.linalg.eigvalsh(omega).min() > 0
+        u = np.linalg.svd(np.asarray(w, np.float64), full_matrices=False)[0]
+        np.testing.assert_allclose(np.trace(u.T @ omega @ u), 1 / (1 + 1e-3), rtol=2e-3)
+    # eps = 0: the exact closed form, Ω² tr((WᵀW)^{1/2})² = WᵀW.
+    exact = reg.update_task_covariance(W, eps=0.0)
+    np.testing.assert_allclose(exact @ exact * reg.trace_norm(W) ** 2, W @ W.T, rtol=1e-4)
     # All-zero weights: every Ω minimises; the update returns I/T.
     np.testing.assert_allclose(reg.update_task_covariance(jnp.zeros((4, 3))), jnp.eye(4) / 4)
     # Ω is a constant of the alternating scheme: no gradient (and no NaN) through it.
@@ -419,6 +430,23 @@ def test_task_covariance_update_with_dependent_or_zero_tasks():
         reg.task_relationship_penalty(W, jnp.diag(jnp.array([1.0, -1.0])))
     with pytest.raises(ValueError, match="symmetric"):
         reg.task_relationship_penalty(W, jnp.array([[1.0, 0.5], [0.0, 1.0]]))
+
+
+def test_integer_weights_are_refused_not_truncated():
+    w = jnp.array([[1, 2], [3, 4]])
+    for name, f in [
+        ("trace_norm", lambda: reg.trace_norm(w)),
+        ("prox_trace_norm", lambda: reg.prox_trace_norm(w, 0.5)),
+        ("prox_l1_linf", lambda: reg.prox_l1_linf(w, 1.0)),
+        ("project_l1_ball", lambda: reg.project_l1_ball(w, 1.0)),
+        (
+            "task_clustering_convex",
+            lambda: reg.task_clustering_convex(w, 2, between_weight=0.1, within_weight=1.0),
+        ),
+        ("update_task_covariance", lambda: reg.update_task_covariance(w)),
+    ]:
+        with pytest.raises(TypeError, match=f"{name}: weights must be floating point"):
+            f()
 
 
 def test_more_bad_inputs_raise():

@@ -9,6 +9,12 @@ Smooth penalties go into a model as its ``regularizer`` (added to the multi-task
 update, outside the loss vector); non-smooth ones are better handled by their proximal operator
 after each update: ``make_train_step(..., prox=prox_on(lambda w: prox_l1_l2(w, lr * lam),
 "specific/heads/kernel"))`` (see :func:`prox_on`).
+
+Weights must be floating point. Values are checked where they are known when the function is
+called (Python numbers, concrete arrays): a negative ``step``, a cluster id out of range or a
+soft assignment whose rows do not sum to 1 raise. Passed as traced values inside ``jit`` they
+cannot be checked and are used as given (a negative step then expands instead of shrinking):
+check them before the jitted call, or pass them as Python numbers.
 """
 
 from __future__ import annotations
@@ -50,8 +56,17 @@ def _index(a: Any, name: str, what: str) -> int:
         raise TypeError(f"{name}: {what} must be an int, got {a!r}") from None
 
 
-def _axes(w: jax.Array, axes: Axes, name: str) -> tuple[int, ...]:
+def _floating(w: Any, name: str) -> jax.Array:
+    """``w`` as an array; integer or bool weights are refused (the operators would truncate
+    their real-valued results back to integers)."""
     w = jnp.asarray(w)
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"{name}: weights must be floating point, got dtype {w.dtype}")
+    return w
+
+
+def _axes(w: jax.Array, axes: Axes, name: str) -> tuple[int, ...]:
+    w = _floating(w, name)
     if w.ndim == 0:
         raise ValueError(f"{name}: expected stacked task weights with a task axis, got a scalar")
     raw = (axes,) if hasattr(axes, "__index__") else tuple(axes)
@@ -87,7 +102,7 @@ def _compute_dtype(dtype: Any) -> Any:
 
 
 def _task_matrix(w: jax.Array, task_axis: int, name: str) -> jax.Array:
-    w = jnp.asarray(w)
+    w = _floating(w, name)
     if w.ndim < 2:
         raise ValueError(
             f"{name}: expected stacked task weights (T, …) with at least 2 dims, got {w.shape}"
@@ -165,7 +180,7 @@ def project_l1_ball(v: jax.Array, radius: float | jax.Array, axis: int = -1) -> 
     learning in high dimensions", ICML 2008 (the sort-based algorithm, jittable).
     """
     _nonneg(radius, "project_l1_ball", "radius")
-    v = jnp.asarray(v)
+    v = _floating(v, "project_l1_ball")
     out_dtype = v.dtype
     v = jnp.moveaxis(v, _index(axis, "project_l1_ball", "axis"), -1)
     v = v.astype(_compute_dtype(v.dtype))  # the sort and cumsum in ≥ float32
@@ -548,28 +563,32 @@ def task_relationship_penalty(w: jax.Array, omega: jax.Array, task_axis: int = 0
     return jnp.trace(jnp.linalg.solve(omega, gram))
 
 
-def update_task_covariance(
-    w: jax.Array, task_axis: int = 0, *, eps: float | None = None
-) -> jax.Array:
+def update_task_covariance(w: jax.Array, task_axis: int = 0, *, eps: float = 1e-3) -> jax.Array:
     """MTRL's closed-form task covariance: ``Ω = (WᵀW)^{1/2} / tr((WᵀW)^{1/2})`` (Zhang & Yeung
     2010), the minimiser of ``tr(W Ω⁻¹ Wᵀ)`` over ``Ω ⪰ 0, tr Ω = 1``; ``WᵀW`` is the ``T × T``
     Gram matrix of the task weight vectors.
 
-    ``WᵀW + εI`` is used instead, so that ``Ω`` stays invertible when the tasks are linearly
-    dependent (e.g. more tasks than weights per task): by default ``ε = 10⁻⁶ ×`` the largest
-    eigenvalue of ``WᵀW`` (``Ω``'s condition number stays ≤ 10³); ``eps=0`` gives the exact,
-    possibly singular, closed form. All-zero weights give ``Ω = I/T`` (every ``Ω`` is then a
-    minimiser). ``Ω`` is a constant of the alternating scheme: no gradient flows through it.
+    When the tasks are linearly dependent (e.g. more tasks than weights per task) that ``Ω`` is
+    singular, so the eigenvalues of ``(WᵀW)^{1/2}`` are floored at ``δ = eps · tr((WᵀW)^{1/2})
+    / T`` (those of ``WᵀW`` within rounding of 0 count as 0): the directions outside the tasks'
+    span then hold at most ``eps / (1 + eps)`` of ``Ω``'s trace together, whatever ``T`` is,
+    the penalty at the update is within a factor ``1 + eps`` of the exact
+    ``tr((WᵀW)^{1/2})²``, and tasks in general position (no eigenvalue under the floor) get
+    the exact closed form. ``eps=0`` gives the exact, possibly singular, closed form. All-zero
+    weights give ``Ω = I/T`` (every ``Ω`` is then a minimiser). ``Ω`` is a constant of the
+    alternating scheme: no gradient flows through it.
     """
-    if eps is not None:
-        _nonneg(eps, "update_task_covariance", "eps")
+    _nonneg(eps, "update_task_covariance", "eps")
     m = jax.lax.stop_gradient(_task_matrix(w, task_axis, "update_task_covariance"))
     t = m.shape[0]
     m = m.astype(_compute_dtype(m.dtype))
     gram = m @ m.T
     vals, vecs = jnp.linalg.eigh(0.5 * (gram + gram.T))
-    shift = 1e-6 * jnp.maximum(jnp.max(vals), 0.0) if eps is None else eps
-    root = (vecs * jnp.sqrt(jnp.maximum(vals + shift, 0.0))) @ vecs.T
+    # Eigenvalues within rounding of 0 (t ulp of the largest) are the null space's.
+    tol = t * jnp.finfo(vals.dtype).eps * jnp.maximum(jnp.max(vals), 0.0)
+    roots = jnp.sqrt(jnp.where(vals > tol, vals, 0.0))
+    floor = eps * jnp.sum(roots) / t
+    root = (vecs * jnp.maximum(roots, floor)) @ vecs.T
     tr = jnp.trace(root)
     eye = jnp.eye(t, dtype=m.dtype)
     return jnp.where(tr > 0, root / jnp.where(tr > 0, tr, 1.0), eye / t)
