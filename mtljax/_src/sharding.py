@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from mtljax._src import model as model_lib
 from mtljax._src import tree as tree_lib
-from mtljax._src.train import TrainState, TrainStep, make_train_step
+from mtljax._src.train import TrainState, TrainStep, batch_signature, make_train_step
 
 PyTree = Any
 Batch = Any
@@ -311,11 +311,7 @@ class DataParallelStep:
         return batch_shardings(batch, self.mesh, batch_axes=self.batch_axes, axis=self.axis)
 
     def _compiled(self, state: TrainState, batch: Batch):
-        key = (
-            jax.tree_util.tree_structure(state),
-            jax.tree_util.tree_structure(batch),
-            tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch)),
-        )
+        key = (jax.tree_util.tree_structure(state), batch_signature(batch))
         if key not in self._jitted:
             state_sh = self.state_shardings(state)
             self._jitted[key] = jax.jit(

@@ -475,7 +475,7 @@ def _nonfinite_message(
     )
 
 
-def _signature(batch: Batch) -> tuple[Any, ...]:
+def batch_signature(batch: Batch) -> tuple[Any, ...]:
     """The batch's tree structure, leaf shapes and dtypes: what makes ``jit`` compile anew."""
     leaves, treedef = jax.tree_util.tree_flatten(batch)
     return (treedef, *((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves))
@@ -649,11 +649,11 @@ class TrainStep:
                 "for the same method as the step"
             )
         self.model.check(state.params, batch)
-        self._checked.add(_signature(batch))
+        self._checked.add(batch_signature(batch))
 
     def check_if_new(self, state: TrainState, batch: Batch) -> None:
         """:meth:`check` unless a batch of the same structure, shapes and dtypes passed it."""
-        if _signature(batch) not in self._checked:
+        if batch_signature(batch) not in self._checked:
             self.check(state, batch)
 
     def raise_if_nonfinite(self, metrics: dict[str, jax.Array]) -> None:

@@ -50,11 +50,7 @@ def check_out_features(
     ``name``."""
     if is_count(out_features) and out_features >= 1:
         return int(out_features)
-    sizes = (
-        count_tuple(out_features, min_len=1)
-        if isinstance(out_features, Sequence) and not isinstance(out_features, str)
-        else None
-    )
+    sizes = count_tuple(out_features, min_len=1)
     if sizes is None or len(sizes) != num_tasks:
         raise ValueError(
             f"{owner}: {name} must be a positive int, or a sequence of {num_tasks} positive ints "
@@ -71,7 +67,7 @@ def check_stacked_features(
     ints, the last one possibly a tuple."""
     if int_tuple(features) is not None and len(features):
         last = features[-1]
-        if isinstance(last, Sequence) and not isinstance(last, str):
+        if int_tuple(last) is not None:
             head = count_tuple(features[:-1], min_len=min_len - 1)
             if head is None:
                 raise ValueError(

@@ -158,12 +158,8 @@ class PLE(nnx.Module):
             num_task_experts=num_task_experts,
         )
         check_sizes(name, expert_features=expert_features, tower_features=tower_features)
-        ef = check_features(
-            f"{type(self).__name__} expert_features", (in_features, *expert_features)
-        )
-        tf = check_stacked_features(
-            f"{type(self).__name__} tower_features", (ef[-1], *tower_features), num_tasks
-        )
+        ef = check_features(f"{name} expert_features", (in_features, *expert_features))
+        tf = check_stacked_features(f"{name} tower_features", (ef[-1], *tower_features), num_tasks)
         levels = []
         for j in range(num_levels):
             feats = ef if j == 0 else (ef[-1], *ef[1:])

@@ -73,13 +73,17 @@ class StackedLinear(nnx.Module):
             jax.random.split(rngs.params(), num_tasks)
         )
         self.out_sizes = out_sizes(out, num_tasks)
-        self.padded = len(set(self.out_sizes)) > 1
         if self.padded:
             kernel = kernel * output_mask(self.out_sizes)[:, None, :]
         self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(jnp.zeros((num_tasks, width))) if use_bias else None
         self.num_tasks = num_tasks
         self.in_features = in_features
+
+    @property
+    def padded(self) -> bool:
+        """Whether the tasks' output widths differ (the kernel is then padded and masked)."""
+        return len(set(self.out_sizes)) > 1
 
     def __call__(self, x: jax.Array, *, per_task: bool = False) -> jax.Array:
         check_width("StackedLinear", x, self.in_features)
