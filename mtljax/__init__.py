@@ -6,7 +6,16 @@ of the shared parameters into an update, inside one jitted train step.
 """
 
 from mtljax import analysis, bench, methods, nn, problems, regularizers
-from mtljax._src.base import Method, aggregate, combine, gramian, weights_from_gramian
+from mtljax._src.base import (
+    Method,
+    SolverInfo,
+    SolverState,
+    aggregate,
+    combine,
+    gramian,
+    solver_info,
+    weights_from_gramian,
+)
 from mtljax._src.checkpoint import Checkpointer, CheckpointMismatchError, Restored
 from mtljax._src.engine import feature_jacobian, jacobian, task_jacobian
 from mtljax._src.model import (
@@ -32,6 +41,7 @@ from mtljax._src.sharding import (
 )
 from mtljax._src.train import (
     NonFiniteError,
+    SolverError,
     TrainState,
     TrainStep,
     gradients,
@@ -56,6 +66,9 @@ __all__ = [
     "NonFiniteError",
     "Params",
     "Restored",
+    "SolverError",
+    "SolverInfo",
+    "SolverState",
     "TrainState",
     "TrainStep",
     "aggregate",
@@ -83,6 +96,7 @@ __all__ = [
     "replicate",
     "set_cpu_devices",
     "shard_batch",
+    "solver_info",
     "state_shardings",
     "task_jacobian",
     "to_host",

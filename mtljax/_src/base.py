@@ -31,6 +31,61 @@ DirectionFn = Callable[[PyTree, jax.Array, PyTree, jax.Array | None], tuple[PyTr
 _NEEDS = ("losses", "gramian", "jacobian")
 
 
+class SolverInfo(NamedTuple):
+    """How a method's iterative solve ended (the last one; a batch of solves is summarised).
+
+    A method that runs an iterative solver keeps this in its state's ``solver`` field (see
+    :func:`solver_info`), so that the train step reports it in its metrics
+    (``solver_iterations``, ``solver_converged``, ``solver_residual``) and can refuse a step
+    whose solve did not converge (``make_train_step(..., unconverged=...)``).
+
+    Attributes:
+      iterations: int32, the iterations taken (the most over a batch of solves).
+      converged: bool, whether every solve met its stopping test.
+      residual: float32, the final optimality residual, relative to the scale of its terms (the
+        largest over a batch); each solver's docstring says what it measures.
+    """
+
+    iterations: jax.Array
+    converged: jax.Array
+    residual: jax.Array
+
+    @staticmethod
+    def initial() -> SolverInfo:
+        """The value before any solve: 0 iterations, converged, residual 0."""
+        return SolverInfo(jnp.zeros((), jnp.int32), jnp.ones((), bool), jnp.zeros((), jnp.float32))
+
+    @staticmethod
+    def of(iterations: Any, converged: Any, residual: Any) -> SolverInfo:
+        """Summarises one solve or a batch of them (arrays of any shape) as scalars."""
+        return SolverInfo(
+            jnp.max(jnp.asarray(iterations)).astype(jnp.int32),
+            jnp.all(jnp.asarray(converged)),
+            jnp.max(jnp.asarray(residual)).astype(jnp.float32),
+        )
+
+    @staticmethod
+    def merge(*infos: SolverInfo) -> SolverInfo:
+        """Several solves as one: the most iterations, all converged, the largest residual."""
+        return SolverInfo.of(
+            jnp.stack([i.iterations for i in infos]),
+            jnp.stack([i.converged for i in infos]),
+            jnp.stack([i.residual for i in infos]),
+        )
+
+
+class SolverState(NamedTuple):
+    """The state of a method whose only state is its last solve's :class:`SolverInfo`."""
+
+    solver: SolverInfo
+
+
+def solver_info(state: PyTree) -> SolverInfo | None:
+    """The :class:`SolverInfo` a method keeps in its state's ``solver`` field, or ``None``."""
+    info = getattr(state, "solver", None)
+    return info if isinstance(info, SolverInfo) else None
+
+
 class Method(NamedTuple):
     """A multi-task method: ``init`` and either ``weights`` or ``direction``, all pure.
 

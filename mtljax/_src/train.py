@@ -19,6 +19,7 @@ from mtljax._src.model import Batch, Model, Params
 PyTree = Any
 Mode = Literal["parameter", "feature"]
 NonFinite = Literal["skip", "raise", "apply"]
+Unconverged = Literal["report", "skip", "raise"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -35,6 +36,18 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, message: str, *, step: int, tasks: tuple[str, ...]):
         super().__init__(message)
         self.step, self.tasks = step, tasks
+
+
+class SolverError(RuntimeError):
+    """A method's solver did not converge in a train step (``unconverged="raise"``).
+
+    Attributes:
+      step: the index of the failing step; iterations, residual: the solve's report.
+    """
+
+    def __init__(self, message: str, *, step: int, iterations: int, residual: float):
+        super().__init__(message)
+        self.step, self.iterations, self.residual = step, iterations, residual
 
 
 class TrainState(NamedTuple):
@@ -420,6 +433,11 @@ def gradients(
     if gram is not None:
         metrics["grad_norms"] = jnp.sqrt(jnp.clip(jnp.diagonal(gram), 0.0))
         metrics["cosines"] = pairwise_cosines(gram)
+    info = base.solver_info(method_state)
+    if info is not None:
+        metrics["solver_iterations"] = info.iterations
+        metrics["solver_converged"] = info.converged
+        metrics["solver_residual"] = info.residual
     return grads, method_state, metrics
 
 
@@ -505,6 +523,7 @@ class TrainStep:
         gramian_chunk_size=None,
         jacobian_constraint=None,
         prox=None,
+        unconverged="report",
     ):
         _check_model_and_method("make_train_step", model, method)
         if mode not in ("parameter", "feature"):
@@ -518,6 +537,10 @@ class TrainStep:
             raise ValueError(f"head_grads must be None, 'weighted' or 'unit', got {head_grads!r}")
         if nonfinite not in ("skip", "raise", "apply"):
             raise ValueError(f"nonfinite must be 'skip', 'raise' or 'apply', got {nonfinite!r}")
+        if unconverged not in ("report", "skip", "raise"):
+            raise ValueError(
+                f"unconverged must be 'report', 'skip' or 'raise', got {unconverged!r}"
+            )
         if prox is not None and not callable(prox):
             raise TypeError(
                 f"prox must be a function Params -> Params or None, got {type(prox).__name__}"
@@ -554,6 +577,7 @@ class TrainStep:
         self.gramian_chunk_size = gramian_chunk_size
         self.jacobian_constraint = jacobian_constraint
         self.prox = prox
+        self.unconverged = unconverged
         self._compute_model = (
             model if self.compute_dtype is None else mixed_precision(model, self.compute_dtype)
         )
@@ -571,6 +595,7 @@ class TrainStep:
             compute_dtype=self.compute_dtype,
             gramian_chunk_size=self.gramian_chunk_size,
             prox=self.prox,
+            unconverged=self.unconverged,
         )
 
     def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -600,26 +625,38 @@ class TrainStep:
                 updates = jax.tree_util.tree_map(jnp.subtract, params, state.params)
             return updates, params, opt_state
 
+        # A solve that did not converge is refused like a non-finite step when asked to.
+        solved = metrics.get("solver_converged", jnp.asarray(True))
+        if self.unconverged == "report":
+            solved = jnp.asarray(True)
         if self.nonfinite == "apply":
-            updates, params, opt_state = update()
-            new = TrainState(params, opt_state, method_state, key, state.step + 1, state.skipped)
+            updates, new_params, new_opt_state = update()
             metrics["update_norm"] = optax.tree.norm(updates)
-            return new, metrics
+            if self.unconverged == "report":
+                new = TrainState(
+                    new_params, new_opt_state, method_state, key, state.step + 1, state.skipped
+                )
+                return new, metrics
+            ok = solved
+        else:
+            # One reduction judges the step: the update's norm is finite iff every entry of
+            # the update is, and a non-finite gradient makes the update non-finite (NaN or inf
+            # passes through SGD, and Adam's m/√v turns inf into NaN). Separate finiteness
+            # passes over the gradient and the update cost ~20% of an equal-weighting step on
+            # CPU; this costs none beyond the update-norm metric.
+            updates, new_params, new_opt_state = update()
+            update_norm = optax.tree.norm(updates)
+            ok = (
+                jnp.isfinite(update_norm)
+                & jnp.all(jnp.isfinite(metrics["losses"]))
+                & _stays_finite(state.method_state, method_state)
+            )
+            if "regularizer" in metrics:
+                ok = ok & jnp.isfinite(metrics["regularizer"])
+            metrics["finite"] = ok
+            metrics["update_norm"] = update_norm
+            ok = ok & solved
 
-        # One reduction judges the step: the update's norm is finite iff every entry of the
-        # update is, and a non-finite gradient makes the update non-finite (NaN or inf passes
-        # through SGD, and Adam's m/√v turns inf into NaN). Separate finiteness passes over the
-        # gradient and the update cost ~20% of an equal-weighting step on CPU; this costs none
-        # beyond the update-norm metric.
-        updates, new_params, new_opt_state = update()
-        update_norm = optax.tree.norm(updates)
-        ok = (
-            jnp.isfinite(update_norm)
-            & jnp.all(jnp.isfinite(metrics["losses"]))
-            & _stays_finite(state.method_state, method_state)
-        )
-        if "regularizer" in metrics:
-            ok = ok & jnp.isfinite(metrics["regularizer"])
         params, opt_state, new_method_state = jax.tree_util.tree_map(
             lambda a, b: jnp.where(ok, a, b),
             (new_params, new_opt_state, method_state),
@@ -633,8 +670,8 @@ class TrainStep:
             state.step + 1,
             state.skipped + (~ok).astype(state.skipped.dtype),
         )
-        metrics["finite"] = ok
-        metrics["update_norm"] = update_norm
+        if self.unconverged != "report":
+            metrics["applied"] = ok
         return new, metrics
 
     def check(self, state: TrainState, batch: Batch) -> None:
@@ -687,11 +724,39 @@ class TrainStep:
                 )
         raise NonFiniteError(message, step=step, tasks=tasks)
 
+    def raise_if_unconverged(self, metrics: dict[str, jax.Array]) -> None:
+        """Raises :class:`SolverError` if the solve of a step (or of any step of stacked
+        metrics) did not converge."""
+        if "solver_converged" not in metrics:
+            return
+        converged = np.asarray(metrics["solver_converged"]).reshape(-1)
+        if converged.all():
+            return
+        idx = int(np.argmin(converged))
+        step = int(np.asarray(metrics["step"]).reshape(-1)[idx])
+        iters = int(np.asarray(metrics["solver_iterations"]).reshape(-1)[idx])
+        residual = float(np.asarray(metrics["solver_residual"]).reshape(-1)[idx])
+        raise SolverError(
+            f"{self.method.name}'s solver did not converge at step {step} ({iters} iterations, "
+            f"residual {residual:.3g}); the step was not applied. unconverged='skip' skips such "
+            "steps and goes on, 'report' applies them and only reports it",
+            step=step,
+            iterations=iters,
+            residual=residual,
+        )
+
+    def raise_if_failed(self, metrics: dict[str, jax.Array]) -> None:
+        """The host-side checks the step's options ask for, in order: non-finite, then an
+        unconverged solve."""
+        if self.nonfinite == "raise":
+            self.raise_if_nonfinite(metrics)
+        if self.unconverged == "raise":
+            self.raise_if_unconverged(metrics)
+
     def __call__(self, state: TrainState, batch: Batch):
         self.check_if_new(state, batch)
         new, metrics = self.jitted(state, batch)
-        if self.nonfinite == "raise":
-            self.raise_if_nonfinite(metrics)
+        self.raise_if_failed(metrics)
         return new, metrics
 
     def _scan(self, state, sample, keys):
@@ -711,8 +776,7 @@ class TrainStep:
         """
         self.check_if_new(state, jax.eval_shape(sample, keys[0]))
         new, metrics = self._scan_jitted(state, sample, keys)
-        if self.nonfinite == "raise":
-            self.raise_if_nonfinite(metrics)
+        self.raise_if_failed(metrics)
         return new, metrics
 
 
@@ -728,6 +792,7 @@ def make_train_step(
     compute_dtype: Any = None,
     gramian_chunk_size: int | None = None,
     prox: Callable[[Params], Params] | None = None,
+    unconverged: Unconverged = "report",
 ) -> TrainStep:
     """Builds the jitted train step ``step(state, batch) -> (state, metrics)``.
 
@@ -767,6 +832,11 @@ def make_train_step(
         momentum or adaptive optimizers (Adam…) the prox after their update is a heuristic,
         not a proximal method of the same objective (the effective step differs per
         coordinate).
+      unconverged: what a step whose solver did not converge does (methods that run an
+        iterative solver: MGDA, UPGrad, DualProj, CAGrad, Nash-MTL, FairGrad): ``"report"``
+        applies it and reports it in the metrics; ``"skip"`` does not apply it (counted in
+        ``state.skipped``, like a non-finite step) and goes on; ``"raise"`` does not apply it
+        and raises :class:`SolverError` naming the step (one host synchronisation per step).
 
     Metrics: ``losses``; ``weights`` for weighting methods; ``grad_norms`` and ``cosines``
     (pairwise cosines of task gradients) whenever gradients were computed; ``regularizer``
@@ -775,7 +845,11 @@ def make_train_step(
     ``step`` (this step's index); ``task_finite`` (``bool[T]``: the task's loss is finite);
     ``rows_finite`` (``bool[T]``, when the Jacobian or Gramian was computed: the task's
     gradient is finite; a non-finite derivative inside one task can spoil every row through
-    ``0·∞``); ``finite`` (the step was applied; not with ``nonfinite="apply"``).
+    ``0·∞``); ``finite`` (the step was finite, so applied unless ``unconverged`` refused it;
+    not with ``nonfinite="apply"``); for methods that run an iterative solver,
+    ``solver_iterations``, ``solver_converged`` and ``solver_residual`` (the last solve's
+    :class:`mtljax.SolverInfo`); ``applied`` (whether the step was applied) when
+    ``unconverged`` is not ``"report"``.
     """
     return TrainStep(
         model,
@@ -788,4 +862,5 @@ def make_train_step(
         compute_dtype=compute_dtype,
         gramian_chunk_size=gramian_chunk_size,
         prox=prox,
+        unconverged=unconverged,
     )
