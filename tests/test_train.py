@@ -1,6 +1,7 @@
 """The jitted train step, the model adapter and their errors."""
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -522,3 +523,67 @@ def test_from_nnx_feature_mode_checks_reads_once_per_signature():
     xy7 = {"x": jnp.ones((7, 3)), "y": jnp.zeros((7, 2))}
     model.heads_fn(params.specific, model.encode_fn(params.shared, xy7), xy7)
     assert calls == {"encode": 6, "heads": 6}  # a new shape: checked again
+
+
+def _reporting_method(converged_until: int):
+    """Equal weights, with a solver report that says 'converged' for the first
+    ``converged_until`` calls (counted in the state) and not after."""
+
+    class State(NamedTuple):
+        calls: jax.Array
+        solver: mtl.SolverInfo
+
+    def init(num_tasks):
+        return State(jnp.zeros((), jnp.int32), mtl.SolverInfo.initial())
+
+    def weights(losses, gramian, state, key):
+        calls = state.calls + 1
+        info = mtl.SolverInfo.of(calls, calls <= converged_until, jnp.where(calls > 1, 0.5, 0.0))
+        return jnp.ones_like(losses), State(calls, info)
+
+    return mtl.Method("reporting", init, needs="gramian", weights=weights)
+
+
+def test_solver_info_summarises_a_batch():
+    info = mtl.SolverInfo.of(jnp.array([3, 7, 5]), jnp.array([True, False, True]), [1e-3, 2.0, 0.1])
+    assert int(info.iterations) == 7 and not bool(info.converged)
+    assert float(info.residual) == 2.0 and info.residual.dtype == jnp.float32
+    merged = mtl.SolverInfo.merge(mtl.SolverInfo.initial(), mtl.SolverInfo.of(4, True, 1e-7))
+    assert int(merged.iterations) == 4 and bool(merged.converged)
+    assert float(merged.residual) == pytest.approx(1e-7)
+    assert mtl.solver_info(mtl.SolverState(merged)) is merged and mtl.solver_info(()) is None
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "apply"])
+def test_unconverged_solves_are_reported_skipped_or_raised(setup, nonfinite):
+    model, params, batch = setup
+    method = _reporting_method(converged_until=1)
+    # 'report' applies every step and reports the solve.
+    state, step = make(model, params, method, nonfinite=nonfinite)
+    s1, m1 = step(state, batch)
+    s2, m2 = step(s1, batch)
+    assert bool(m1["solver_converged"]) and not bool(m2["solver_converged"])
+    assert int(m2["solver_iterations"]) == 2 and float(m2["solver_residual"]) == 0.5
+    assert max_abs_diff(s2.params, s1.params) > 0 and int(s2.skipped) == 0
+    # 'skip' does not apply the step whose solve failed, and counts it.
+    state, step = make(model, params, method, nonfinite=nonfinite, unconverged="skip")
+    s1, m1 = step(state, batch)
+    s2, m2 = step(s1, batch)
+    assert bool(m1["applied"]) and not bool(m2["applied"])
+    assert max_abs_diff(s2.params, s1.params) == 0.0 and int(s2.skipped) == 1
+    if nonfinite == "skip":
+        assert bool(m2["finite"])  # finite, but not applied
+    # 'raise' names the step; scan raises after the whole scan.
+    state, step = make(model, params, method, nonfinite=nonfinite, unconverged="raise")
+    s1, _ = step(state, batch)
+    with pytest.raises(mtl.SolverError, match="did not converge at step 1") as err:
+        step(s1, batch)
+    assert err.value.step == 1 and err.value.iterations == 2
+    with pytest.raises(mtl.SolverError, match="at step 1"):
+        step.scan(state, lambda k: batch, jax.random.split(jax.random.key(1), 3))
+
+
+def test_unconverged_option_is_checked(setup):
+    model, _, _ = setup
+    with pytest.raises(ValueError, match="unconverged must be"):
+        mtl.make_train_step(model, mtl.methods.ew(), optax.sgd(0.1), unconverged="ignore")

@@ -330,8 +330,7 @@ class DataParallelStep:
         state = self.place_state(state)
         batch = self.shard_batch(batch)
         new, metrics = self._compiled(state, batch)(state, batch)
-        if self.nonfinite == "raise":
-            self.step.raise_if_nonfinite(metrics)
+        self.step.raise_if_failed(metrics)
         return new, metrics
 
 
