@@ -644,3 +644,34 @@ def test_no_intact_checkpoint_names_each_one_tried(tmp_path):
     assert re.search(rf"step 2: its record {tmp_path}/2/meta/metadata cannot be read", message)
     assert re.search(r"step 1: its arrays cannot be restored .*DATA_LOSS", message)
     assert [s for s, _ in e.value.tried] == [2, 1]
+
+
+def test_without_flock_the_recorded_holder_is_checked(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    import socket
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    first = mtl.Checkpointer(tmp_path)
+    with pytest.raises(mtl.CheckpointLockedError, match=rf"process {os.getpid()} on host"):
+        mtl.Checkpointer(tmp_path, mode="resume")
+    first.close()
+    with mtl.Checkpointer(tmp_path, mode="resume"):  # released: the record is cleared
+        pass
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    stale = {"pid": int(dead.stdout), "host": socket.gethostname(), "command": "killed"}
+    (tmp_path / "mtljax.lock").write_text(json.dumps(stale))
+    with mtl.Checkpointer(tmp_path, mode="resume"):  # that process is gone: a stale record
+        assert json.loads((tmp_path / "mtljax.lock").read_text())["pid"] == os.getpid()
+    elsewhere = dict(stale, host=socket.gethostname() + "-other")
+    (tmp_path / "mtljax.lock").write_text(json.dumps(elsewhere))
+    with pytest.raises(mtl.CheckpointLockedError, match="-other"):  # cannot tell: refused
+        mtl.Checkpointer(tmp_path, mode="resume")

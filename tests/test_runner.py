@@ -290,3 +290,13 @@ def test_a_users_folder_is_not_called_a_checkpoint(tmp_path, capsys):
     assert "holds 1 entries named like checkpoints that mtljax did not write (2024)" in err
     assert "already holds checkpoints" not in err
     assert (tmp_path / "2024" / "data.csv").read_text() == "1,2"
+
+
+def test_json_output_is_written_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "r.json"
+    runner.write_json(str(path), {"a": [1, 2]})
+    assert json.loads(path.read_text()) == {"a": [1, 2]}
+    with pytest.raises(TypeError):
+        runner.write_json(str(path), {"a": object()})  # fails halfway through
+    assert json.loads(path.read_text()) == {"a": [1, 2]}  # the previous file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
