@@ -16,7 +16,17 @@ from mtljax._src.base import (
     solver_info,
     weights_from_gramian,
 )
-from mtljax._src.checkpoint import Checkpointer, CheckpointMismatchError, Restored
+from mtljax._src.checkpoint import (
+    CheckpointDamagedError,
+    Checkpointer,
+    CheckpointExistsError,
+    CheckpointFolderError,
+    CheckpointLockedError,
+    CheckpointMismatchError,
+    CheckpointSaveError,
+    DamagedCheckpointWarning,
+    Restored,
+)
 from mtljax._src.engine import feature_jacobian, jacobian, task_jacobian
 from mtljax._src.model import (
     BatchField,
@@ -41,6 +51,7 @@ from mtljax._src.sharding import (
 )
 from mtljax._src.train import (
     NonFiniteError,
+    SkippedStepWarning,
     SolverError,
     TrainState,
     TrainStep,
@@ -58,12 +69,19 @@ __all__ = [
     "analysis",
     "bench",
     "BatchField",
+    "CheckpointDamagedError",
+    "CheckpointExistsError",
+    "CheckpointFolderError",
+    "CheckpointLockedError",
     "CheckpointMismatchError",
+    "CheckpointSaveError",
     "Checkpointer",
+    "DamagedCheckpointWarning",
     "DataParallelStep",
     "Method",
     "Model",
     "NonFiniteError",
+    "SkippedStepWarning",
     "Params",
     "Restored",
     "SolverError",

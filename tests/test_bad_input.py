@@ -5,6 +5,7 @@ task and the step)."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -357,3 +358,34 @@ def test_bad_options(setup):
         make(model, params, mtl.methods.gradnorm(), gramian_chunk_size=0)
     with pytest.raises(ValueError, match="compute_dtype must be a floating dtype"):
         make(model, params, compute_dtype=jnp.int32)
+
+
+def test_skipped_steps_are_reported(setup):
+    model, params, batch = setup
+    state, step = make(model, params, nonfinite="skip")
+    bad = inject(batch, 0, jnp.nan)
+    with pytest.warns(mtl.SkippedStepWarning, match=r"step 0 was skipped.*state.skipped"):
+        for _ in range(3):
+            state, metrics = step(state, bad)
+            jax.block_until_ready(metrics)
+        step(state, bad)
+    assert int(state.skipped) == 3
+    with warnings.catch_warnings():  # once per step function
+        warnings.simplefilter("error", mtl.SkippedStepWarning)
+        for _ in range(2):
+            state, metrics = step(state, bad)
+            jax.block_until_ready(metrics)
+
+
+def test_state_and_step_from_different_optimizers_are_refused(setup):
+    model, params, batch = setup
+    method = mtl.methods.ew()
+    state = mtl.init_train_state(model, params, method, optax.adamw(0.01), jax.random.key(0))
+    step = mtl.make_train_step(model, method, optax.adam(0.01))
+    with pytest.raises(
+        ValueError,
+        match=r"opt_state does not fit this step's optimizer \(expected \(ScaleByAdamState\(.*"
+        r"EmptyState\(\)\), got \(ScaleByAdamState\(.*EmptyState\(\), EmptyState\(\)\)\)",
+    ):
+        step(state, batch)
+    assert step.jitted._cache_size() == 0

@@ -112,3 +112,191 @@ def test_problem_registry():
         mtl.problems.get("mnist")
     with pytest.raises(ValueError, match="sigmas"):
         mtl.problems.get("gradnorm_toy", num_tasks=3, sigmas=(1.0, 2.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Output paths are checked before any work; flags are refused rather than ignored
+
+TRAIN = ["train", "--problem", "gradnorm_toy", "--method", "ew", "--no-progress"]
+
+
+def _read_only_folder(tmp_path):
+    """A folder this process cannot write in (root ignores permission bits: /sys then)."""
+    import os
+
+    from mtljax._src.paths import _probe
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if _probe(str(folder)) is not None:
+        return str(folder)
+    if os.path.isdir("/sys") and _probe("/sys") is not None:
+        return "/sys"
+    pytest.skip("no read-only folder available")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("training started before the output paths were checked")
+
+    monkeypatch.setattr(runner, "run_training", fail)
+    monkeypatch.setattr(runner, "run_suite", fail)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "out_missing_folder",
+        "out_is_a_folder",
+        "out_read_only",
+        "out_under_a_file",
+        "ckpt_dir_is_a_file",
+        "ckpt_dir_read_only",
+        "plots_under_a_file",
+    ],
+)
+def test_output_paths_are_checked_before_any_work(case, tmp_path, no_work, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    ro = _read_only_folder(tmp_path) if "read_only" in case else None
+    args, message = {
+        "out_missing_folder": (
+            [*TRAIN, "--out", str(tmp_path / "nope" / "r.json")],
+            f"--out {tmp_path}/nope/r.json: the folder {tmp_path}/nope does not exist",
+        ),
+        "out_is_a_folder": (
+            [*TRAIN, "--out", str(tmp_path)],
+            f"--out {tmp_path}: is a folder; give a file name",
+        ),
+        "out_read_only": (
+            [*TRAIN, "--out", f"{ro}/r.json"],
+            f"--out {ro}/r.json: cannot create a file in {ro} (",
+        ),
+        "out_under_a_file": (
+            [*TRAIN, "--out", f"{a_file}/r.json"],
+            f"--out {a_file}/r.json: {a_file} is not a folder",
+        ),
+        "ckpt_dir_is_a_file": (
+            [*TRAIN, "--ckpt-dir", str(a_file)],
+            f"--ckpt-dir {a_file}: is a file, not a folder",
+        ),
+        "ckpt_dir_read_only": (
+            [*TRAIN, "--ckpt-dir", f"{ro}/ck"],
+            f"--ckpt-dir {ro}/ck: cannot create it in {ro} (",
+        ),
+        "plots_under_a_file": (
+            ["bench", "--suite", "quick", "--plots", f"{a_file}/plots"],
+            f"--plots {a_file}/plots: cannot create it, {a_file} is a file",
+        ),
+    }[case]
+    with pytest.raises(SystemExit) as e:
+        runner.main(args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_bad_out_fails_in_seconds_not_after_training(tmp_path):
+    import time
+
+    from tests.helpers import subprocess_env
+
+    out = tmp_path / "missing" / "r.json"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtljax", *TRAIN, "--steps", "100000", "--out", str(out)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert f"error: --out {out}: the folder {out.parent} does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.monotonic() - t0 < 60  # 100000 steps would take minutes
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--resume"], "--resume need(s) --ckpt-dir"),
+        (["--overwrite"], "--overwrite need(s) --ckpt-dir"),
+        (["--save-every", "10", "--keep", "2"], "--save-every, --keep need(s) --ckpt-dir"),
+        (["--ckpt-dir", "x", "--resume", "--overwrite"], "--resume and --overwrite exclude"),
+        (["--seed", "99999999999999999999999"], "--seed must be an integer from 0 to"),
+        (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295"),
+    ],
+)
+def test_flags_are_refused_not_ignored(extra, message, no_work, capsys):
+    with pytest.raises(SystemExit) as e:
+        runner.main([*TRAIN, *extra])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_problem_sizes_are_named(capsys):
+    with pytest.raises(SystemExit) as e:
+        runner.main([*TRAIN, "--steps", "2", "--problem-arg", "batch_size=-4"])
+    assert e.value.code == 2
+    assert "--problem-arg batch_size must be a positive integer, got -4" in capsys.readouterr().err
+
+
+def test_bench_seed_range_is_checked(no_work, capsys):
+    with pytest.raises(SystemExit) as e:
+        runner.main(["bench", "--seed", "4294967295", "--seeds", "2"])
+    assert e.value.code == 2
+    assert "--seed + --seeds - 1 must be an integer from 0 to 4294967295" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_second_cli_writer_is_refused_naming_the_holder(tmp_path):
+    import signal
+    import time
+
+    from tests.helpers import subprocess_env
+    from tests.test_checkpoint import _lock_holder
+
+    ckpt = tmp_path / "ck"
+    ckpt.mkdir()
+    holder = _lock_holder(ckpt)  # another process writing this folder
+    try:
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "mtljax", *TRAIN, "--steps", "100000"]
+            + ["--ckpt-dir", str(ckpt), "--resume"],
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        elapsed = time.monotonic() - t0
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"error: {ckpt} is being written by process {holder.pid} on host" in proc.stderr
+    assert elapsed < 60
+
+
+def test_a_users_folder_is_not_called_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "2024").mkdir()
+    (tmp_path / "2024" / "data.csv").write_text("1,2")
+    with pytest.raises(SystemExit) as e:
+        runner.main([*TRAIN, "--steps", "2", "--ckpt-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "holds 1 entries named like checkpoints that mtljax did not write (2024)" in err
+    assert "already holds checkpoints" not in err
+    assert (tmp_path / "2024" / "data.csv").read_text() == "1,2"
+
+
+def test_json_output_is_written_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "r.json"
+    runner.write_json(str(path), {"a": [1, 2]})
+    assert json.loads(path.read_text()) == {"a": [1, 2]}
+    with pytest.raises(TypeError):
+        runner.write_json(str(path), {"a": object()})  # fails halfway through
+    assert json.loads(path.read_text()) == {"a": [1, 2]}  # the previous file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

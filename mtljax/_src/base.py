@@ -102,6 +102,9 @@ class Method(NamedTuple):
       head_grads: what task-specific parameters receive in the train step: ``"weighted"``
         (``wᵢ∇Lᵢ``, the gradient of the weighted objective) or ``"unit"`` (``∇Lᵢ``).
       min_tasks: the fewest tasks the method is defined for.
+      hparams: the factory's arguments, defaults included, as ``(name, value)`` pairs of plain
+        (hashable) descriptions; filled by the factories of :mod:`mtljax.methods`, recorded
+        with checkpoints and compared on restore.
     """
 
     name: str
@@ -112,6 +115,7 @@ class Method(NamedTuple):
     params: ParamSubset = "all"
     head_grads: HeadGrads = "weighted"
     min_tasks: int = 1
+    hparams: tuple[tuple[str, Any], ...] = ()
 
 
 def make_method(

@@ -7,8 +7,10 @@ import ast
 import hashlib
 import json
 import math
+import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ import numpy as np
 from mtljax import bench
 from mtljax import methods as methods_lib
 from mtljax import problems as problems_lib
+from mtljax._src import paths
 from mtljax._src.train import init_train_state, make_train_step
 
 PyTree = Any
@@ -154,6 +157,48 @@ def _metrics_json(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: np.asarray(v).tolist() for k, v in metrics.items() if k in keep}
 
 
+def max_seed() -> int:
+    """The largest seed a JAX key takes whole: 2³² − 1, or 2⁶³ − 1 under ``jax_enable_x64``
+    (a larger seed would be truncated, repeating a smaller seed's run)."""
+    return 2**63 - 1 if jax.config.jax_enable_x64 else 2**32 - 1
+
+
+def check_seed(seed: Any, what: str = "--seed") -> int:
+    """``seed`` as an int in ``[0, max_seed()]``, or a ``ValueError`` saying the range."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise ValueError(f"{what} must be an integer, got {seed!r}")
+    if not 0 <= int(seed) <= max_seed():
+        raise ValueError(
+            f"{what} must be an integer from 0 to {max_seed()} (a JAX key takes "
+            f"{64 if jax.config.jax_enable_x64 else 32}-bit seeds: a larger one would repeat "
+            f"a smaller seed's run), got {seed}"
+        )
+    return int(seed)
+
+
+def _check_problem_args(problem_args: dict[str, Any]) -> None:
+    """Options every built-in problem reads the same way, checked before the problem is built."""
+    for key in ("batch_size", "num_tasks", "num_train", "num_test"):
+        if key in problem_args:
+            v = problem_args[key]
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+                raise ValueError(f"--problem-arg {key} must be a positive integer, got {v!r}")
+
+
+def _close_after_error(ckpt: Any) -> None:
+    """Closes a checkpointer while an error propagates; the first error is the one to report."""
+    try:
+        ckpt.close()
+    except Exception:
+        pass
+
+
+def _checkpoint_mode(resume: bool, overwrite: bool) -> str:
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    return "resume" if resume else "overwrite" if overwrite else "new"
+
+
 def run_training(
     problem_name: str,
     method_name: str,
@@ -168,8 +213,9 @@ def run_training(
     progress: bool = True,
     ckpt_dir: str | None = None,
     save_every: int | None = None,
-    keep: int = 3,
+    keep: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     devices: int | None = None,
     fsdp: bool = False,
     nonfinite: str = "skip",
@@ -183,62 +229,53 @@ def run_training(
     checkpoint (``ckpt_dir``, ``resume``) sees exactly the batches the uninterrupted run would
     have, and ends with bit-identical parameters. ``devices`` > 1 trains data-parallel on that
     many devices (the same global batches; equal to one device up to float32 rounding).
+
+    With ``ckpt_dir``, the folder is checked and locked before anything is built or compiled
+    (see :class:`mtljax.Checkpointer`); ``resume`` continues from its newest intact
+    checkpoint, ``overwrite`` replaces its checkpoints, and a folder that holds checkpoints
+    is refused otherwise.
     """
     from mtljax._src import sharding
-    from mtljax._src.checkpoint import Checkpointer
+    from mtljax._src.checkpoint import (
+        Checkpointer,
+        CheckpointExistsError,
+        DamagedCheckpointWarning,
+    )
+
+    seed = check_seed(seed)
+    _check_problem_args(problem_args or {})
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be ≥ 1, got {steps}")
+    if not ckpt_dir:
+        given = [
+            flag
+            for flag, value in (
+                ("--resume", resume),
+                ("--overwrite", overwrite),
+                ("--save-every", save_every is not None),
+                ("--keep", keep is not None),
+            )
+            if value
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)} need(s) --ckpt-dir")
+    else:
+        ckpt_mode = _checkpoint_mode(resume, overwrite)
+        if save_every is not None and save_every < 1:
+            raise ValueError(f"--save-every must be ≥ 1, got {save_every}")
+        if keep is not None and keep < 1:
+            raise ValueError(f"--keep must be ≥ 1, got {keep}")
+        paths.check_output_dir(ckpt_dir, "--ckpt-dir")
 
     problem = problems_lib.get(problem_name, seed=seed, **(problem_args or {}))
     method = methods_lib.get(method_name, like=problem.params.shared, **(method_args or {}))
     steps = problem.steps if steps is None else int(steps)
     if steps < 1:
         raise ValueError(f"--steps must be ≥ 1, got {steps}")
-    if save_every is not None and save_every < 1:
-        raise ValueError(f"--save-every must be ≥ 1, got {save_every}")
-    if resume and not ckpt_dir:
-        raise ValueError("--resume needs --ckpt-dir")
-    model = problem.model
-    names = model.task_names
-    key_train, key_data = jax.random.split(jax.random.key(seed))
-    state = init_train_state(model, problem.params, method, problem.optimizer, key_train)
-    step = make_train_step(
-        model,
-        method,
-        problem.optimizer,
-        mode=mode,
-        chunk_size=chunk_size,
-        nonfinite=nonfinite,
-        compute_dtype=compute_dtype,
-        gramian_chunk_size=gramian_chunk_size,
-    )
-    data_key = np.asarray(jax.random.key_data(key_data))
-    impl = str(jax.random.key_impl(key_data))
-
-    def sample_at(kd, i):
-        return problem.sample(jax.random.fold_in(jax.random.wrap_key_data(kd, impl=impl), i))
-
-    num_devices = 1 if devices is None else int(devices)
-    if num_devices > 1 or fsdp or jax.process_count() > 1:
-        example = jax.eval_shape(sample_at, data_key, np.int32(0))
-        if not jax.tree_util.tree_leaves(example):
-            raise ValueError(f"problem {problem_name!r} has no data to split across devices")
-        mesh = sharding.make_mesh(num_devices if jax.process_count() == 1 else None)
-        num_devices = mesh.size
-        step = sharding.data_parallel(
-            step, mesh, batch_axes=_infer_batch_axes(problem, example), fsdp=fsdp
-        )
-        state = step.place_state(state)
-        sample = jax.jit(sample_at, out_shardings=step.batch_shardings(example))
-    else:
-        sample = jax.jit(sample_at)
-    main_process = jax.process_index() == 0
-
-    log_every = log_every or max(1, steps // 100)
-    history: dict[str, list] = {"step": [], "losses": [], "weights": []}
-    last_metrics: dict[str, Any] = {}
-    start = 0
     ckpt = None
     if ckpt_dir:
-        save_every = save_every or max(1, steps // 10)
+        # Locked before the state is built and the step compiled: a second writer, or a
+        # folder that cannot be used, is refused at once.
         config = {
             "problem": problem_name,
             "problem_args": problem_args or {},
@@ -249,39 +286,99 @@ def run_training(
             "gramian_chunk_size": gramian_chunk_size,
             "compute_dtype": None if compute_dtype is None else str(np.dtype(compute_dtype)),
         }
-        ckpt = Checkpointer(ckpt_dir, keep=keep, method=method, task_names=names, config=config)
-        latest = ckpt.latest_step()
-        if latest is not None and not resume:
-            ckpt.close()
-            raise ValueError(
-                f"{ckpt_dir} already holds checkpoints (latest: step {latest}); pass --resume "
-                "to continue from it, or choose another --ckpt-dir"
+        try:
+            ckpt = Checkpointer(
+                ckpt_dir,
+                keep=3 if keep is None else keep,
+                method=method,
+                task_names=problem.model.task_names,
+                config=config,
+                optimizer=problem.optimizer,
+                mode=ckpt_mode,
             )
-        if latest is not None:
-            restored = ckpt.restore(state)
-            state = restored.state
-            start = int(restored.data_position)
-            if start > steps:
-                ckpt.close()
-                raise ValueError(
-                    f"the checkpoint in {ckpt_dir} is at step {start}, beyond --steps {steps}"
-                )
-            history = {k: list(v) for k, v in restored.extra.get("history", history).items()}
-            last_metrics = dict(restored.extra.get("last_metrics", {}))
-            saved_devices = restored.extra.get("devices")
-            if saved_devices not in (None, num_devices) and main_process:
-                sys.stderr.write(
-                    f"note: resuming on {num_devices} device(s) a run saved on {saved_devices}: "
-                    "results match to float32 rounding, not bit for bit\n"
-                )
-        elif resume and main_process:
-            sys.stderr.write(f"note: no checkpoint in {ckpt_dir} yet; starting from step 0\n")
-
-    times: list[float] = []
-    bar = Progress(steps, f"{problem_name}/{method_name}", progress and main_process)
-    t_compile = 0.0
-    metrics: dict[str, Any] = {}
+        except CheckpointExistsError as e:
+            raise ValueError(
+                f"{ckpt_dir} already holds checkpoints (latest: step {e.latest}); pass --resume "
+                "to continue from it, --overwrite to replace them, or choose another --ckpt-dir"
+            ) from None
     try:
+        model = problem.model
+        names = model.task_names
+        key_train, key_data = jax.random.split(jax.random.key(seed))
+        state = init_train_state(model, problem.params, method, problem.optimizer, key_train)
+        step = make_train_step(
+            model,
+            method,
+            problem.optimizer,
+            mode=mode,
+            chunk_size=chunk_size,
+            nonfinite=nonfinite,
+            compute_dtype=compute_dtype,
+            gramian_chunk_size=gramian_chunk_size,
+        )
+        data_key = np.asarray(jax.random.key_data(key_data))
+        impl = str(jax.random.key_impl(key_data))
+
+        def sample_at(kd, i):
+            return problem.sample(jax.random.fold_in(jax.random.wrap_key_data(kd, impl=impl), i))
+
+        num_devices = 1 if devices is None else int(devices)
+        if num_devices > 1 or fsdp or jax.process_count() > 1:
+            example = jax.eval_shape(sample_at, data_key, np.int32(0))
+            if not jax.tree_util.tree_leaves(example):
+                raise ValueError(f"problem {problem_name!r} has no data to split across devices")
+            mesh = sharding.make_mesh(num_devices if jax.process_count() == 1 else None)
+            num_devices = mesh.size
+            step = sharding.data_parallel(
+                step, mesh, batch_axes=_infer_batch_axes(problem, example), fsdp=fsdp
+            )
+            state = step.place_state(state)
+            sample = jax.jit(sample_at, out_shardings=step.batch_shardings(example))
+        else:
+            sample = jax.jit(sample_at)
+        main_process = jax.process_index() == 0
+
+        log_every = log_every or max(1, steps // 100)
+        history: dict[str, list] = {"step": [], "losses": [], "weights": []}
+        last_metrics: dict[str, Any] = {}
+        start = 0
+        if ckpt is not None:
+            save_every = save_every or max(1, steps // 10)
+            latest = ckpt.latest_step()
+            if latest is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DamagedCheckpointWarning)
+                    restored = ckpt.restore(state)
+                if restored.skipped and main_process:
+                    for s, reason in restored.skipped:
+                        sys.stderr.write(
+                            f"warning: skipped the damaged checkpoint of step {s} in {ckpt_dir} "
+                            f"({reason}); moved it to {s}.damaged\n"
+                        )
+                    sys.stderr.write(
+                        f"note: resuming from step {restored.step}, the newest intact checkpoint\n"
+                    )
+                state = restored.state
+                start = int(restored.data_position)
+                if start > steps:
+                    raise ValueError(
+                        f"the checkpoint in {ckpt_dir} is at step {start}, beyond --steps {steps}"
+                    )
+                history = {k: list(v) for k, v in restored.extra.get("history", history).items()}
+                last_metrics = dict(restored.extra.get("last_metrics", {}))
+                saved_devices = restored.extra.get("devices")
+                if saved_devices not in (None, num_devices) and main_process:
+                    sys.stderr.write(
+                        f"note: resuming on {num_devices} device(s) a run saved on "
+                        f"{saved_devices}: results match to float32 rounding, not bit for bit\n"
+                    )
+            elif resume and main_process:
+                sys.stderr.write(f"note: no checkpoint in {ckpt_dir} yet; starting from step 0\n")
+
+        times: list[float] = []
+        bar = Progress(steps, f"{problem_name}/{method_name}", progress and main_process)
+        t_compile = 0.0
+        metrics: dict[str, Any] = {}
         for i in range(start, steps):
             batch = sample(data_key, np.int32(i))
             t0 = time.perf_counter()
@@ -311,9 +408,12 @@ def run_training(
                         "devices": num_devices,
                     },
                 )
-    finally:
+    except BaseException:
         if ckpt is not None:
-            ckpt.close()
+            _close_after_error(ckpt)
+        raise
+    if ckpt is not None:
+        ckpt.close()  # waits for the last save: a failure is raised here
     if metrics:
         last_metrics = _metrics_json(metrics)
     params = sharding.to_host(state.params)
@@ -536,12 +636,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-every", type=int, default=None, metavar="K", help="save every K steps (steps/10)"
     )
     c.add_argument(
-        "--keep", type=int, default=3, metavar="N", help="keep the N latest checkpoints (+ best)"
+        "--keep",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep the N latest checkpoints (+ best; default 3)",
     )
     c.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the latest complete checkpoint in --ckpt-dir (if there is one)",
+        help="continue from the newest intact checkpoint in --ckpt-dir (if there is one)",
+    )
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the checkpoints already in --ckpt-dir (mtljax's only) and start anew",
     )
     d = t.add_argument_group("devices")
     d.add_argument(
@@ -614,11 +723,57 @@ def _setup_devices(args: argparse.Namespace) -> bool:
     return True
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path of the command can be written, checked before any work (a finished
+    run must not be lost to its output path); flags that need ``--ckpt-dir`` have it."""
+    if args.command == "train":
+        needs_dir = [
+            flag
+            for flag, given in (
+                ("--resume", args.resume),
+                ("--overwrite", args.overwrite),
+                ("--save-every", args.save_every is not None),
+                ("--keep", args.keep is not None),
+            )
+            if given
+        ]
+        if needs_dir and not args.ckpt_dir:
+            raise ValueError(f"{', '.join(needs_dir)} need(s) --ckpt-dir")
+        _checkpoint_mode(args.resume, args.overwrite)
+        check_seed(args.seed)
+        if args.ckpt_dir:
+            paths.check_output_dir(args.ckpt_dir, "--ckpt-dir")
+    else:
+        check_seed(args.seed)
+        if args.seeds is not None:
+            if args.seeds < 1:
+                raise ValueError(f"--seeds must be ≥ 1, got {args.seeds}")
+            check_seed(args.seed + args.seeds - 1, "--seed + --seeds - 1")
+        if args.plots:
+            paths.check_output_dir(args.plots, "--plots")
+    if args.out:
+        paths.check_output_file(args.out, "--out")
+
+
+def write_json(path: str, result: Any) -> None:
+    """Writes ``result`` to ``path`` whole or not at all (a temporary file, then a rename)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     main_process = True
     try:
+        check_outputs(args)
         if args.command == "train":
             main_process = _setup_devices(args)
             result = run_training(
@@ -638,6 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 save_every=args.save_every,
                 keep=args.keep,
                 resume=args.resume,
+                overwrite=args.overwrite,
                 devices=args.devices,
                 fsdp=args.fsdp,
                 nonfinite=args.nonfinite,
@@ -663,13 +819,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = bench.to_json(result)
     except (ValueError, TypeError, ImportError) as e:
         parser.exit(2, f"error: {e}\n")
-    except (FloatingPointError, RuntimeError) as e:
+    except (FloatingPointError, RuntimeError, OSError) as e:
         parser.exit(1, f"error: {e}\n")
     if args.out and main_process:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        try:
+            write_json(args.out, result)
+        except OSError as e:
+            sha = result.get("params_sha256") if isinstance(result, dict) else None
+            saved = f" (the final checkpoint is in {args.ckpt_dir})" if _ckpt_dir(args) else ""
+            parser.exit(
+                1,
+                f"error: could not write --out {args.out}: {e}{saved}"
+                + (f"; final parameters' sha256 {sha}" if sha else "")
+                + "\n",
+            )
         print(f"wrote {args.out}")
     return 0
+
+
+def _ckpt_dir(args: argparse.Namespace) -> str | None:
+    return getattr(args, "ckpt_dir", None)
 
 
 __all__ = ["main", "run_training", "run_suite", "params_sha256"]

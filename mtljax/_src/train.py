@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -14,6 +15,7 @@ import optax
 
 from mtljax._src import base, engine
 from mtljax._src import tree as tree_lib
+from mtljax._src.describe import state_skeleton
 from mtljax._src.model import Batch, Model, Params
 
 PyTree = Any
@@ -48,6 +50,16 @@ class SolverError(RuntimeError):
     def __init__(self, message: str, *, step: int, iterations: int, residual: float):
         super().__init__(message)
         self.step, self.iterations, self.residual = step, iterations, residual
+
+
+class SkippedStepWarning(RuntimeWarning):
+    """A train step was skipped as non-finite (``nonfinite="skip"``); ``state.skipped``
+    counts them."""
+
+
+def _short(treedef: Any, limit: int = 300) -> str:
+    text = str(treedef)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class TrainState(NamedTuple):
@@ -328,6 +340,22 @@ def _check_weights_defined(method: base.Method, head_grads: str, params: Params,
         )
 
 
+def _method_weights(method: base.Method, losses, gram, state, key):
+    """``method.weights`` with the weights in the losses' dtype: they are the cotangent of the
+    losses' VJP, which must match it (a method may compute in float32 while the losses are
+    float64 under ``jax_enable_x64``, or the reverse)."""
+    w, state = method.weights(losses, gram, state, key)
+    return jnp.asarray(w).astype(losses.dtype), state
+
+
+def _method_direction(method: base.Method, jac, losses, state, key):
+    """``method.direction`` with each leaf in its Jacobian leaf's dtype (that of the parameter
+    or representation it is a gradient for)."""
+    direction, state = method.direction(jac, losses, state, key)
+    direction = jax.tree_util.tree_map(lambda d, j: d.astype(j.dtype), direction, jac)
+    return direction, state
+
+
 def gradients(
     model: Model,
     method: base.Method,
@@ -365,7 +393,7 @@ def gradients(
     rows_ok = None
     if method.needs == "losses":
         losses, vjp = engine.losses_and_vjp(model, params, batch)
-        w, method_state = method.weights(losses, None, method_state, key)
+        w, method_state = _method_weights(method, losses, None, method_state, key)
         grads = vjp(w)
     elif gramian_chunk_size is not None:
         if method.weights is None:
@@ -383,7 +411,7 @@ def gradients(
             constraint=jacobian_constraint,
         )
         rows_ok = jnp.isfinite(jnp.diagonal(gram))
-        w, method_state = method.weights(losses, gram, method_state, key)
+        w, method_state = _method_weights(method, losses, gram, method_state, key)
         grads = vjp(w)
     elif mode == "parameter":
         losses, jac, vjp = engine.jacobian(
@@ -394,14 +422,14 @@ def gradients(
         rows_ok = _rows_finite(jac, t)
         gram = base.gramian(jac, t)
         if method.weights is not None:
-            w, method_state = method.weights(losses, gram, method_state, key)
+            w, method_state = _method_weights(method, losses, gram, method_state, key)
             if method.params == "all":
                 grads = Params(base.combine(w, jac), vjp(w).specific)
             else:
                 grads = vjp(w)
         else:
             w = None
-            direction, method_state = method.direction(jac, losses, method_state, key)
+            direction, method_state = _method_direction(method, jac, losses, method_state, key)
             grads = Params(direction, vjp(jnp.ones_like(losses)).specific)
     elif mode == "feature":
         losses, jac, vjp, backprop = engine.feature_jacobian(
@@ -410,11 +438,11 @@ def gradients(
         rows_ok = _rows_finite(jac, t)
         gram = base.gramian(jac, t)
         if method.weights is not None:
-            w, method_state = method.weights(losses, gram, method_state, key)
+            w, method_state = _method_weights(method, losses, gram, method_state, key)
             grads = vjp(w)
         else:
             w = None
-            direction, method_state = method.direction(jac, losses, method_state, key)
+            direction, method_state = _method_direction(method, jac, losses, method_state, key)
             grads = Params(backprop(direction), vjp(jnp.ones_like(losses)).specific)
     else:
         raise ValueError(f"mode must be 'parameter' or 'feature', got {mode!r}")
@@ -582,6 +610,8 @@ class TrainStep:
             model if self.compute_dtype is None else mixed_precision(model, self.compute_dtype)
         )
         self._checked: set[Any] = set()
+        self._skip_warned = False
+        self._pending_finite: list[tuple[jax.Array, jax.Array]] = []
         self.jitted = jax.jit(self._step)
         self._scan_jitted = jax.jit(self._scan, static_argnums=1)
 
@@ -633,6 +663,9 @@ class TrainStep:
             updates, new_params, new_opt_state = update()
             metrics["update_norm"] = optax.tree.norm(updates)
             if self.unconverged == "report":
+                method_state = jax.tree_util.tree_map(
+                    lambda a, b: a.astype(b.dtype), method_state, state.method_state
+                )
                 new = TrainState(
                     new_params, new_opt_state, method_state, key, state.step + 1, state.skipped
                 )
@@ -657,8 +690,10 @@ class TrainStep:
             metrics["update_norm"] = update_norm
             ok = ok & solved
 
+        # Each leaf keeps its dtype (a method state fed float64 losses under x64 stays as
+        # initialised), so that the state's types are the same at every step.
         params, opt_state, new_method_state = jax.tree_util.tree_map(
-            lambda a, b: jnp.where(ok, a, b),
+            lambda a, b: jnp.where(ok, a, b).astype(b.dtype),
             (new_params, new_opt_state, method_state),
             (state.params, state.opt_state, state.method_state),
         )
@@ -684,6 +719,17 @@ class TrainStep:
                 f"the state's method_state does not fit method {self.method.name!r} (expected "
                 f"{want}, got {got}); build the state with init_train_state(..., method, ...) "
                 "for the same method as the step"
+            )
+        opt_expected = jax.eval_shape(self.optimizer.init, state.params)
+        got, want = (jax.tree_util.tree_structure(x) for x in (state.opt_state, opt_expected))
+        if got != want:
+            shown = [state_skeleton(x) for x in (opt_expected, state.opt_state)]
+            if shown[0] == shown[1]:
+                shown = [_short(want), _short(got)]
+            raise ValueError(
+                "the state's opt_state does not fit this step's optimizer (expected "
+                f"{shown[0]}, got {shown[1]}); build the state with "
+                "init_train_state(..., optimizer, ...) for the same optimizer as the step"
             )
         self.model.check(state.params, batch)
         self._checked.add(batch_signature(batch))
@@ -745,9 +791,34 @@ class TrainStep:
             residual=residual,
         )
 
+    def warn_if_skipped(self, metrics: dict[str, jax.Array]) -> None:
+        """With ``nonfinite="skip"``: a :class:`SkippedStepWarning`, once per step function,
+        for the first step skipped as non-finite. It reads a step's ``finite`` flag once it is
+        computed, without waiting for it (the warning may come a few steps later)."""
+        if self.nonfinite != "skip" or self._skip_warned or "finite" not in metrics:
+            return
+        self._pending_finite.append((metrics["finite"], metrics["step"]))
+        while self._pending_finite and (
+            len(self._pending_finite) > 4 or self._pending_finite[0][0].is_ready()
+        ):
+            finite, step = (np.asarray(x).reshape(-1) for x in self._pending_finite.pop(0))
+            if not finite.all():
+                self._skip_warned = True
+                self._pending_finite.clear()
+                first = int(step[int(np.argmin(finite))])
+                warnings.warn(
+                    f"step {first} was skipped: a non-finite loss, gradient, update or method "
+                    "state left the train state untouched. state.skipped counts such steps; "
+                    "make_train_step(..., nonfinite='raise') stops at the first one and names "
+                    "the task(s)",
+                    SkippedStepWarning,
+                    stacklevel=4,  # the caller of the step
+                )
+
     def raise_if_failed(self, metrics: dict[str, jax.Array]) -> None:
         """The host-side checks the step's options ask for, in order: non-finite, then an
         unconverged solve."""
+        self.warn_if_skipped(metrics)
         if self.nonfinite == "raise":
             self.raise_if_nonfinite(metrics)
         if self.unconverged == "raise":

@@ -6,10 +6,13 @@ Every factory returns a :class:`mtljax.Method`; use it with :func:`mtljax.aggreg
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 
 import jax
 
+from mtljax._src import describe
 from mtljax._src.base import Method
 from mtljax._src.methods.aligned_mtl import aligned_mtl
 from mtljax._src.methods.cagrad import cagrad
@@ -63,6 +66,32 @@ _FACTORIES = {
     "fairgrad": fairgrad,
     "db_mtl": db_mtl,
 }
+
+
+def _recording(factory: Callable[..., Method]) -> Callable[..., Method]:
+    """``factory`` that records its arguments, defaults included, in ``Method.hparams``
+    (``like``, a shape template for the state, is not a hyper-parameter: the state's
+    structure is checked on its own)."""
+    signature = inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def build(*args, **kwargs) -> Method:
+        method = factory(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        hparams = tuple(
+            (k, describe.freeze(describe.describe(v)))
+            for k, v in bound.arguments.items()
+            if k != "like"
+        )
+        return method._replace(hparams=hparams)
+
+    return build
+
+
+# The public factories record their hyper-parameters.
+_FACTORIES = {name: _recording(factory) for name, factory in _FACTORIES.items()}
+globals().update(_FACTORIES)
 
 
 def names() -> tuple[str, ...]:

@@ -136,10 +136,14 @@ class DSelectK(nnx.Module):
         else:
             self.z = nnx.Param(
                 jax.random.uniform(
-                    rngs.params(), (num_tasks, k, m), minval=-gamma / 4, maxval=gamma / 4
+                    rngs.params(),
+                    (num_tasks, k, m),
+                    jnp.float32,
+                    minval=-gamma / 4,
+                    maxval=gamma / 4,
                 )
             )
-            self.alpha = nnx.Param(jnp.zeros((num_tasks, k)))
+            self.alpha = nnx.Param(jnp.zeros((num_tasks, k), jnp.float32))
         self.towers = StackedMLP(tf, num_tasks, rngs=rngs, activation=activation)
         self.in_features = in_features
         self.num_experts = num_experts

@@ -36,8 +36,8 @@ class _StackedConv3(nnx.Module):
     def __init__(self, cin: int, cout: int, num_tasks: int, *, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal()
         keys = jax.random.split(rngs.params(), num_tasks)
-        self.kernel = nnx.Param(jax.vmap(lambda k: init(k, (3, 3, cin, cout)))(keys))
-        self.bias = nnx.Param(jnp.zeros((num_tasks, cout)))
+        self.kernel = nnx.Param(jax.vmap(lambda k: init(k, (3, 3, cin, cout), jnp.float32))(keys))
+        self.bias = nnx.Param(jnp.zeros((num_tasks, cout), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         def conv(xt, k, b):

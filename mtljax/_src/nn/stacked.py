@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,9 @@ class StackedLinear(nnx.Module):
     regression head). The kernel is then ``(T, in, max)`` and task ``t``'s columns past its
     width are zero and masked (they output 0 and get no gradient); :attr:`out_sizes` lists the
     widths and :func:`split_outputs` slices each task's own columns.
+
+    The parameters are ``param_dtype`` (float32 by default, as Flax's layers, also under
+    ``jax_enable_x64``).
     """
 
     def __init__(
@@ -63,20 +67,21 @@ class StackedLinear(nnx.Module):
         *,
         rngs: nnx.Rngs,
         use_bias: bool = True,
+        param_dtype: Any = jnp.float32,
     ):
         check_positive("StackedLinear", in_features=in_features, num_tasks=num_tasks)
         in_features, num_tasks = int(in_features), int(num_tasks)
         out = check_out_features("StackedLinear", out_features, num_tasks)
         width = max_width(out)
         init = nnx.initializers.lecun_normal()
-        kernel = jax.vmap(lambda k: init(k, (in_features, width)))(
+        kernel = jax.vmap(lambda k: init(k, (in_features, width), param_dtype))(
             jax.random.split(rngs.params(), num_tasks)
         )
         self.out_sizes = out_sizes(out, num_tasks)
         if self.padded:
-            kernel = kernel * output_mask(self.out_sizes)[:, None, :]
+            kernel = kernel * output_mask(self.out_sizes)[:, None, :].astype(param_dtype)
         self.kernel = nnx.Param(kernel)
-        self.bias = nnx.Param(jnp.zeros((num_tasks, width))) if use_bias else None
+        self.bias = nnx.Param(jnp.zeros((num_tasks, width), param_dtype)) if use_bias else None
         self.num_tasks = num_tasks
         self.in_features = in_features
 
