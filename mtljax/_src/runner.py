@@ -18,6 +18,7 @@ import numpy as np
 from mtljax import bench
 from mtljax import methods as methods_lib
 from mtljax import problems as problems_lib
+from mtljax._src import bench as bench_lib
 from mtljax._src.train import init_train_state, make_train_step
 
 PyTree = Any
@@ -182,13 +183,19 @@ def run_training(
     derived from ``seed``: the data position is the step count, so a run resumed from a
     checkpoint (``ckpt_dir``, ``resume``) sees exactly the batches the uninterrupted run would
     have, and ends with bit-identical parameters. ``devices`` > 1 trains data-parallel on that
-    many devices (the same global batches; equal to one device up to float32 rounding).
+    many devices (the same global batches; equal to one device up to float32 rounding). A
+    method whose factory takes ``steps_per_epoch`` (``dwa``) gets the problem's unless
+    ``method_args`` sets it.
     """
     from mtljax._src import sharding
     from mtljax._src.checkpoint import Checkpointer
 
     problem = problems_lib.get(problem_name, seed=seed, **(problem_args or {}))
-    method = methods_lib.get(method_name, like=problem.params.shared, **(method_args or {}))
+    method = methods_lib.get(
+        method_name,
+        like=problem.params.shared,
+        **bench_lib.epoch_args(method_name, problem, method_args or {}),
+    )
     steps = problem.steps if steps is None else int(steps)
     if steps < 1:
         raise ValueError(f"--steps must be ≥ 1, got {steps}")
