@@ -24,7 +24,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-METHODS = ("ew", "pcgrad", "mgda", "upgrad", "nash_mtl", "gradnorm")
+METHODS = ("ew", "pcgrad", "mgda", "upgrad", "nash_mtl", "gradnorm", "famo")
 LINEAR = ("ew",)  # per-shard aggregation happens to be right for a linear method
 FSDP_METHODS = ("upgrad",)
 NUM_DEVICES = 8

@@ -8,6 +8,14 @@ only that:
 * ``"gramian"``: the Gramian ``G = J Jᵀ`` of the task Jacobian (a weighting that depends on the
   gradients only through their inner products; works on parameter- or feature-level Jacobians);
 * ``"jacobian"``: the Jacobian itself (e.g. element-wise operations on gradients).
+
+Two optional hooks extend the contract for what only a train step can supply (both are ``None``
+for most methods, which then cost nothing extra):
+
+* ``after_update``: a method that learns from the effect of the update on the batch it was
+  computed on (FAMO) reads the task losses at the updated parameters, on the same batch;
+* ``with_optimizer``: a method whose learned weighting parameters train jointly with the model
+  (UW, IMTL-L) takes the model's optimizer for them.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ WeightsFn = Callable[
     [jax.Array, jax.Array | None, PyTree, jax.Array | None], tuple[jax.Array, PyTree]
 ]
 DirectionFn = Callable[[PyTree, jax.Array, PyTree, jax.Array | None], tuple[PyTree, PyTree]]
+AfterUpdateFn = Callable[[jax.Array, jax.Array, PyTree], PyTree]
 
 _NEEDS = ("losses", "gramian", "jacobian")
 
@@ -105,6 +114,23 @@ class Method(NamedTuple):
       hparams: the factory's arguments, defaults included, as ``(name, value)`` pairs of plain
         (hashable) descriptions; filled by the factories of :mod:`mtljax.methods`, recorded
         with checkpoints and compared on restore.
+      after_update: ``(losses_before, losses_after, state) -> state``, or ``None``. When set,
+        the train step (:func:`mtljax.make_train_step`, also under ``scan`` and data
+        parallelism), after the optimizer's update ``θ → θ'`` on batch ``b``, evaluates the task
+        losses ``ℓ(θ'; b)`` on the same batch (one more forward pass of the same compute
+        model, no gradient) and calls ``after_update(ℓ(θ; b), ℓ(θ'; b), state)`` with the state
+        that ``weights``/``direction`` returned. The state it returns goes through the step's
+        guards like the rest of the step: a step that is not applied (non-finite, unconverged)
+        keeps the method state it started from. Functions that apply no update
+        (:func:`aggregate`, :func:`weights_from_gramian`, :func:`mtljax.gradients`) never call
+        it, so a method that sets it must stay well defined without it (its docstring says
+        what it does then).
+      with_optimizer: ``optimizer -> Method``, or ``None``. Set by a method whose learned
+        weighting parameters default to the model's optimizer (trained jointly with the model,
+        as their paper does): it returns the same method with ``optimizer`` bound for those
+        parameters (and ``with_optimizer=None``). :func:`mtljax.init_train_state` and
+        :func:`mtljax.make_train_step` bind the model's optimizer through
+        :func:`bind_optimizer`; elsewhere the method uses the fallback its docstring gives.
     """
 
     name: str
@@ -116,6 +142,8 @@ class Method(NamedTuple):
     head_grads: HeadGrads = "weighted"
     min_tasks: int = 1
     hparams: tuple[tuple[str, Any], ...] = ()
+    after_update: AfterUpdateFn | None = None
+    with_optimizer: Callable[[Any], Method] | None = None
 
 
 def make_method(
@@ -128,6 +156,8 @@ def make_method(
     params: ParamSubset = "all",
     head_grads: HeadGrads = "weighted",
     min_tasks: int = 1,
+    after_update: AfterUpdateFn | None = None,
+    with_optimizer: Callable[[Any], Method] | None = None,
 ) -> Method:
     """Builds a :class:`Method`, checking its declaration and wrapping ``init`` to check ``T``."""
     if needs not in _NEEDS:
@@ -140,12 +170,42 @@ def make_method(
         raise ValueError(f"{name}: params must be 'all' or 'last', got {params!r}")
     if head_grads not in ("weighted", "unit"):
         raise ValueError(f"{name}: head_grads must be 'weighted' or 'unit', got {head_grads!r}")
+    for hook, fn in (("after_update", after_update), ("with_optimizer", with_optimizer)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name}: {hook} must be a function or None, got {fn!r}")
 
     def checked_init(num_tasks: int) -> PyTree:
         check_num_tasks(name, num_tasks, min_tasks)
         return init(int(num_tasks))
 
-    return Method(name, checked_init, needs, weights, direction, params, head_grads, min_tasks)
+    return Method(
+        name,
+        checked_init,
+        needs,
+        weights,
+        direction,
+        params,
+        head_grads,
+        min_tasks,
+        after_update=after_update,
+        with_optimizer=with_optimizer,
+    )
+
+
+def bind_optimizer(method: Method, optimizer: Any) -> Method:
+    """``method`` with the model's ``optimizer`` bound where it trains its weighting parameters
+    jointly with the model (``method.with_optimizer``); any other method is returned as is.
+
+    Binding twice changes nothing: a bound method has ``with_optimizer=None``.
+    """
+    if method.with_optimizer is None:
+        return method
+    bound = method.with_optimizer(optimizer)
+    if not isinstance(bound, Method) or bound.with_optimizer is not None:
+        raise TypeError(
+            f"{method.name}: with_optimizer must return a Method with with_optimizer=None"
+        )
+    return bound._replace(hparams=method.hparams)
 
 
 def check_num_tasks(name: str, num_tasks: Any, min_tasks: int) -> None:

@@ -505,23 +505,39 @@ def _summarize_method(
     return entry
 
 
+def _factory_parameters(name: str) -> Mapping[str, Any]:
+    factory = getattr(methods_lib, name, None)
+    if factory is None:
+        return {}
+    try:
+        return inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+def epoch_args(name: str, problem: Problem, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given``, plus the problem's ``steps_per_epoch`` for a method whose factory takes it
+    (DWA's epoch-level rule) when the problem has epochs and ``given`` does not set it."""
+    args = dict(given)
+    spe = problem.steps_per_epoch
+    if spe is not None and "steps_per_epoch" not in args:
+        if "steps_per_epoch" in _factory_parameters(name):
+            args["steps_per_epoch"] = int(spe)
+    return args
+
+
 def _default_args(name: str, problem: Problem, given: Mapping[str, Any]) -> dict[str, Any]:
     """A method's arguments for ``problem``: ``given``, plus what its factory cannot default:
-    equal weights for ``fixed``, and ``like`` (the shared parameters' structure) for methods
-    whose state holds gradient-shaped arrays."""
-    args = dict(given)
+    equal weights for ``fixed``, ``like`` (the shared parameters' structure) for methods whose
+    state holds gradient-shaped arrays, and the problem's ``steps_per_epoch`` (see
+    :func:`epoch_args`)."""
+    args = epoch_args(name, problem, given)
     if name == "fixed" and "weights" not in args:
         args["weights"] = [1.0] * problem.model.num_tasks
-    factory = getattr(methods_lib, name, None)
-    if factory is not None and "like" not in args:
-        try:
-            params = inspect.signature(factory).parameters
-        except (TypeError, ValueError):
-            params = {}
-        if "like" in params:
-            args["like"] = jax.tree_util.tree_map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), problem.params.shared
-            )
+    if "like" not in args and "like" in _factory_parameters(name):
+        args["like"] = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), problem.params.shared
+        )
     return args
 
 
@@ -550,7 +566,8 @@ def run_problem(
       eval_every: steps between validation evaluations.
       seeds: a number of seeds (``base_seed, base_seed + 1, …``) or the seeds themselves.
       base_seed: the first seed when ``seeds`` is a number.
-      method_args: ``{name: {argument: value}}`` for the factories of methods given by name.
+      method_args: ``{name: {argument: value}}`` for the factories of methods given by name;
+        a factory that takes ``steps_per_epoch`` (``dwa``) gets the problem's unless given.
       init: ``seed -> initial Params`` for problems without ``init_params``.
       progress: show a progress bar.
 

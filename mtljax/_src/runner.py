@@ -21,6 +21,7 @@ from mtljax import bench
 from mtljax import methods as methods_lib
 from mtljax import problems as problems_lib
 from mtljax._src import paths
+from mtljax._src import bench as bench_lib
 from mtljax._src.train import init_train_state, make_train_step
 
 PyTree = Any
@@ -234,6 +235,8 @@ def run_training(
     (see :class:`mtljax.Checkpointer`); ``resume`` continues from its newest intact
     checkpoint, ``overwrite`` replaces its checkpoints, and a folder that holds checkpoints
     is refused otherwise.
+    A method whose factory takes ``steps_per_epoch`` (``dwa``) gets the problem's unless
+    ``method_args`` sets it.
     """
     from mtljax._src import sharding
     from mtljax._src.checkpoint import (
@@ -268,7 +271,11 @@ def run_training(
         paths.check_output_dir(ckpt_dir, "--ckpt-dir")
 
     problem = problems_lib.get(problem_name, seed=seed, **(problem_args or {}))
-    method = methods_lib.get(method_name, like=problem.params.shared, **(method_args or {}))
+    method = methods_lib.get(
+        method_name,
+        like=problem.params.shared,
+        **bench_lib.epoch_args(method_name, problem, method_args or {}),
+    )
     steps = problem.steps if steps is None else int(steps)
     if steps < 1:
         raise ValueError(f"--steps must be ≥ 1, got {steps}")

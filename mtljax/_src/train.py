@@ -80,8 +80,14 @@ def init_train_state(
     optimizer: optax.GradientTransformation,
     key: jax.Array,
 ) -> TrainState:
-    """The initial :class:`TrainState`; checks that the method accepts the model's ``T``."""
+    """The initial :class:`TrainState`; checks that the method accepts the model's ``T``.
+
+    A method that trains its weighting parameters with the model's optimizer
+    (``method.with_optimizer``, e.g. UW) gets ``optimizer`` bound (:func:`base.bind_optimizer`),
+    as in :func:`make_train_step`.
+    """
     _check_model_and_method("init_train_state", model, method)
+    method = base.bind_optimizer(method, optimizer)
     key = _check_key(key)
     if not isinstance(params, Params):
         raise TypeError(f"params must be mtljax.Params(shared, specific), got {type(params)}")
@@ -554,6 +560,7 @@ class TrainStep:
         unconverged="report",
     ):
         _check_model_and_method("make_train_step", model, method)
+        method = base.bind_optimizer(method, optimizer)
         if mode not in ("parameter", "feature"):
             raise ValueError(f"mode must be 'parameter' or 'feature', got {mode!r}")
         if mode == "feature" and not model.has_features:
@@ -655,12 +662,21 @@ class TrainStep:
                 updates = jax.tree_util.tree_map(jnp.subtract, params, state.params)
             return updates, params, opt_state
 
+        def observe(params, method_state):
+            # The method's view of the update it asked for: the losses at the new parameters on
+            # the same batch (one forward pass), only for methods that declare the hook.
+            if self.method.after_update is None:
+                return method_state
+            after = jax.lax.stop_gradient(self._compute_model.losses(params, batch))
+            return self.method.after_update(metrics["losses"], after, method_state)
+
         # A solve that did not converge is refused like a non-finite step when asked to.
         solved = metrics.get("solver_converged", jnp.asarray(True))
         if self.unconverged == "report":
             solved = jnp.asarray(True)
         if self.nonfinite == "apply":
             updates, new_params, new_opt_state = update()
+            method_state = observe(new_params, method_state)
             metrics["update_norm"] = optax.tree.norm(updates)
             if self.unconverged == "report":
                 method_state = jax.tree_util.tree_map(
@@ -678,6 +694,7 @@ class TrainStep:
             # passes over the gradient and the update cost ~20% of an equal-weighting step on
             # CPU; this costs none beyond the update-norm metric.
             updates, new_params, new_opt_state = update()
+            method_state = observe(new_params, method_state)
             update_norm = optax.tree.norm(updates)
             ok = (
                 jnp.isfinite(update_norm)
@@ -869,7 +886,10 @@ def make_train_step(
 
     Args:
       model: the multi-task model.
-      method: any method of ``mtljax.methods``.
+      method: any method of ``mtljax.methods``. A method with an ``after_update`` hook (FAMO)
+        costs one more forward pass per step: the losses at the updated parameters on the
+        same batch. A method that trains its weighting parameters jointly with the model
+        (``with_optimizer``: UW, IMTL-L by default) gets ``optimizer`` for them.
       optimizer: an optax optimizer for the model's parameters.
       mode: ``"parameter"`` (Jacobian w.r.t. the shared parameters) or ``"feature"`` (w.r.t.
         the shared representation; MGDA-UB is ``mgda`` in this mode).

@@ -44,14 +44,14 @@ def test_dwa_weights_from_hand_computed_ratios():
     assert np.argmax(ws[2]) == 1
 
 
-def test_dwa_temperature_and_period_average():
+def test_dwa_temperature_and_epoch_average():
     seq = np.abs(np.random.default_rng(0).normal(size=(9, 2))) + 0.5
-    ws, _ = weights_sequence(mtl.methods.dwa(temperature=5.0, period=3), seq)
-    for t in range(6):  # two periods without a ratio
+    ws, _ = weights_sequence(mtl.methods.dwa(temperature=5.0, steps_per_epoch=3), seq)
+    for t in range(6):  # two epochs without a ratio
         np.testing.assert_allclose(ws[t], np.ones(2))
-    r = seq[3:6].mean(0) / seq[0:3].mean(0)
+    r = seq[3:6].mean(0) / seq[0:3].mean(0)  # the ratio of the two epochs' mean losses
     e = np.exp(r / 5.0)
-    for t in range(6, 9):  # constant within the third period
+    for t in range(6, 9):  # constant within the third epoch
         np.testing.assert_allclose(ws[t], 2 * e / e.sum(), rtol=1e-6)
 
 
@@ -189,21 +189,126 @@ def test_famo_equalises_the_rate_of_decrease_of_log_losses():
     assert np.all(famo_rates > 0)
 
 
+def test_famo_next_batch_variant_moves_logits_at_the_next_call():
+    """Without ``after_update`` (as in ``aggregate``), the default method follows the
+    next-batch rule: each call first moves ξ for the previous call."""
+    seq = np.abs(np.random.default_rng(3).normal(size=(6, 3))).astype(np.float32) + 0.2
+    ws_default, s_default = weights_sequence(mtl.methods.famo(), seq)
+    ws_next, s_next = weights_sequence(mtl.methods.famo(update="next_batch"), seq)
+    np.testing.assert_array_equal(np.stack(ws_default), np.stack(ws_next))
+    np.testing.assert_array_equal(s_default.logits, s_next.logits)
+    assert mtl.methods.famo().after_update is not None
+    assert mtl.methods.famo(update="next_batch").after_update is None
+
+
+def _famo_linear_problem(num_tasks=3, n=8, steps=6, seed=0, fresh=True):
+    """A shared ``W`` (4×2) and one bias per task, per-task MSE, tasks of different scales;
+    ``steps`` mini-batches of ``n`` examples (fresh ones, or the same one again)."""
+    rng = np.random.default_rng(seed)
+    w_true = rng.normal(size=(num_tasks, 4, 2)) * np.array([0.3, 1.0, 3.0])[:num_tasks, None, None]
+    batches = []
+    for i in range(steps):
+        r = np.random.default_rng(seed + 1 + (i if fresh else 0))
+        x = r.normal(size=(n, 4))
+        y = np.einsum("ni,tio->tno", x, w_true) + 0.3 * r.normal(size=(num_tasks, n, 2))
+        batches.append({"x": x.astype(np.float32), "y": y.astype(np.float32)})
+    model, params, _ = linear_model(num_tasks)
+    return model, params, batches
+
+
+def famo_algorithm_1(params, batches, alpha, beta, gamma, eps=1e-8):
+    """FAMO's Algorithm 1 in float64 for the linear model with SGD(α) and plain-gradient logit
+    steps (β): the losses after each update are taken on the same batch."""
+    w_mat = np.asarray(params.shared["w"], np.float64)
+    b = np.asarray(params.specific, np.float64)
+    xi = np.zeros(b.shape[0])
+
+    def losses_and_err(w_mat, b, batch):
+        x, y = np.asarray(batch["x"], np.float64), np.asarray(batch["y"], np.float64)
+        err = (x @ w_mat)[None] + b[:, None, :] - y  # (T, n, 2)
+        return np.mean(err**2, axis=(1, 2)), err, x
+
+    logits, weights = [], []
+    for batch in batches:
+        loss, err, x = losses_and_err(w_mat, b, batch)
+        z = softmax(xi)
+        c = z / (loss + eps)
+        w = c / c.sum()
+        scale = 2.0 / err[0].size
+        g_w = scale * np.einsum("t,ni,tno->io", w, x, err)
+        g_b = scale * w[:, None] * err.sum(axis=1)
+        w_mat, b = w_mat - alpha * g_w, b - alpha * g_b
+        after, _, _ = losses_and_err(w_mat, b, batch)
+        delta = np.log(loss + eps) - np.log(after + eps)
+        xi = xi - beta * ((np.diag(z) - np.outer(z, z)) @ delta + gamma * xi)
+        logits.append(xi.copy())
+        weights.append(w)
+    return np.stack(logits), np.stack(weights)
+
+
+def _train_famo(method, model, params, batches, alpha):
+    opt = optax.sgd(alpha)
+    state = mtl.init_train_state(model, params, method, opt, jax.random.key(0))
+    step = mtl.make_train_step(model, method, opt)
+    logits, weights = [], []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        logits.append(np.asarray(state.method_state.logits))
+        weights.append(np.asarray(metrics["weights"]))
+    assert int(state.skipped) == 0
+    return np.stack(logits), np.stack(weights), step
+
+
+def test_famo_train_step_follows_algorithm_1_on_fresh_mini_batches():
+    alpha, beta, gamma = 0.1, 2.0, 0.01
+    model, params, batches = _famo_linear_problem(fresh=True)
+    method = mtl.methods.famo(gamma=gamma, optimizer=optax.sgd(beta))
+    logits, weights, step = _train_famo(method, model, params, batches, alpha)
+    ref_logits, ref_weights = famo_algorithm_1(params, batches, alpha, beta, gamma)
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-4)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-3, atol=1e-5)
+    assert np.abs(ref_logits[-1]).max() > 0.05  # the logits did move
+    assert step.jitted._cache_size() == 1
+    # The next-batch rule on the same fresh batches is another trajectory.
+    next_logits, _, _ = _train_famo(
+        mtl.methods.famo(gamma=gamma, optimizer=optax.sgd(beta), update="next_batch"),
+        model,
+        params,
+        batches,
+        alpha,
+    )
+    assert np.abs(next_logits[-1] - ref_logits[-1]).max() > 0.02
+
+
+def test_famo_rules_agree_on_a_full_batch():
+    """On one fixed batch the losses after an update are the next step's losses: both rules
+    give the same weights, the next-batch logits one update behind."""
+    model, params, batches = _famo_linear_problem(fresh=False, steps=8)
+    same, w_same, _ = _train_famo(mtl.methods.famo(), model, params, batches, 0.1)
+    nxt, w_next, _ = _train_famo(mtl.methods.famo(update="next_batch"), model, params, batches, 0.1)
+    np.testing.assert_allclose(w_same, w_next, rtol=1e-5)
+    np.testing.assert_allclose(same[:-1], nxt[1:], rtol=1e-5, atol=1e-7)
+    assert np.abs(same[-1]).max() > 0.05
+
+
 # ----------------------------------------------------------------------------------------------
 # STCH
 
 
-def test_stch_weights_are_the_gradient_of_the_smooth_tchebycheff_value():
+def test_stch_weights_are_the_gradient_of_t_times_the_smooth_tchebycheff_value():
+    # The authors' scale: T · g_μ (their code multiplies the smooth Tchebycheff loss by T).
     losses = jnp.asarray([0.4, 1.3, 0.9])
     pref, ideal = jnp.asarray([0.2, 0.5, 0.3]), jnp.asarray([0.1, 0.0, -0.2])
     for mu in (0.05, 0.5, 3.0):
         m = mtl.methods.stch(mu=mu, preference=pref.tolist(), ideal=ideal.tolist())
         w, _ = m.weights(losses, None, m.init(3), None)
-        g = jax.grad(lambda l, mu=mu: smooth_tchebycheff(l, mu, pref, ideal))(losses)
+        g = jax.grad(lambda l, mu=mu: 3 * smooth_tchebycheff(l, mu, pref, ideal))(losses)
         np.testing.assert_allclose(w, g, rtol=1e-5)
     m = mtl.methods.stch(mu=0.7, log_losses=True)
     w, _ = m.weights(losses, None, m.init(3), None)
-    g = jax.grad(lambda l: smooth_tchebycheff(jnp.log(l), 0.7, jnp.ones(3), jnp.zeros(3)))(losses)
+    g = jax.grad(lambda l: 3 * smooth_tchebycheff(jnp.log(l), 0.7, jnp.ones(3), jnp.zeros(3)))(
+        losses
+    )
     np.testing.assert_allclose(w, g, rtol=1e-5)
 
 
@@ -216,10 +321,10 @@ def test_stch_approaches_the_tchebycheff_max_as_mu_vanishes():
     assert values[2] - worst < 1e-2
     m = mtl.methods.stch(mu=1e-3, preference=pref.tolist())
     w, _ = m.weights(losses, None, m.init(3), None)
-    np.testing.assert_allclose(w, [0.0, 0.0, 1.0], atol=1e-6)
-    m = mtl.methods.stch(mu=1e3)  # large μ: nearly uniform convex weights
+    np.testing.assert_allclose(w, [0.0, 0.0, 3.0], atol=1e-6)  # T λ₂ on the worst task
+    m = mtl.methods.stch(mu=1e3)  # large μ: nearly equal unit weights, summing to T
     w, _ = m.weights(losses, None, m.init(3), None)
-    np.testing.assert_allclose(w, np.full(3, 1 / 3), rtol=1e-3)
+    np.testing.assert_allclose(w, np.ones(3), rtol=1e-3)
 
 
 def test_stch_warmup_estimates_the_ideal_point():
@@ -229,9 +334,66 @@ def test_stch_warmup_estimates_the_ideal_point():
     np.testing.assert_allclose(ws[1], 1 / seq[1], rtol=1e-6)
     z = np.log(seq[:2].mean(0))  # = log(1.5, 2)
     for t in (2, 3):
-        g = jax.grad(lambda l: smooth_tchebycheff(jnp.log(l), 1.0, jnp.ones(2), jnp.asarray(z)))
+        g = jax.grad(lambda l: 2 * smooth_tchebycheff(jnp.log(l), 1.0, jnp.ones(2), jnp.asarray(z)))
         np.testing.assert_allclose(ws[t], g(jnp.asarray(seq[t])), rtol=1e-5)
     assert int(state.count) == 4
+
+
+@pytest.mark.parametrize("log_losses", [False, True])
+def test_stch_scale_is_continuous_at_the_end_of_the_warm_up(log_losses):
+    """With the losses at their warm-up mean, the first weights after the warm-up are the
+    warm-up's (``p = 1/T``): the authors' factor T keeps the step size."""
+    losses = np.asarray([0.5, 2.0, 7.0], np.float32)
+    pref = [0.5, 1.0, 2.0]
+    m = mtl.methods.stch(preference=pref, log_losses=log_losses, warmup_steps=3)
+    ws, state = weights_sequence(m, [losses] * 5)
+    df = 1 / losses if log_losses else np.ones(3)
+    for t in range(5):  # λᵢ ∂fᵢ/∂Lᵢ before the boundary and after it
+        np.testing.assert_allclose(ws[t], np.asarray(pref) * df, rtol=1e-5)
+    np.testing.assert_allclose(ws[3].sum(), ws[2].sum(), rtol=1e-5)
+    # One task above its warm-up mean: T λ p after the warm-up, not λ p.
+    moved = losses * np.asarray([1.0, 1.5, 1.0], np.float32)
+    w, _ = m.weights(jnp.asarray(moved), None, state, None)
+    f = np.log(moved) if log_losses else moved
+    z = np.log(losses) if log_losses else losses
+    p = softmax(np.asarray(pref) * (f - z))
+    dfm = 1 / moved if log_losses else np.ones(3)
+    np.testing.assert_allclose(w, 3 * np.asarray(pref) * p * dfm, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# DWA's epochs from the problem
+
+
+def test_runner_and_bench_pass_the_problems_steps_per_epoch(monkeypatch):
+    from mtljax._src import bench, runner
+
+    problem = mtl.problems.get("uw_noise", num_train=1000, batch_size=64, num_test=100)
+    assert problem.steps_per_epoch == 16  # ⌈1000 / 64⌉
+    assert bench._default_args("dwa", problem, {}) == {"steps_per_epoch": 16}
+    assert bench._default_args("dwa", problem, {"steps_per_epoch": 3}) == {"steps_per_epoch": 3}
+    assert "steps_per_epoch" not in bench._default_args("uw", problem, {})
+    online = mtl.problems.get("mmoe_synthetic", online=True, num_test=100)
+    assert online.steps_per_epoch is None
+    assert bench._default_args("dwa", online, {}) == {}
+    assert mtl.problems.get("toy2d").steps_per_epoch == 1
+    # The command-line runner builds dwa with the problem's epoch.
+    built = []
+    real_get = mtl.methods.get
+
+    def spy(name, **kwargs):
+        built.append((name, kwargs.get("steps_per_epoch")))
+        return real_get(name, **kwargs)
+
+    monkeypatch.setattr(runner.methods_lib, "get", spy)
+    runner.run_training(
+        "uw_noise",
+        "dwa",
+        steps=2,
+        problem_args={"num_train": 1000, "batch_size": 64, "num_test": 100},
+        progress=False,
+    )
+    assert built == [("dwa", 16)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +495,9 @@ def test_train_path_gradient_is_the_weighted_loss_gradient():
 BAD = [
     ("dwa", {"temperature": 0.0}, "temperature"),
     ("dwa", {"temperature": float("nan")}, "temperature"),
-    ("dwa", {"period": 0}, "period"),
+    ("dwa", {"steps_per_epoch": 0}, "steps_per_epoch"),
+    ("dwa", {"steps_per_epoch": 2.5}, "steps_per_epoch"),
+    ("famo", {"update": "same_step"}, "update"),
     ("rlw", {"distribution": "gaussian"}, "distribution"),
     ("rlw", {"distribution": "dirichlet", "alpha": -1.0}, "alpha"),
     ("rlw", {"distribution": "bernoulli", "p": 0.0}, "p"),

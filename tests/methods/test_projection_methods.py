@@ -365,7 +365,7 @@ def test_pcgrad_row_scaling_scales_each_projected_gradient():
 # ----------------------------------------------------------------------------------------------
 # GradVac
 
-BETA = 0.01  # the paper's and the factory's default
+BETA = 0.5  # the factory's default (LibMTL's and torchjd's)
 
 
 def gradvac_state(targets):

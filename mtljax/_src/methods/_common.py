@@ -50,6 +50,55 @@ def weight_optimizer(
     return optax.adam(check_positive(name, "learning_rate", learning_rate))
 
 
+# The optimizer of learned scales outside a train step, where no model optimizer is bound.
+FALLBACK_LEARNING_RATE = 1e-3
+
+
+def joint_optimizer(
+    name: str,
+    optimizer: optax.GradientTransformation | None,
+    learning_rate: float | None,
+) -> optax.GradientTransformation | None:
+    """The optimizer of parameters that their paper trains jointly with the model (UW's
+    log-variances, IMTL-L's log-scales): ``optimizer`` if given, else Adam(``learning_rate``)
+    if that is given, else ``None``: the model's optimizer, bound by the train step
+    (``Method.with_optimizer``)."""
+    if optimizer is not None:
+        if learning_rate is not None:
+            raise ValueError(f"{name}: give optimizer or learning_rate, not both")
+        return weight_optimizer(optimizer, 0.0, name)
+    if learning_rate is not None:
+        return optax.adam(check_positive(name, "learning_rate", learning_rate))
+    return None
+
+
+def check_model_optimizer(name: str, optimizer: Any) -> optax.GradientTransformation:
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"{name}: the model's optimizer must be an optax GradientTransformation, got "
+            f"{type(optimizer).__name__}"
+        )
+    return optimizer
+
+
+def init_joint(
+    name: str, opt: optax.GradientTransformation, params: jax.Array, shared: bool
+) -> optax.OptState:
+    """``opt.init(params)``; when ``opt`` is the model's optimizer (``shared``), an optimizer
+    built for the model's parameter tree (a mask or labels per parameter) is named as the
+    problem."""
+    if not shared:
+        return opt.init(params)
+    try:
+        return opt.init(params)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{name}: the model's optimizer cannot be applied to the method's per-task "
+            f"parameters (a vector of length {params.shape[0]}): {e}. Give the method its own "
+            f"optimizer: {name}(optimizer=...)"
+        ) from e
+
+
 def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
     """``num / den`` where ``den != 0``, else 0."""
     nonzero = den != 0

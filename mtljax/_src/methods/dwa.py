@@ -12,44 +12,47 @@ from mtljax._src.methods import _common
 
 
 class DWAState(NamedTuple):
-    last: jax.Array  # Lᵢ(t−1): the mean loss of the last completed period, f32[T]
+    last: jax.Array  # Lᵢ(t−1): the mean loss of the last completed epoch, f32[T]
     before_last: jax.Array  # Lᵢ(t−2), f32[T]
-    completed: jax.Array  # number of completed periods (saturates at 2), i32
-    window_sum: jax.Array  # Σ of the losses seen in the current period, f32[T]
-    window_count: jax.Array  # steps seen in the current period, i32
+    completed: jax.Array  # number of completed epochs (saturates at 2), i32
+    window_sum: jax.Array  # Σ of the losses seen in the current epoch, f32[T]
+    window_count: jax.Array  # steps seen in the current epoch, i32
 
 
-def dwa(temperature: float = 2.0, *, period: int = 1) -> Method:
+def dwa(temperature: float = 2.0, *, steps_per_epoch: int = 1) -> Method:
     """Dynamic Weight Average: weights from the relative rate of descent of each loss.
 
     Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019:
 
         rᵢ(t−1) = Lᵢ(t−1) / Lᵢ(t−2),    wᵢ(t) = T · exp(rᵢ(t−1)/τ) / Σⱼ exp(rⱼ(t−1)/τ),
 
-    with temperature ``τ = 2`` and ``wᵢ = 1`` for the first two periods, when no ratio exists
-    yet. A task whose loss fell slowly (large ``rᵢ``) gets more weight.
+    where ``Lᵢ(t)`` is task ``i``'s loss averaged over the iterations of epoch ``t``; the weights
+    of epoch ``t`` come from the two previous epochs and stay fixed within the epoch;
+    ``wᵢ = 1`` for the first two epochs, when no ratio exists yet. A task whose loss fell slowly
+    (large ``rᵢ``) gets more weight. The temperature is ``τ = 2`` in the paper.
 
-    The paper's ``Lᵢ(t)`` is the loss averaged over epoch ``t`` and the weights stay fixed within
-    an epoch. Here a *period* is ``period`` consecutive steps: ``period=1`` (the default) uses
-    the previous two steps' losses; ``period = steps per epoch`` is the paper's epoch-level rule
-    (the mean loss over each period, weights recomputed once per period from the last two
-    completed periods and constant within a period). The state holds the two last period means.
+    An epoch here is ``steps_per_epoch`` consecutive train steps (the state holds the running
+    sum of the current epoch and the means of the last two). Give the number of steps that
+    make one pass over the training data for the paper's rule: the benchmark runner and
+    :func:`mtljax.bench.run_problem` pass their problem's ``steps_per_epoch``. The default
+    ``steps_per_epoch=1`` is the per-step special case: the ratio of the previous two steps'
+    (mini-batch) losses, recomputed every step.
 
     Guards: a ratio with ``Lᵢ(t−2) = 0`` is taken as 1, and ratios are clipped to a finite range
     so that the softmax stays finite for any finite losses.
 
     Args:
       temperature: the softmax temperature ``τ > 0`` (paper: 2).
-      period: steps per period (≥ 1); set it to the number of steps in an epoch for the paper's
-        epoch-averaged variant.
+      steps_per_epoch: train steps per epoch (≥ 1); 1 (default) is the per-step rule.
 
-    Scale: ``Σᵢ wᵢ = T`` (equal weights are all 1, as for ``ew()``). Task-specific parameters get
-    ``wᵢ∇Lᵢ``.
+    Scale: ``Σᵢ wᵢ = T`` (equal weights are all 1, as for ``ew()``), as in the paper.
+    Task-specific parameters get ``wᵢ∇Lᵢ``.
     """
     name = "dwa"
     tau = _common.check_positive(name, "temperature", temperature)
+    period = steps_per_epoch
     if not isinstance(period, int) or isinstance(period, bool) or period < 1:
-        raise ValueError(f"{name}: period must be an int ≥ 1, got {period!r}")
+        raise ValueError(f"{name}: steps_per_epoch must be an int ≥ 1, got {period!r}")
 
     def init(num_tasks: int) -> DWAState:
         zeros = jnp.zeros((num_tasks,), jnp.float32)

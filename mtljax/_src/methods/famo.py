@@ -13,12 +13,15 @@ import optax
 from mtljax._src.base import Method, make_method
 from mtljax._src.methods import _common
 
+_UPDATES = ("same_batch", "next_batch")
+
 
 class FAMOState(NamedTuple):
     logits: jax.Array  # ξ, f32[T]; the task weights are z = softmax(ξ)
     opt_state: optax.OptState
-    prev_losses: jax.Array  # ℓ(θ_{t−1}): the losses seen at the previous step, f32[T]
-    count: jax.Array  # steps taken, i32
+    prev_losses: jax.Array  # ℓ(θ_t): the losses the last weights were computed from, f32[T]
+    count: jax.Array  # steps taken (calls of weights), i32
+    awaiting: jax.Array  # bool: the last update's effect has not been observed yet
 
 
 def _shifted(losses: jax.Array, min_losses: jax.Array, eps: float) -> jax.Array:
@@ -35,6 +38,13 @@ def logit_gradient(logits: jax.Array, delta: jax.Array, gamma: float) -> jax.Arr
     return z * (delta - jnp.dot(z, delta)) + gamma * logits
 
 
+def _logit_step(opt, state: FAMOState, delta: jax.Array, gamma: float):
+    """One step of ``opt`` on ``ξ`` along ``(∂z/∂ξ)ᵀ δ + γ ξ``: ``(logits, opt_state)``."""
+    grad = logit_gradient(state.logits, delta, gamma)
+    updates, opt_state = opt.update(grad, state.opt_state, state.logits)
+    return optax.apply_updates(state.logits, updates), opt_state
+
+
 def famo(
     *,
     learning_rate: float = 0.025,
@@ -42,6 +52,7 @@ def famo(
     min_losses: float | Sequence[float] = 0.0,
     eps: float = 1e-8,
     optimizer: optax.GradientTransformation | None = None,
+    update: str = "same_batch",
 ) -> Method:
     """FAMO: decrease all task losses at an equal rate, from the losses alone.
 
@@ -52,9 +63,12 @@ def famo(
         d = Σᵢ c·zᵢ/ℓ̃ᵢ ∇ℓᵢ,   c = (Σⱼ zⱼ/ℓ̃ⱼ)⁻¹,
 
     i.e. the weights are ``wᵢ = (zᵢ/ℓ̃ᵢ) / Σⱼ (zⱼ/ℓ̃ⱼ)``: ``∇ Σᵢ zᵢ log ℓ̃ᵢ`` rescaled to a
-    convex combination of the task gradients. After a model update ``θ_t → θ_{t+1}`` the
-    change of the log-losses, ``δᵢ = log ℓ̃ᵢ(θ_t) − log ℓ̃ᵢ(θ_{t+1})``, estimates how fast each
-    task improved; the logits then move by
+    convex combination of the task gradients. After the model update ``θ_t → θ_{t+1}`` on batch
+    ``b_t``, the change of the log-losses on that batch,
+
+        δᵢ = log ℓ̃ᵢ(θ_t; b_t) − log ℓ̃ᵢ(θ_{t+1}; b_t),
+
+    estimates how fast each task improved; the logits then move by
 
         ξ ← ξ − β ((∂z/∂ξ)ᵀ δ + γ ξ),
 
@@ -62,12 +76,23 @@ def famo(
     with learning rate ``β`` and decay ``γ``). As in the paper's implementation this step is
     taken with Adam (learning rate ``β``), the decay ``γξ`` being added to the gradient.
 
-    Inside a pure step: the loss ``ℓ(θ_{t+1})`` after an update is the loss the next step
-    computes anyway, so the state keeps the previous step's losses, and each step (from the
-    second on) first updates ``ξ`` with ``δ = log ℓ̃(prev) − log ℓ̃(current)`` and then returns
-    the weights of the updated ``ξ``; this is the paper's order of operations. With mini-batches
-    the two losses come from consecutive batches (the paper recomputes the loss on the same
-    batch at the cost of an extra forward pass); on full-batch problems they coincide.
+    ``update`` chooses where ``ℓ(θ_{t+1})`` comes from:
+
+    * ``"same_batch"`` (default, the paper's rule): the train step re-evaluates the losses on
+      ``b_t`` after its update (one more forward pass, no backward) and hands them to the
+      method's ``after_update`` hook, which moves ``ξ`` within the same step.
+    * ``"next_batch"``: no extra forward pass; the next step's losses, on the next batch
+      ``b_{t+1}``, stand in for ``ℓ(θ_{t+1}; b_t)``, and each step first moves ``ξ`` with
+      ``δ = log ℓ̃(θ_t; b_t) − log ℓ̃(θ_{t+1}; b_{t+1})`` and then returns the weights. On a full
+      batch this gives the same weights at every step (``ξ`` lags one update behind); on fresh
+      mini-batches ``δ`` mixes in the difference between batches and most of the reweighting
+      is lost (the logits stay several times smaller).
+
+    Where no update is applied by the library (:func:`mtljax.aggregate`,
+    :func:`mtljax.gradients`, a hand-written loop), ``after_update`` is not called; the default
+    method then follows the ``"next_batch"`` rule on its own (each call first moves ``ξ`` for
+    the previous call whose result was not observed), or a loop can call
+    ``method.after_update(losses, losses_after_update, state)`` itself after its update.
 
     Args:
       learning_rate: ``β``, the step size of the logits (paper: 0.025).
@@ -77,15 +102,18 @@ def famo(
       eps: ``ε > 0`` added to ``ℓ̃`` before the logarithm (paper: 1e-8).
       optimizer: an optax optimizer for ``ξ`` instead of Adam(``β``) (``optax.sgd(β)`` gives
         the plain update above); ``γξ`` is added to its input either way.
+      update: ``"same_batch"`` (the paper's rule) or ``"next_batch"`` (see above).
 
     Scale: ``Σᵢ wᵢ = 1`` (a convex combination, like ``ew(reduction="mean")``); equal losses
     and logits give ``wᵢ = 1/T``. Task-specific parameters get ``wᵢ∇ℓᵢ``. The paper's training
     scripts also clip the shared gradient's norm at 1; that is an optimizer setting
-    (``optax.clip_by_global_norm``), not part of the method.
+    (``optax.clip_by_global_norm``), not part of the method. A non-finite loss after the
+    update makes ``ξ`` non-finite, so the train step does not apply that step.
     """
     name = "famo"
     gamma = _common.check_positive(name, "gamma", gamma, allow_zero=True)
     eps = _common.check_positive(name, "eps", eps)
+    _common.check_choice(name, "update", update, _UPDATES)
     opt = _common.weight_optimizer(optimizer, learning_rate, name)
     if isinstance(min_losses, int | float) and not isinstance(min_losses, bool):
         if not math.isfinite(min_losses):
@@ -106,6 +134,10 @@ def famo(
             return jnp.full((num_tasks,), floor_values, jnp.float32)
         return _common.per_task_vector(name, "min_losses", floor_values, num_tasks)
 
+    def log_shifted(losses: jax.Array, dtype) -> jax.Array:
+        x = jax.lax.stop_gradient(losses).astype(dtype)
+        return jnp.log(_shifted(x, floors(x.shape[0]).astype(dtype), eps))
+
     def init(num_tasks: int) -> FAMOState:
         floors(num_tasks)
         logits = jnp.zeros((num_tasks,), jnp.float32)
@@ -114,28 +146,37 @@ def famo(
             opt_state=opt.init(logits),
             prev_losses=jnp.zeros((num_tasks,), jnp.float32),
             count=jnp.zeros((), jnp.int32),
+            awaiting=jnp.zeros((), bool),
         )
 
     def weights(losses, gramian, state: FAMOState, key):
         dtype = losses.dtype
         x = jax.lax.stop_gradient(losses).astype(state.logits.dtype)
-        floor = floors(x.shape[0]).astype(x.dtype)
-        log_cur = jnp.log(_shifted(x, floor, eps))
+        log_cur = log_shifted(x, x.dtype)
 
-        # Logit update from the previous step's model update (skipped at the first step).
-        delta = jnp.log(_shifted(state.prev_losses, floor, eps)) - log_cur
-        grad = logit_gradient(state.logits, delta, gamma)
-        updates, opt_state = opt.update(grad, state.opt_state, state.logits)
-        stepped = optax.apply_updates(state.logits, updates)
-        first = state.count == 0
-        logits = jnp.where(first, state.logits, stepped)
+        # The previous update's effect, if not observed on its own batch: from this batch.
+        delta = log_shifted(state.prev_losses, x.dtype) - log_cur
+        stepped, stepped_opt = _logit_step(opt, state, delta, gamma)
+        logits = jnp.where(state.awaiting, stepped, state.logits)
         opt_state = jax.tree_util.tree_map(
-            lambda old, new: jnp.where(first, old, new), state.opt_state, opt_state
+            lambda new, old: jnp.where(state.awaiting, new, old), stepped_opt, state.opt_state
         )
 
         # wᵢ ∝ zᵢ / ℓ̃ᵢ, normalised: softmax(ξ − log ℓ̃).
         w = jax.nn.softmax(logits - log_cur)
-        new_state = FAMOState(logits, opt_state, x, state.count + 1)
+        new_state = FAMOState(logits, opt_state, x, state.count + 1, jnp.ones((), bool))
         return w.astype(dtype), new_state
 
-    return make_method(name, init, needs="losses", weights=weights)
+    def after_update(losses_before, losses_after, state: FAMOState) -> FAMOState:
+        dtype = state.logits.dtype
+        delta = log_shifted(losses_before, dtype) - log_shifted(losses_after, dtype)
+        logits, opt_state = _logit_step(opt, state, delta, gamma)
+        return state._replace(logits=logits, opt_state=opt_state, awaiting=jnp.zeros((), bool))
+
+    return make_method(
+        name,
+        init,
+        needs="losses",
+        weights=weights,
+        after_update=after_update if update == "same_batch" else None,
+    )

@@ -54,7 +54,7 @@ def vaccinate(
     return jax.vmap(one_row)(jnp.arange(t), orders, targets.astype(dtype))
 
 
-def gradvac(beta: float = 0.01) -> Method:
+def gradvac(beta: float = 0.5) -> Method:
     """Gradient Vaccine: raise each pair's gradient cosine to an EMA target.
 
     Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and Improving Multi-task
@@ -78,7 +78,9 @@ def gradvac(beta: float = 0.01) -> Method:
     limit) adjusts nothing.
 
     Args:
-      beta: the EMA rate β ∈ [0, 1] of the targets (the paper uses 1e-2).
+      beta: the EMA rate β ∈ [0, 1] of the targets, a hyper-parameter of the paper's eq. (3).
+        Default 0.5: the default of LibMTL (``GradVac_beta``) and of torchjd's ``GradVac``
+        (``beta``).
 
     The visiting orders are independent uniform permutations per task drawn from ``key``;
     without a key the order is ``0, 1, …, T−1``. Scale: the sum of the adjusted gradients

@@ -29,8 +29,8 @@ def scale_update(
 
 def imtl_l(
     *,
-    learning_rate: float = 1e-3,
     optimizer: optax.GradientTransformation | None = None,
+    learning_rate: float | None = None,
     init_log_scale: float = 0.0,
 ) -> Method:
     """IMTL-L: learned loss scales that make the scaled losses equal.
@@ -41,29 +41,51 @@ def imtl_l(
     collapsing to 0). ``∂/∂sᵢ = e^{sᵢ} Lᵢ − 1``, so at stationarity ``e^{sᵢ} Lᵢ = 1`` for every
     task: the scaled losses are equal, whatever the raw loss scales.
 
-    The model's update uses the weights ``wᵢ = e^{sᵢ}`` at the current ``s``; ``s`` takes one
-    step of the method's own optimizer (Adam, ``learning_rate``) in the same step. Needs the
-    losses only.
+    The paper trains ``s`` jointly with the model on ``Σᵢ e^{sᵢ} Lᵢ − sᵢ``. Each step here is one
+    step of that joint training: the model's update uses the weights ``wᵢ = e^{sᵢ}`` at the
+    current ``s``, and ``s`` takes one step in the same train step with the gradient at the same
+    point. Needs the losses only.
+
+    Optimizer of ``s``: by default the model's own (``make_train_step``'s ``optimizer``, with
+    its own state for ``s``), which equals the joint training for any optimizer that treats
+    parameters coordinate-wise (SGD, momentum, Adam…). Outside a train step
+    (:func:`mtljax.aggregate`, :func:`mtljax.gradients`) there is no model optimizer to share
+    and ``s`` takes Adam(1e-3) steps.
 
     Args:
-      learning_rate: Adam's learning rate for ``s`` (ignored when ``optimizer`` is given).
-      optimizer: an optax optimizer for ``s``.
-      init_log_scale: the initial ``sᵢ`` (0: every scale starts at 1).
+      optimizer: an optax optimizer of its own for ``s`` instead of the model's.
+      learning_rate: give ``s`` its own Adam with this learning rate instead of the model's
+        optimizer.
+      init_log_scale: the initial ``sᵢ`` (default 0: every scale starts at 1).
 
     Scale: ``wᵢ = e^{sᵢ}`` (1 at initialisation). Task-specific parameters get ``wᵢ∇Lᵢ``, the
     gradient of the scaled loss, as in the paper.
     """
     name = "imtl_l"
-    opt = _common.weight_optimizer(optimizer, learning_rate, name)
+    own = _common.joint_optimizer(name, optimizer, learning_rate)
     s0 = float(init_log_scale)
 
-    def init(num_tasks: int) -> IMTLLState:
-        s = jnp.full((num_tasks,), s0, jnp.float32)
-        return IMTLLState(s, opt.init(s))
+    def build(opt: optax.GradientTransformation, shared: bool, bindable: bool) -> Method:
+        def init(num_tasks: int) -> IMTLLState:
+            s = jnp.full((num_tasks,), s0, jnp.float32)
+            return IMTLLState(s, _common.init_joint(name, opt, s, shared))
 
-    def weights(losses, gramian, state: IMTLLState, key):
-        w = jnp.exp(state.log_scales)
-        s, opt_state = scale_update(opt, state.log_scales, state.opt_state, losses)
-        return w.astype(losses.dtype), IMTLLState(s, opt_state)
+        def weights(losses, gramian, state: IMTLLState, key):
+            w = jnp.exp(state.log_scales)
+            s, opt_state = scale_update(opt, state.log_scales, state.opt_state, losses)
+            return w.astype(losses.dtype), IMTLLState(s, opt_state)
 
-    return make_method(name, init, needs="losses", weights=weights)
+        def with_optimizer(model_optimizer) -> Method:
+            return build(_common.check_model_optimizer(name, model_optimizer), True, False)
+
+        return make_method(
+            name,
+            init,
+            needs="losses",
+            weights=weights,
+            with_optimizer=with_optimizer if bindable else None,
+        )
+
+    if own is not None:
+        return build(own, False, False)
+    return build(optax.adam(_common.FALLBACK_LEARNING_RATE), False, True)

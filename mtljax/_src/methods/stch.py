@@ -46,32 +46,39 @@ def stch(
 
         g_μ(f | λ) = μ log Σᵢ exp(λᵢ (fᵢ − zᵢ*) / μ),
 
-    which tends to the Tchebycheff value ``maxᵢ λᵢ(fᵢ − zᵢ*)`` as ``μ → 0``. Its gradient is
-    ``Σᵢ λᵢ pᵢ ∇fᵢ`` with ``p = softmax(λ ⊙ (f − z*) / μ)``, so the weights are
-    ``wᵢ = λᵢ pᵢ`` (times ``∂fᵢ/∂Lᵢ`` below): most of the weight goes to the task furthest
+    which tends to the Tchebycheff value ``maxᵢ λᵢ(fᵢ − zᵢ*)`` as ``μ → 0``. The objective
+    minimised here is ``T · g_μ(f | λ)`` (``T`` tasks), the scale of the authors' multi-task
+    code, which multiplies the smooth Tchebycheff loss by the number of tasks. Its gradient is
+    ``T Σᵢ λᵢ pᵢ ∇fᵢ`` with ``p = softmax(λ ⊙ (f − z*) / μ)``, so the weights are
+    ``wᵢ = T λᵢ pᵢ`` (times ``∂fᵢ/∂Lᵢ`` below): most of the weight goes to the task furthest
     above its ideal value.
 
     Objectives ``fᵢ``: the losses ``Lᵢ`` (default), or ``log Lᵢ`` with ``log_losses=True``
-    (then ``wᵢ = λᵢ pᵢ / Lᵢ``). Ideal point ``z*``: ``ideal`` if given (a number or one per
+    (then ``wᵢ = T λᵢ pᵢ / Lᵢ``). Ideal point ``z*``: ``ideal`` if given (a number or one per
     task), else 0, or — with ``warmup_steps > 0`` — ``fᵢ`` of each loss averaged over the first
     ``warmup_steps`` steps, during which the weights are those of the linear scalarization
-    ``Σᵢ λᵢ fᵢ``. The paper's multi-task experiments use that variant: log-losses normalised by
-    their mean over a warm-up period (``log(Lᵢ / L̄ᵢ)``, i.e. ``z* = log L̄``), ``μ = 1`` and a
-    unit preference: ``stch(log_losses=True, warmup_steps=<steps in the paper's warm-up>)``.
-    (The paper averages over the last warm-up epoch; here the mean is over the whole warm-up.)
+    ``Σᵢ λᵢ fᵢ`` (the authors' warm-up objective with a unit ``λ``). The factor ``T`` makes the
+    step continuous at the end of the warm-up: when the losses sit at their warm-up mean,
+    ``p = 1/T`` and ``T λᵢ pᵢ = λᵢ``, the warm-up weights. The paper's multi-task experiments use
+    log-losses normalised by their mean over a warm-up period (``log(Lᵢ / L̄ᵢ)``, i.e.
+    ``z* = log L̄``), ``μ = 1`` and a unit preference:
+    ``stch(log_losses=True, warmup_steps=<steps in the paper's warm-up>)``. (The authors'
+    code averages over the last warm-up epoch; here the mean is over the whole warm-up.)
 
     Args:
-      mu: the smoothing ``μ > 0`` (default 1, the paper's multi-task setting).
-      preference: ``λ``, positive, one per task; default all ones (uniform). The paper writes
-        ``λ`` on the simplex; since ``g_μ(f | cλ) = c·g_{μ/c}(f | λ)``, a unit ``λ`` with ``μ``
-        is the simplex's uniform ``λ = 1/T`` with ``μ/T``, scaled by ``T``.
+      mu: the smoothing ``μ > 0`` (default 1, the authors' multi-task configuration).
+      preference: ``λ``, positive, one per task; default all ones (the authors' multi-task
+        code). The paper writes ``λ`` on the simplex; since ``g_μ(f | cλ) = c·g_{μ/c}(f | λ)``,
+        a unit ``λ`` with ``μ`` is the simplex's uniform ``λ = 1/T`` with ``μ/T``, scaled by
+        ``T``.
       ideal: ``z*``; default 0 (or the warm-up estimate). Not allowed with ``warmup_steps``.
-      log_losses: scalarize ``log Lᵢ`` instead of ``Lᵢ`` (losses floored at 1e-20).
+      log_losses: scalarize ``log Lᵢ`` instead of ``Lᵢ`` (losses floored at 1e-20 before the
+        logarithm; the authors add 1e-20).
       warmup_steps: length of the warm-up that estimates ``z*`` (0: no warm-up).
 
-    Scale: with the default unit preference the weights ``λᵢpᵢ`` sum to 1 (a convex combination
-    of the task gradients, like ``ew(reduction="mean")``); with ``log_losses`` each is further
-    divided by ``Lᵢ``. Task-specific parameters get ``wᵢ∇Lᵢ``.
+    Scale: with the default unit preference the weights ``T λᵢ pᵢ`` sum to ``T``, like
+    ``ew()``'s unit weights and like the warm-up's; with ``log_losses`` each is further divided
+    by ``Lᵢ``. Task-specific parameters get ``wᵢ∇Lᵢ``.
     """
     name = "stch"
     mu = _common.check_positive(name, "mu", mu)
@@ -143,7 +150,7 @@ def stch(
         big = jnp.finfo(x.dtype).max / 4
         scores = jnp.clip(jnp.nan_to_num(lam * (f - z) / mu, posinf=big, neginf=-big), -big, big)
         p = jax.nn.softmax(scores)
-        w = jnp.where(in_warmup, lam, lam * p) * df
+        w = jnp.where(in_warmup, lam, t * lam * p) * df
         new_state = STCHState(
             state.count + 1,
             jnp.where(in_warmup, state.warmup_sum + x, state.warmup_sum),

@@ -23,8 +23,8 @@ class UWState(NamedTuple):
 def uw(
     kinds: str | Sequence[str] = "regression",
     *,
-    learning_rate: float = 1e-3,
     optimizer: optax.GradientTransformation | None = None,
+    learning_rate: float | None = None,
     init_log_var: float = 0.0,
 ) -> Method:
     """Homoscedastic uncertainty weighting.
@@ -35,23 +35,32 @@ def uw(
     * regression tasks (Gaussian likelihood, eq. 7): ``½ e^{-sᵢ} Lᵢ + ½ sᵢ``;
     * classification tasks (scaled softmax, eq. 10): ``e^{-sᵢ} Lᵢ + ½ sᵢ``.
 
-    The model's update uses the weights ``wᵢ = ½e^{-sᵢ}`` (regression) or ``e^{-sᵢ}``
-    (classification) evaluated at the current ``s``; ``s`` is updated in the same step by the
-    method's own optimizer (Adam, ``learning_rate``) with the gradient of that objective,
-    ``∂/∂sᵢ = ½ − cᵢ e^{-sᵢ} Lᵢ`` (``cᵢ`` = ½ or 1). At stationarity ``e^{sᵢ} = Lᵢ`` for a
-    regression task and ``e^{sᵢ} = 2Lᵢ`` for a classification task.
+    The paper minimises this objective jointly over the model's parameters ``θ`` and ``s``.
+    Each step here is one step of that joint training: the model's update uses the weights
+    ``wᵢ = ½e^{-sᵢ}`` (regression) or ``e^{-sᵢ}`` (classification) at the current ``s``, and
+    ``s`` takes one step in the same train step with the gradient of the objective at the same
+    point, ``∂/∂sᵢ = ½ − cᵢ e^{-sᵢ} Lᵢ`` (``cᵢ`` = ½ or 1). At stationarity ``e^{sᵢ} = Lᵢ`` for
+    a regression task and ``e^{sᵢ} = 2Lᵢ`` for a classification task.
+
+    Optimizer of ``s``: by default the model's own (``make_train_step``'s ``optimizer``, with
+    its own state for ``s``), so that training equals the paper's joint training of ``(θ, s)``
+    for any optimizer that treats parameters coordinate-wise (SGD, momentum, Adam, AdamW…; a
+    transformation that couples parameters, like global-norm clipping, sees ``s`` apart from
+    ``θ``). Outside a train step (:func:`mtljax.aggregate`, :func:`mtljax.gradients`) there is
+    no model optimizer to share and ``s`` takes Adam(1e-3) steps.
 
     Args:
       kinds: ``"regression"``, ``"classification"``, or one of these per task.
-      learning_rate: Adam's learning rate for ``s`` (ignored when ``optimizer`` is given).
-      optimizer: an optax optimizer for ``s``.
-      init_log_var: the initial ``sᵢ``.
+      optimizer: an optax optimizer of its own for ``s`` instead of the model's.
+      learning_rate: give ``s`` its own Adam with this learning rate instead of the model's
+        optimizer.
+      init_log_var: the initial ``sᵢ`` (default 0: ``σᵢ² = 1``).
 
     Scale: weights are ``½e^{-s}`` or ``e^{-s}`` (1/2 or 1 at initialisation). Task-specific
     parameters get ``wᵢ∇Lᵢ``, the gradient of the objective above.
     """
     name = "uw"
-    opt = _common.weight_optimizer(optimizer, learning_rate, name)
+    own = _common.joint_optimizer(name, optimizer, learning_rate)
     if isinstance(kinds, str):
         _common.check_choice(name, "kinds", kinds, _KINDS)
     else:
@@ -67,17 +76,31 @@ def uw(
             raise ValueError(f"uw: {len(kinds)} kinds were given but there are {num_tasks} tasks")
         return jnp.asarray([0.5 if k == "regression" else 1.0 for k in kinds])
 
-    def init(num_tasks: int) -> UWState:
-        coefficients(num_tasks)
-        log_vars = jnp.full((num_tasks,), s0, jnp.float32)
-        return UWState(log_vars, opt.init(log_vars))
+    def build(opt: optax.GradientTransformation, shared: bool, bindable: bool) -> Method:
+        def init(num_tasks: int) -> UWState:
+            coefficients(num_tasks)
+            log_vars = jnp.full((num_tasks,), s0, jnp.float32)
+            return UWState(log_vars, _common.init_joint(name, opt, log_vars, shared))
 
-    def weights(losses, gramian, state: UWState, key):
-        c = coefficients(losses.shape[0]).astype(state.log_vars.dtype)
-        w = c * jnp.exp(-state.log_vars)
-        grad_s = 0.5 - w * jax.lax.stop_gradient(losses).astype(w.dtype)
-        updates, opt_state = opt.update(grad_s, state.opt_state, state.log_vars)
-        new_state = UWState(optax.apply_updates(state.log_vars, updates), opt_state)
-        return w.astype(losses.dtype), new_state
+        def weights(losses, gramian, state: UWState, key):
+            c = coefficients(losses.shape[0]).astype(state.log_vars.dtype)
+            w = c * jnp.exp(-state.log_vars)
+            grad_s = 0.5 - w * jax.lax.stop_gradient(losses).astype(w.dtype)
+            updates, opt_state = opt.update(grad_s, state.opt_state, state.log_vars)
+            new_state = UWState(optax.apply_updates(state.log_vars, updates), opt_state)
+            return w.astype(losses.dtype), new_state
 
-    return make_method(name, init, needs="losses", weights=weights)
+        def with_optimizer(model_optimizer) -> Method:
+            return build(_common.check_model_optimizer(name, model_optimizer), True, False)
+
+        return make_method(
+            name,
+            init,
+            needs="losses",
+            weights=weights,
+            with_optimizer=with_optimizer if bindable else None,
+        )
+
+    if own is not None:
+        return build(own, False, False)
+    return build(optax.adam(_common.FALLBACK_LEARNING_RATE), False, True)

@@ -102,4 +102,5 @@ def regression_problem(
         evaluate_split=evaluate_split,
         metrics={n: ("mse", False) for n in task_names},
         init_params=init_params,
+        steps_per_epoch=-(-int(train[0].shape[0]) // int(batch_size)),
     )

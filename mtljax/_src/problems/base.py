@@ -37,6 +37,10 @@ class Problem:
       splits: the split names ``evaluate_split`` accepts.
       init_params: ``key -> Params``: fresh initial parameters of the same model, for runs
         over several seeds on the same data; ``None`` when not provided.
+      steps_per_epoch: the train steps that make one pass over the training set
+        (``⌈examples / batch size⌉``; 1 for a problem without data, whose every step sees the
+        whole objective); ``None`` when every batch is drawn fresh (no epochs). Methods with an
+        epoch-level rule (``dwa``) get it from the benchmark runner.
     """
 
     name: str
@@ -52,6 +56,7 @@ class Problem:
     auxiliary: tuple[str, ...] = ()
     splits: tuple[str, ...] = ("validation", "test")
     init_params: Callable[[jax.Array], Params] | None = None
+    steps_per_epoch: int | None = None
 
     def __post_init__(self):
         names = self.model.task_names

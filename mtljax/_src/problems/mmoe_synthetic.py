@@ -359,6 +359,7 @@ def mmoe_synthetic(
         evaluate_split=evaluate_split,
         metrics={t: ("mse", False) for t in TASKS},
         init_params=init_params,
+        steps_per_epoch=None if online else -(-int(num_train) // int(batch_size)),
     )
 
 

@@ -318,4 +318,5 @@ def multidigits(
         auxiliary=aux,
         splits=("train", "validation", "test"),
         init_params=init_params,
+        steps_per_epoch=-(-int(num_train) // int(batch_size)),
     )

@@ -215,6 +215,7 @@ def toy2d(
         sample=lambda key: None,
         optimizer=optax.adam(learning_rate),
         steps=STEPS,
+        steps_per_epoch=1,
         evaluate=None,
         info={
             "starts": [list(s) for s in STARTS],
