@@ -239,6 +239,21 @@ def test_equal_weighting_ends_at_the_minimiser_of_the_summed_losses():
     np.testing.assert_allclose(at[reached, 0], -63 / 11, atol=0.01)
 
 
+def test_paper_settings():
+    # CAGrad's toy example uses c = 0.5; FAMO's uses γ = 0 and floors below the losses.
+    assert toy2d.paper_settings("cagrad") == {"c": 0.5}
+    famo = toy2d.paper_settings("famo")
+    assert famo["gamma"] == 0.0 and famo["min_losses"] == (-2.1, -21.0)
+    assert all(toy2d.paper_settings(n) == {} for n in OUTCOMES if n not in ("cagrad", "famo"))
+
+
+def test_mgda_slides_along_the_front_to_l1s_optimum_from_the_origin():
+    path = reproduction("mgda").positions[1]
+    first = np.argmax(toy2d.on_front(path))  # on the front's interior first, then at x₁ = 7
+    assert toy2d.on_front(path[first]) and toy2d.at_task_optimum(path[-1])
+    np.testing.assert_array_less(toy2d.distance_to_front(path[first:]), 0.05)
+
+
 @pytest.mark.parametrize("name", ["uw", "imtl_l"])
 def test_stalls_in_the_valley_of_l1_from_the_upper_left(name):
     """From (−8.5, 7.5) UW and IMTL-L stay above the axis in the narrow valley of ℓ₁'s log
