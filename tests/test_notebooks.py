@@ -1,6 +1,9 @@
-"""Every notebook executes (at small sizes, MTLJAX_NB_QUICK=1), so that none can rot."""
+"""Every notebook executes (at small sizes, MTLJAX_NB_QUICK=1), so that none can rot, and
+checks the claims it shows with assertions, which fail the execution."""
 
+import json
 import pathlib
+import re
 
 import pytest
 
@@ -33,3 +36,13 @@ def test_every_notebook_reads_the_quick_flag():
     assert any(p.name.startswith("01_") for p in NOTEBOOKS)
     for path in NOTEBOOKS:
         assert "MTLJAX_NB_QUICK" in path.read_text(), path.name
+
+
+def test_every_notebook_asserts_and_swallows_no_exception():
+    # A notebook's claims are checked by `assert` cells (run by test_notebook_runs); a cell that
+    # caught exceptions could hide a failure from them.
+    for path in NOTEBOOKS:
+        cells = json.loads(path.read_text())["cells"]
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        assert any(re.search(r"^\s*(assert\b|np\.testing\.assert_)", c, re.M) for c in code), path
+        assert not any(re.search(r"^\s*(try|except\b.*):", c, re.M) for c in code), path.name

@@ -1,6 +1,7 @@
-"""The 2-D toy of CAGrad / Nash-MTL / FAMO: definition, Pareto front, and the published
-behaviour of the methods on it."""
+"""The 2-D toy of CAGrad / Nash-MTL / FAMO: definition, Pareto front, and what every method
+does on it (the claims of README's toy2d section; about a minute of CPU)."""
 
+import functools
 import math
 
 import jax
@@ -77,7 +78,22 @@ def test_pareto_front_is_pareto_stationary():
     np.testing.assert_allclose(jac_fn(jnp.asarray([-7.0, toy2d.front_x2(-7.0)]))[1], 0, atol=2e-5)
     # Off the front, both losses can improve: e.g. above it, or beyond |x₁| = 7.
     assert not toy2d.on_front([0.0, -8.0]) and not toy2d.on_front([7.5, toy2d.front_x2(7.0)])
-    assert toy2d.on_front(toy2d.pareto_front(7)).all()
+    assert not toy2d.at_task_optimum([7.5, toy2d.front_x2(7.0)])
+
+
+def test_reaching_the_front_excludes_the_single_task_optima():
+    # The interior of the arc is the front; its end points x₁ = ±7 (and |x₁| > 6.5 near them)
+    # are the single tasks' optima, where a method that collapses onto one task ends.
+    interior = np.stack(
+        [np.linspace(-6.5, 6.5, 27), toy2d.front_x2(np.linspace(-6.5, 6.5, 27))], -1
+    )
+    assert toy2d.on_front(interior).all() and not toy2d.at_task_optimum(interior).any()
+    ends = np.stack([[-7.0, 7.0, -6.8, 6.92], toy2d.front_x2([-7.0, 7.0, -6.8, 6.92])], -1)
+    assert not toy2d.on_front(ends).any() and toy2d.at_task_optimum(ends).all()
+    assert toy2d.on_front(ends, end_margin=0.0).all()  # the Pareto set itself includes them
+    # Within tol of the arc only: 0.04 above the front counts, 0.06 does not.
+    x = np.asarray([[1.0, toy2d.front_x2(1.0) + 0.04], [1.0, toy2d.front_x2(1.0) + 0.06]])
+    np.testing.assert_array_equal(toy2d.on_front(x), [True, False])
 
 
 def test_problem_registered():
@@ -120,52 +136,154 @@ def test_run_records_trajectories():
 
 
 # ----------------------------------------------------------------------------------------------
-# The full reproduction: every registered method, 35k Adam steps from the five starts.
+# The reproduction: every registered method at its toy settings (toy2d.build_method), 35 000
+# Adam steps from the five starts, one compiled scan vmapped over the starts per method.
+#
+# Outcome from each start (in toy2d.STARTS order: (−8.5, 7.5), (0, 0), (9, 9), (−7.5, −0.5),
+# (9, −1)) after toy2d.STEPS steps:
+#   F  reached the front: within 0.05 of it, away from the single-task optima (|x₁| ≤ 6.5)
+#   E  at ℓ₁'s optimum: within 0.05 of the front with x₁ > 6.5 (collapsed onto ℓ₁)
+#   -  off the front, its end points included (farther than 0.05)
+#   L  late: still off the front after 25 000 steps, on it after LATE_STEPS[name]; whether it
+#      is there at step 35 000 depends on float rounding (arrivals spread over 27.5k-65k steps
+#      between XLA optimisation levels and starts moved by 10⁻³)
+#   ?  depends on float rounding; not asserted
+# Only outcomes that agree at XLA optimisation levels 0 and default and from starts moved by
+# 10⁻⁴ and 10⁻³ are asserted.
 
-MUST_REACH = ("mgda", "imtl_g")  # must reach the front from every start
-PAPERS_REACH = ("nash_mtl", "famo")  # their papers show every start reaching it
+OUTCOMES = {
+    "imtl": "FFFFF",
+    "nash_mtl": "FFFFF",
+    "famo": "FFFFF",
+    "fairgrad": "FFFFF",
+    "imtl_g": "LFFFF",
+    "mgda": "LEEFE",
+    "pcgrad": "FF-FF",
+    "upgrad": "FF-FF",
+    "dualproj": "FF-FF",
+    "stch": "FF-FF",
+    "gradvac": "LF-FF",
+    "cagrad": "LF-FF",
+    "ew": "LF-FF",
+    "dwa": "LF-FF",
+    "rlw": "LF-FF",
+    "graddrop": "LF-FF",
+    "gradnorm": "LE-FF",
+    "aligned_mtl": "LF?FF",
+    "uw": "-F-FF",
+    "imtl_l": "-F-FF",
+    "config": "----F",
+    "gls": "-----",
+    "db_mtl": "-----",
+}
+EVERY = 2500
+LATE_BY = 25_000  # every late run is still off the front here
+# Steps a late method runs for: past the latest arrival seen (37.5k for MGDA and GradVac, 42.5k
+# for IMTL-G, 47.5k for CAGrad, 65k for the losses-only methods and Aligned-MTL, which are cheap).
+LATE_STEPS = {"mgda": 50_000, "imtl_g": 50_000, "gradvac": 50_000, "cagrad": 60_000}
+LATE_STEPS_DEFAULT = 80_000
 
 
-@pytest.fixture(scope="module")
-def full_runs():
-    runs = {}
-    for name in mtl.methods.names():
-        method = toy2d.build_method(name)
-        if method is None:  # a factory with required arguments (``fixed`` weights)
-            continue
-        try:
-            runs[name] = toy2d.run(method)
-        except Exception as e:  # reported by test_every_method_runs_the_full_toy
-            runs[name] = e
-    return runs
+@functools.cache
+def reproduction(name: str) -> toy2d.ToyRun:
+    late = "L" in OUTCOMES[name]
+    steps = LATE_STEPS.get(name, LATE_STEPS_DEFAULT) if late else toy2d.STEPS
+    return toy2d.run(toy2d.build_method(name), steps=steps, every=EVERY)
 
 
-@pytest.mark.slow
-def test_every_method_runs_the_full_toy(full_runs):
-    rows, failed = [], {}
-    for name, out in full_runs.items():
-        if isinstance(out, Exception):
-            failed[name] = f"{type(out).__name__}: {out}"
-            continue
-        assert out.positions.shape == (5, 3501, 2)
-        assert np.all(np.isfinite(out.final)), name
-        rows.append(
-            f"{name:12s} "
-            + " ".join(
-                f"{'front' if r else 'off'}({x[0]:+.2f},{x[1]:+.2f})"
-                for r, x in zip(out.reached, out.final, strict=True)
-            )
-        )
-    print("\n" + "\n".join(rows))
-    assert not failed, failed
+def outcome_errors(name: str, out: toy2d.ToyRun) -> list[str]:
+    at = out.positions[:, toy2d.STEPS // EVERY]  # after 35 000 steps
+    errors = []
+    for i, (code, start, x) in enumerate(zip(OUTCOMES[name], toy2d.STARTS, at, strict=True)):
+        where = f"{name} from {start}: ({x[0]:+.3f}, {x[1]:+.3f}) after {toy2d.STEPS} steps"
+        dist = float(toy2d.distance_to_front(x))
+        if code == "F" and not toy2d.on_front(x):
+            errors.append(f"{where} has not reached the front (distance {dist:.3f})")
+        elif code == "E" and not (toy2d.at_task_optimum(x) and x[0] > 0):
+            errors.append(f"{where} is not at l1's optimum x1 = 7 (distance {dist:.3f})")
+        elif code == "-" and dist <= 0.05:
+            errors.append(f"{where} is on the front")
+        elif code == "L":
+            early = out.positions[i, LATE_BY // EVERY]
+            if toy2d.distance_to_front(early) <= 0.05:
+                errors.append(f"{name} from {start} is on the front after {LATE_BY} steps")
+            if not toy2d.on_front(out.final[i]):
+                errors.append(
+                    f"{name} from {start} has not reached the front after "
+                    f"{out.positions.shape[1] - 1} × {EVERY} steps: {out.final[i].tolist()}"
+                )
+    return errors
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", MUST_REACH + PAPERS_REACH)
-def test_reaches_the_pareto_front_from_every_start(name, full_runs):
-    if name not in full_runs:
-        pytest.skip(f"{name} is not registered")
-    out = full_runs[name]
-    if isinstance(out, Exception):
-        raise out
-    assert out.reached.all(), f"{name} ends at {out.final.tolist()} ({out.distance.tolist()})"
+def test_every_method_has_an_expected_outcome():
+    toy_methods = {n for n in mtl.methods.names() if toy2d.build_method(n) is not None}
+    assert set(OUTCOMES) == toy_methods
+    assert all(len(v) == len(toy2d.STARTS) and set(v) <= set("FE-L?") for v in OUTCOMES.values())
+
+
+@pytest.mark.parametrize("name", list(OUTCOMES))
+def test_reproduction(name):
+    out = reproduction(name)
+    assert out.vmapped and np.all(np.isfinite(out.positions)), name
+    errors = outcome_errors(name, out)
+    assert not errors, "\n".join(errors)
+
+
+def test_equal_weighting_ends_at_the_minimiser_of_the_summed_losses():
+    """EW minimises ℓ₁ + ℓ₂ = 0.1 f₁ + f₂; below the axis both are c₂(x₂) gᵢ, and
+    d/dx₁ [0.1 (x₁ − 7)² + (x₁ + 7)²] = 0 gives x₁ = −63/11 ≈ −5.727, next to ℓ₂'s optimum."""
+    out = reproduction("ew")
+    at = out.positions[:, toy2d.STEPS // EVERY]
+    reached = toy2d.on_front(at)
+    assert reached.sum() >= 3
+    np.testing.assert_allclose(at[reached, 0], -63 / 11, atol=0.01)
+
+
+def test_paper_settings():
+    # CAGrad's toy example uses c = 0.5; FAMO's uses γ = 0 and floors below the losses.
+    assert toy2d.paper_settings("cagrad") == {"c": 0.5}
+    famo = toy2d.paper_settings("famo")
+    assert famo["gamma"] == 0.0 and famo["min_losses"] == (-2.1, -21.0)
+    assert all(toy2d.paper_settings(n) == {} for n in OUTCOMES if n not in ("cagrad", "famo"))
+
+
+def test_mgda_slides_along_the_front_to_l1s_optimum_from_the_origin():
+    path = reproduction("mgda").positions[1]
+    first = np.argmax(toy2d.on_front(path))  # on the front's interior first, then at x₁ = 7
+    assert toy2d.on_front(path[first]) and toy2d.at_task_optimum(path[-1])
+    np.testing.assert_array_less(toy2d.distance_to_front(path[first:]), 0.05)
+
+
+@pytest.mark.parametrize("name", ["uw", "imtl_l"])
+def test_stalls_in_the_valley_of_l1_from_the_upper_left(name):
+    """From (−8.5, 7.5) UW and IMTL-L stay above the axis in the narrow valley of ℓ₁'s log
+    term, a₁ = −(x₁ + 7)/2 + tanh(x₂) = 0, hardly moving."""
+    path = reproduction(name).positions[0]
+    x1, x2 = path[toy2d.STEPS // EVERY]
+    assert x2 > 1 and abs(-(x1 + 7) / 2 + math.tanh(x2)) < 0.05, (x1, x2)
+    moved = np.linalg.norm(path[toy2d.STEPS // EVERY] - path[(toy2d.STEPS - 5000) // EVERY])
+    assert moved < 0.2, moved
+
+
+def test_config_comes_to_rest_near_the_front():
+    """From (0, 0), (−7.5, −0.5) and (9, −1) ConFIG comes to rest 0.03-0.09 from the front
+    (within 0.05 only from (9, −1)): it no longer moves."""
+    out = reproduction("config")
+    dist = toy2d.distance_to_front(out.final[[1, 3, 4]])
+    assert np.all((dist > 0.03) & (dist < 0.09)), dist
+    moved = np.linalg.norm(out.positions[[1, 3, 4], -1] - out.positions[[1, 3, 4], -3], axis=-1)
+    assert np.all(moved < 1e-3), moved  # in the last 5000 steps
+
+
+def test_aligned_mtl_update_vanishes_on_the_axis_right_of_the_front():
+    """Where Aligned-MTL can stall from (9, 9), on the x₁ axis right of x₁ = 7 (a point it
+    stopped at): the task gradients point in opposite directions, the Gramian is singular, and
+    its update (scaled by the smallest singular value) vanishes while equal weighting's does not."""
+    x = jnp.asarray([7.5921, -1.5e-3])
+    jac = jax.jacobian(toy2d.losses)(x)
+    g1, g2 = np.asarray(jac, np.float64)
+    assert np.dot(g1, g2) / (np.linalg.norm(g1) * np.linalg.norm(g2)) < -0.9999
+    method = mtl.methods.aligned_mtl()
+    d, _ = mtl.aggregate(method, jac, toy2d.losses(x), method.init(2))
+    assert np.linalg.norm(d) < 1e-4 * np.linalg.norm(g2)
+    assert np.linalg.norm(np.asarray(jac).sum(0)) > 1e-3 * np.linalg.norm(g2)

@@ -27,6 +27,14 @@ with ``c₂′ = −(1 − c₂²)/2``. Its root ``x₂*(x₁)`` is ``−8.3551`
 CAGrad's figure draws as a flat front) and ``−8.4345`` at ``|x₁| = 7``: the front is the
 slightly curved arc ``{(x₁, x₂*(x₁)) : |x₁| ≤ 7}``, whose end points are the optima of
 the single tasks (``ℓ₁``'s at ``x₁ = 7``, ``ℓ₂``'s at ``x₁ = −7``).
+
+A run *reaches the front* (:func:`on_front`, ``ToyRun.reached``) when it ends within ``tol``
+(0.05) of the arc and away from its end points, ``|x₁| ≤ 7 − END_MARGIN``. A method that
+collapses onto one task ends at that task's optimum: Pareto optimal, but no trade-off between
+the tasks. It approaches that end point gradually, so the end points are widened to
+``|x₁| > 7 − END_MARGIN`` (:func:`at_task_optimum`). The margin (0.5) separates with room to
+spare the registered methods' runs that end inside the front (``|x₁| ≤ 5.3`` after 35 000
+steps) from those that collapse (``|x₁| ≥ 6.9``).
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ STEPS = 35_000
 LEARNING_RATE = 1e-3
 LOG_FLOOR = 5e-6  # the floor of |aᵢ| inside the logarithm
 FRONT_X2_AT_0 = -8.355109776756292  # x₂*(0)
+END_MARGIN = 0.5  # |x₁| > 7 − END_MARGIN on the front counts as a single task's optimum
 TASK_NAMES = ("l1", "l2")
 
 
@@ -135,9 +144,20 @@ def distance_to_front(x: Any) -> np.ndarray:
     return d.min(-1)
 
 
-def on_front(x: Any, tol: float = 0.05) -> np.ndarray:
-    """Whether points ``(..., 2)`` lie within ``tol`` of the Pareto set."""
-    return distance_to_front(x) <= tol
+def on_front(x: Any, tol: float = 0.05, end_margin: float = END_MARGIN) -> np.ndarray:
+    """Whether points ``(..., 2)`` have reached the Pareto front: within ``tol`` of the Pareto
+    set and not at a single task's optimum, ``|x₁| ≤ 7 − end_margin`` (``end_margin = 0``
+    admits the end points themselves)."""
+    x = np.asarray(x, np.float64)
+    return (distance_to_front(x) <= tol) & (np.abs(x[..., 0]) <= 7.0 - end_margin)
+
+
+def at_task_optimum(x: Any, tol: float = 0.05, end_margin: float = END_MARGIN) -> np.ndarray:
+    """Whether points ``(..., 2)`` lie within ``tol`` of the Pareto set at one of its end points,
+    the single tasks' optima (``ℓ₁``'s at ``x₁ = 7``, ``ℓ₂``'s at ``x₁ = −7``), widened to
+    ``|x₁| > 7 − end_margin``: where a method that collapses onto one task ends."""
+    x = np.asarray(x, np.float64)
+    return (distance_to_front(x) <= tol) & (np.abs(x[..., 0]) > 7.0 - end_margin)
 
 
 def make_model(scale: float = SCALE) -> Model:
@@ -236,8 +256,11 @@ class ToyRun(NamedTuple):
         (``N = 1 + ⌈steps / every⌉``).
       final: ``(S, 2)``: ``x`` after the last step.
       final_losses: ``(S, 2)``: the losses there.
-      reached: ``(S,)``: whether ``final`` lies within ``tol`` of the Pareto set.
-      distance: ``(S,)``: distance of ``final`` to the Pareto set.
+      reached: ``(S,)``: whether ``final`` reached the front (:func:`on_front`: within ``tol``
+        of the Pareto set, away from the single tasks' optima).
+      at_task_optimum: ``(S,)``: whether ``final`` lies within ``tol`` of the Pareto set at a
+        single task's optimum (:func:`at_task_optimum`): the run collapsed onto one task.
+      distance: ``(S,)``: distance of ``final`` to the Pareto set (end points included).
       skipped: ``(S,)``: steps skipped for non-finite losses or gradients.
       vmapped: whether the starts ran as one ``vmap`` (else one after another).
     """
@@ -246,6 +269,7 @@ class ToyRun(NamedTuple):
     final: np.ndarray
     final_losses: np.ndarray
     reached: np.ndarray
+    at_task_optimum: np.ndarray
     distance: np.ndarray
     skipped: np.ndarray
     vmapped: bool
@@ -292,6 +316,7 @@ def run(
     seed: int = 0,
     every: int = 10,
     tol: float = 0.05,
+    end_margin: float = END_MARGIN,
 ) -> ToyRun:
     """Trains ``method`` on the toy from every start; returns the trajectories.
 
@@ -299,7 +324,8 @@ def run(
     method needs, as in real training) followed by Adam(``learning_rate``), compiled as one
     ``lax.scan``; the starts run together under ``jax.vmap`` (one after another if the method
     cannot be vmapped). Steps with non-finite losses or gradients are skipped and counted.
-    ``every`` sets how often the position is recorded.
+    ``every`` sets how often the position is recorded; ``tol`` and ``end_margin`` decide
+    whether an end point reached the front (:func:`on_front`).
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"toy2d.run: steps must be a positive int, got {steps!r}")
@@ -322,13 +348,13 @@ def run(
         positions, final, skipped = (jnp.stack(v) for v in zip(*outs, strict=True))
         vmapped = False
     positions, final = np.asarray(positions), np.asarray(final)
-    dist = distance_to_front(final)
     return ToyRun(
         positions=positions,
         final=final,
         final_losses=np.asarray(losses(jnp.asarray(final), scale)),
-        reached=dist <= tol,
-        distance=dist,
+        reached=on_front(final, tol, end_margin),
+        at_task_optimum=at_task_optimum(final, tol, end_margin),
+        distance=distance_to_front(final),
         skipped=np.asarray(skipped),
         vmapped=vmapped,
     )
