@@ -20,8 +20,8 @@ import numpy as np
 from mtljax import bench
 from mtljax import methods as methods_lib
 from mtljax import problems as problems_lib
-from mtljax._src import paths
 from mtljax._src import bench as bench_lib
+from mtljax._src import paths
 from mtljax._src.train import init_train_state, make_train_step
 
 PyTree = Any
