@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from mtljax._src.base import Method, make_method
 
 
 def check_positive(name: str, arg: str, value: Any, *, allow_zero: bool = False) -> float:
@@ -103,3 +105,35 @@ def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
     """``num / den`` where ``den != 0``, else 0."""
     nonzero = den != 0
     return jnp.where(nonzero, num / jnp.where(nonzero, den, 1.0), 0.0)
+
+
+def jointly_trained(
+    name: str,
+    own: optax.GradientTransformation | None,
+    make: Callable[[optax.GradientTransformation, bool], tuple[Callable, Callable]],
+) -> Method:
+    """A losses-only method whose parameters train jointly with the model (UW, IMTL-L).
+
+    ``make(opt, shared) -> (init, weights)`` builds the method around ``opt`` (``shared``:
+    ``opt`` is the model's optimizer). With ``own`` (from :func:`joint_optimizer`) that is the
+    method; without, the method uses Adam(:data:`FALLBACK_LEARNING_RATE`) until the train step
+    binds the model's optimizer through ``Method.with_optimizer``.
+    """
+
+    def build(opt: optax.GradientTransformation, shared: bool, bindable: bool) -> Method:
+        init, weights = make(opt, shared)
+
+        def with_optimizer(model_optimizer) -> Method:
+            return build(check_model_optimizer(name, model_optimizer), True, False)
+
+        return make_method(
+            name,
+            init,
+            needs="losses",
+            weights=weights,
+            with_optimizer=with_optimizer if bindable else None,
+        )
+
+    if own is not None:
+        return build(own, False, False)
+    return build(optax.adam(FALLBACK_LEARNING_RATE), False, True)

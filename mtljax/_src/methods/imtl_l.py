@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtljax._src.base import Method, make_method
+from mtljax._src.base import Method
 from mtljax._src.methods import _common
 
 
@@ -65,7 +65,7 @@ def imtl_l(
     own = _common.joint_optimizer(name, optimizer, learning_rate)
     s0 = float(init_log_scale)
 
-    def build(opt: optax.GradientTransformation, shared: bool, bindable: bool) -> Method:
+    def make(opt: optax.GradientTransformation, shared: bool):
         def init(num_tasks: int) -> IMTLLState:
             s = jnp.full((num_tasks,), s0, jnp.float32)
             return IMTLLState(s, _common.init_joint(name, opt, s, shared))
@@ -75,17 +75,6 @@ def imtl_l(
             s, opt_state = scale_update(opt, state.log_scales, state.opt_state, losses)
             return w.astype(losses.dtype), IMTLLState(s, opt_state)
 
-        def with_optimizer(model_optimizer) -> Method:
-            return build(_common.check_model_optimizer(name, model_optimizer), True, False)
+        return init, weights
 
-        return make_method(
-            name,
-            init,
-            needs="losses",
-            weights=weights,
-            with_optimizer=with_optimizer if bindable else None,
-        )
-
-    if own is not None:
-        return build(own, False, False)
-    return build(optax.adam(_common.FALLBACK_LEARNING_RATE), False, True)
+    return _common.jointly_trained(name, own, make)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtljax._src.base import Method, make_method
+from mtljax._src.base import Method
 from mtljax._src.methods import _common
 
 _KINDS = ("regression", "classification")
@@ -76,7 +76,7 @@ def uw(
             raise ValueError(f"uw: {len(kinds)} kinds were given but there are {num_tasks} tasks")
         return jnp.asarray([0.5 if k == "regression" else 1.0 for k in kinds])
 
-    def build(opt: optax.GradientTransformation, shared: bool, bindable: bool) -> Method:
+    def make(opt: optax.GradientTransformation, shared: bool):
         def init(num_tasks: int) -> UWState:
             coefficients(num_tasks)
             log_vars = jnp.full((num_tasks,), s0, jnp.float32)
@@ -90,17 +90,6 @@ def uw(
             new_state = UWState(optax.apply_updates(state.log_vars, updates), opt_state)
             return w.astype(losses.dtype), new_state
 
-        def with_optimizer(model_optimizer) -> Method:
-            return build(_common.check_model_optimizer(name, model_optimizer), True, False)
+        return init, weights
 
-        return make_method(
-            name,
-            init,
-            needs="losses",
-            weights=weights,
-            with_optimizer=with_optimizer if bindable else None,
-        )
-
-    if own is not None:
-        return build(own, False, False)
-    return build(optax.adam(_common.FALLBACK_LEARNING_RATE), False, True)
+    return _common.jointly_trained(name, own, make)
