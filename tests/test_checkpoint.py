@@ -37,6 +37,19 @@ def _cli(ckpt_dir, *extra):
     return args + list(extra)
 
 
+def _resume(ckpt, out) -> subprocess.CompletedProcess:
+    """The CLI run resumed from ``ckpt`` to the end, writing ``out``; it must succeed."""
+    proc = subprocess.run(
+        [*_cli(ckpt, "--resume"), "--out", str(out)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 _CACHE: list[str] = []  # a compilation cache shared by the subprocesses of this module
 
 
@@ -116,14 +129,7 @@ def killed_and_resumed(tmp_path_factory):
         args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     # 2. resumed to the end
-    proc = subprocess.run(
-        [*_cli(ckpt, "--resume"), "--out", str(out)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _resume(ckpt, out)
     _, ref_err = reference.communicate(timeout=300)
     assert reference.returncode == 0, ref_err[-3000:]
     return {
@@ -172,14 +178,7 @@ def test_cli_resumes_from_the_newest_intact_checkpoint(killed_and_resumed, tmp_p
     latest, previous = steps[-1], steps[-2]
     _flip(_array_file(ckpt / str(latest)))
     out = tmp_path / "resumed.json"
-    proc = subprocess.run(
-        [*_cli(ckpt, "--resume"), "--out", str(out)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _resume(ckpt, out)
     assert re.search(
         rf"warning: skipped the damaged checkpoint of step {latest} in {ckpt} \(its arrays "
         rf"cannot be restored .*DATA_LOSS.*\); moved it to {latest}\.damaged",
