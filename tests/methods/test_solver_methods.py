@@ -12,10 +12,16 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import mtljax as mtl
+from mtljax._src import solvers
+from mtljax._src.methods.dualproj import _dualproj
+from mtljax._src.methods.mgda import _mgda
 from mtljax._src.methods.nash_mtl import NashMTLState
+from mtljax._src.methods.upgrad import _upgrad
+from tests.helpers import max_abs_diff, tiny_batch, tiny_model
 
 T, P = 4, 8
 PERM = np.array([2, 0, 3, 1])
@@ -298,6 +304,104 @@ def test_nash_update_weights_every_and_warm_start():
     np.testing.assert_array_equal(history[4], history[3])
     _, _, fresh = entry("nash_mtl", "random3")
     np.testing.assert_allclose(history[3], fresh, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Solver reports (MGDA, UPGrad, DualProj)
+
+QP_METHODS = ("mgda", "mgda_l2", "upgrad", "dualproj")
+
+
+@pytest.mark.parametrize("config", QP_METHODS)
+def test_qp_methods_keep_their_solver_info(config):
+    # The state is the last solve's SolverInfo: converged, with a residual at rounding level,
+    # on random and degenerate inputs (and the initial value before any solve).
+    m = method(config)
+    init = m.init(T)
+    assert isinstance(init, mtl.SolverState)
+    for got, want in zip(init.solver, mtl.SolverInfo.initial(), strict=True):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    state = jax.tree_util.tree_map(lambda x: jnp.stack([x] * len(NAMES)), m.init(T))
+    _, _, new_state = batched(config)(
+        jnp.asarray(JS, jnp.float32), jnp.asarray(LOSSES, jnp.float32), state
+    )
+    info = jax.tree_util.tree_map(np.asarray, new_state.solver)
+    assert np.all(info.converged), info
+    assert np.all((info.residual >= 0) & (info.residual <= 1e3 * np.finfo(np.float32).eps))
+    assert np.all(info.iterations >= 0)
+    if config.startswith("mgda"):  # the interior point iterates on every random input
+        assert np.all(info.iterations[RANDOM] > 0)
+    else:  # pivots where gradients conflict; none without conflict (v = u is exact)
+        assert np.any(info.iterations > 0)
+        assert info.iterations[NAMES.index("no_conflict")] == 0
+
+
+TRAIN_T = 6  # tiny_model's task 0 conflicts with tasks 1 and 2 (cosines −0.33, −0.27)
+E0 = (1.0,) + (0.0,) * (TRAIN_T - 1)  # DualProj projects g₀
+
+
+def _qp_method(name, capped):
+    """MGDA, UPGrad or DualProj (``u = e₀``), with the solver capped at one iteration (one
+    pivot, one interior-point iteration) when ``capped``."""
+    kw = {"max_iter": 1} if capped else {}
+    project = functools.partial(solvers.project_dual_cone, **kw)
+    return {
+        "mgda": lambda: _mgda("none", functools.partial(solvers.min_norm_simplex, **kw)),
+        "upgrad": lambda: _upgrad(None, project),
+        "dualproj": lambda: _dualproj(E0, project),
+    }[name]()
+
+
+@functools.cache
+def _train(name, capped=False, unconverged="report", steps=1):
+    """``(state, new_state, metrics)`` after ``steps`` train steps on tiny_model."""
+    method = _qp_method(name, capped)
+    model, params = tiny_model(TRAIN_T)
+    opt = optax.sgd(0.1)
+    state = mtl.init_train_state(model, params, method, opt, jax.random.key(0))
+    step = mtl.make_train_step(model, method, opt, unconverged=unconverged)
+    new, metrics = state, None
+    for _ in range(steps):
+        new, metrics = step(new, tiny_batch(TRAIN_T))
+    return state, new, metrics
+
+
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "dualproj"])
+def test_train_step_reports_the_solve(name):
+    _, new, metrics = _train(name)
+    assert metrics["solver_iterations"].dtype == jnp.int32
+    assert int(metrics["solver_iterations"]) > 1
+    assert bool(metrics["solver_converged"])
+    assert 0 <= float(metrics["solver_residual"]) <= 1e3 * np.finfo(np.float32).eps
+    assert new.method_state.solver.converged
+
+
+def test_unconverged_solve_is_reported_skipped_or_raised():
+    # MGDA's interior point capped at one iteration does not converge on these gradients.
+    # "report" applies the step and reports the solve.
+    state, new, metrics = _train("mgda", capped=True)
+    assert not bool(metrics["solver_converged"]) and int(metrics["solver_iterations"]) == 1
+    assert float(metrics["solver_residual"]) > 1e-3
+    assert max_abs_diff(new.params, state.params) > 0
+    # "skip" leaves the parameters unchanged and counts the steps.
+    state, new, metrics = _train("mgda", capped=True, unconverged="skip", steps=2)
+    assert not bool(metrics["applied"]) and int(new.skipped) == 2 and int(new.step) == 2
+    assert max_abs_diff(new.params, state.params) == 0
+    # "raise" raises SolverError naming the step.
+    with pytest.raises(mtl.SolverError, match="mgda's solver did not converge at step 0"):
+        _train("mgda", capped=True, unconverged="raise")
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+def test_unconverged_projection_is_refused(name):
+    # One pivot and one interior-point iteration do not solve the projections of g₀, which
+    # the default caps solve (test_train_step_reports_the_solve).
+    assert bool(_train(name)[2]["solver_converged"])
+    state, new, metrics = _train(name, capped=True, unconverged="skip")
+    assert not bool(metrics["solver_converged"]) and not bool(metrics["applied"])
+    assert int(new.skipped) == 1 and max_abs_diff(new.params, state.params) == 0
+    with pytest.raises(mtl.SolverError, match=f"{name}'s solver did not converge"):
+        _train(name, capped=True, unconverged="raise")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -228,6 +228,135 @@ def test_projection_linear_under_row_scaling():
 
 
 # ----------------------------------------------------------------------------------------------
+# Convergence reports of MGDA's solver and of the projections
+
+# A converged solve's residual is at rounding level (each solver certifies ≤ 10³ ε).
+RESIDUAL = {"float32": 1e3 * np.finfo(np.float32).eps, "float64": 1e3 * np.finfo(np.float64).eps}
+
+
+def _qp_infos(g):
+    """The SolverInfo of MGDA and of the projections (pivoting and interior point), with the
+    default iteration caps and with one iteration."""
+    t = g.shape[0]
+    us = jnp.concatenate([jnp.eye(t, dtype=g.dtype), jnp.full((1, t), 1.0 / t, g.dtype)])
+    out = {}
+    for cap, kw in (("", {}), ("_1", {"max_iter": 1})):
+        out["mgda" + cap] = solvers.min_norm_simplex(g, return_info=True, **kw)[1]
+        out["proj" + cap] = solvers.project_dual_cone(g, us, return_info=True, **kw)[1]
+    v, out["proj_ipm"] = solvers.project_dual_cone(
+        g, us, algorithm="interior_point", return_info=True
+    )
+    return out, v
+
+
+GROUPS = ("random", "extra", "degenerate")
+
+
+@functools.cache
+def qp_infos(dtype_name):
+    """``_qp_infos`` on the Gramians of every group of ``solved(dtype_name)``, in one batch:
+    ``{group: (infos, v_interior_point)}`` (numpy)."""
+    js = [solved(dtype_name)[group][0] for group in GROUPS]
+    j = np.concatenate(js).astype(dtype_name)
+    gs = np.einsum("bip,bjp->bij", j, j)
+    with jax.enable_x64(dtype_name == "float64"):
+        infos, v = jax.jit(jax.vmap(_qp_infos))(jnp.asarray(gs, dtype=dtype_name))
+        infos = jax.tree_util.tree_map(np.asarray, infos)
+        v = np.asarray(v, np.float64)
+    ends = np.cumsum([len(x) for x in js])
+    out = {}
+    for group, end, n in zip(GROUPS, ends, (len(x) for x in js), strict=True):
+        sl = slice(end - n, end)
+        out[group] = (jax.tree_util.tree_map(lambda a, sl=sl: a[sl], infos), v[sl])
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", GROUPS)
+def test_qp_solver_info_converged_with_small_residual(dtype, group):
+    infos, _ = qp_infos(dtype)[group]
+    for key in ("mgda", "proj", "proj_ipm"):
+        info = infos[key]
+        assert info.iterations.dtype == np.int32 and info.residual.dtype == np.float32, key
+        assert np.all(info.converged), (key, info)
+        assert np.all((info.residual >= 0) & (info.residual <= RESIDUAL[dtype])), (key, info)
+    # The pivots of the projections are bounded by 2T when no interior point is needed; the
+    # interior point takes a few iterations, at most its cap.
+    assert np.all(infos["proj"].iterations <= 2 * T + solvers.IPM_MAX_ITER)
+    assert np.all((infos["mgda"].iterations >= 0) & (infos["mgda"].iterations <= 60))
+    if group == "random":
+        assert np.all(infos["mgda"].iterations > 1)
+        assert np.any(infos["proj"].iterations > 1)  # the random gradients conflict
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qp_solver_info_reports_an_iteration_cap(dtype):
+    # One iteration does not solve these problems: the info says so, with a large residual.
+    infos, _ = qp_infos(dtype)["random"]
+    assert not np.any(infos["mgda_1"].converged)
+    assert np.all(infos["mgda_1"].iterations == 1)
+    assert np.all(infos["mgda_1"].residual > 1e3 * RESIDUAL[dtype])
+    # The projections whose full solve needed several pivots are not solved by one pivot and
+    # one interior-point iteration.
+    hard = infos["proj"].iterations > 1
+    assert np.any(hard)
+    assert not np.any(infos["proj_1"].converged[hard])
+    assert np.all(infos["proj_1"].residual[hard] > 1e3 * RESIDUAL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_projection_algorithms_agree(dtype):
+    # Principal pivoting and the interior point give the same projections (both certified).
+    for group in GROUPS:
+        js, _, out = solved(dtype)[group]
+        _, v_ipm = qp_infos(dtype)[group]
+        for j, v, w in zip(js, out["proj"], v_ipm, strict=True):
+            scale = np.max(np.linalg.norm(j, axis=1)) * max(np.abs(v).max(), 1.0)
+            np.testing.assert_allclose(v @ j, w @ j, atol=TOL[dtype] * scale, err_msg=group)
+
+
+def _nnls_projection(j, i):
+    """``vᵢ = eᵢ + x`` with ``x = argmin_{x ≥ 0} ‖Jᵀ(eᵢ + x)‖²`` (scipy's NNLS, float64)."""
+    x, _ = optimize.nnls(j.T, -j[i], maxiter=50 * j.shape[0])
+    return np.eye(j.shape[0])[i] + x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_upgrad_projections_at_40_tasks_kkt_and_nnls(dtype):
+    # UPGrad's 40 projections vᵢ = argmin_{v ≥ eᵢ} vᵀGv on conflicting gradients (independent
+    # rows with norms over two decades), against their KKT conditions and scipy's NNLS.
+    t, p = 40, 96
+    rng = np.random.default_rng(40)
+    j = rng.normal(size=(t, p)) * 10.0 ** rng.uniform(-1, 1, size=(t, 1))
+    j_in = j.astype(dtype)
+    with jax.enable_x64(dtype == "float64"):
+        fn = jax.jit(
+            lambda g: solvers.project_dual_cone(g, jnp.eye(t, dtype=g.dtype), return_info=True)
+        )
+        v, info = fn(jnp.asarray(j_in @ j_in.T))
+        v = np.asarray(v, np.float64)
+    assert bool(info.converged) and 0 < int(info.iterations) <= 2 * t
+    assert float(info.residual) <= RESIDUAL[dtype]
+    norms = np.linalg.norm(j, axis=1)
+    tol = TOL[dtype]
+    moved = 0
+    for i in range(t):
+        d = j.T @ v[i]
+        jd = j @ d
+        lam = v[i] - np.eye(t)[i]
+        terms = norms * (np.abs(v[i]) @ norms)  # the size of the terms of gⱼ·d = Σₖ vₖ gⱼ·gₖ
+        # v ≥ eᵢ; gⱼ·d ≥ 0 (the dual cone); gⱼ·d = 0 where vⱼ > δᵢⱼ (complementarity).
+        assert np.all(lam >= -1e-6 * np.abs(v[i]).max())
+        assert np.all(jd >= -tol * terms)
+        free = lam > 1e-6 * np.abs(v[i]).max()
+        assert np.all(np.abs(jd[free]) <= tol * terms[free])
+        ref = j.T @ _nnls_projection(j, i)
+        np.testing.assert_allclose(d, ref, atol=tol * norms[i])
+        moved += np.any(free)
+    assert moved >= t // 2  # most projections are not the gradient itself
+
+
+# ----------------------------------------------------------------------------------------------
 # Potential equations: (Gα)ᵢ = αᵢ^{-p}  (Nash-MTL: p = 1; FairGrad: p = 1/α)
 
 

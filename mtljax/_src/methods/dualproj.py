@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from mtljax._src import solvers
-from mtljax._src.base import Method, make_method
+from mtljax._src.base import Method, SolverInfo, SolverState, make_method
 from mtljax._src.methods.upgrad import check_pref_vector, pref_weights
 
 
@@ -28,7 +29,9 @@ def dualproj(pref_vector: Sequence[float] | None = None) -> Method:
     :func:`mtljax._src.solvers.regularize` (``10⁻⁶`` in float32, ``10⁻¹⁰`` in float64) instead
     of the trace normalisation and ``10⁻⁴ I`` of the authors' library.
 
-    No state. Task-specific parameters get their own gradients ``∇Lᵢ`` (``head_grads="unit"``).
+    State: ``SolverState`` holding the :class:`~mtljax.SolverInfo` of the last projection,
+    reported by the train step. Task-specific parameters get their own gradients ``∇Lᵢ``
+    (``head_grads="unit"``).
 
     Args:
       pref_vector: the combination ``u`` of the gradients that is projected (non-negative, one
@@ -37,18 +40,26 @@ def dualproj(pref_vector: Sequence[float] | None = None) -> Method:
     Scale: with the default ``u = 1/T``, ``d`` is the mean gradient when it conflicts with no
     task.
     """
+    return _dualproj(pref_vector, solvers.project_dual_cone)
+
+
+def _dualproj(
+    pref_vector: Sequence[float] | None, project: Callable[..., tuple[jax.Array, SolverInfo]]
+) -> Method:
+    """:func:`dualproj` with the projection ``project(gramian, u, return_info=True)`` given."""
     name = "dualproj"
     pref = check_pref_vector(name, pref_vector)
 
     def init(num_tasks: int):
         pref_weights(name, pref, num_tasks)
-        return ()
+        return SolverState(SolverInfo.initial())
 
     def weights(losses, gramian, state, key):
         t = losses.shape[0]
         g = jnp.asarray(gramian)
         dtype = solvers.compute_dtype(g)
         u = pref_weights(name, pref, t).astype(dtype)
-        return solvers.project_dual_cone(g.astype(dtype), u), state
+        v, info = project(g.astype(dtype), u, return_info=True)
+        return v, SolverState(info)
 
     return make_method(name, init, needs="gramian", weights=weights, head_grads="unit")

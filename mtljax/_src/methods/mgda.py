@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
 from mtljax._src import solvers
-from mtljax._src.base import Method, make_method
+from mtljax._src.base import Method, SolverInfo, SolverState, make_method
 from mtljax._src.methods import _common
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -36,9 +38,12 @@ def mgda(normalization: str = "none") -> Method:
     A zero gradient (or loss) gets weight 0.
 
     MGDA-UB, the paper's upper bound, is this method applied to the Jacobian w.r.t. the shared
-    representation: ``make_train_step(..., mode="feature")``. No state. Task-specific parameters
-    get their own gradients ``∇Lᵢ`` (``head_grads="unit"``), as in the paper's Algorithm 2 (the
-    released code back-propagates ``Σᵢ αᵢLᵢ`` through the heads too: ``head_grads="weighted"``).
+    representation: ``make_train_step(..., mode="feature")``. State: ``SolverState`` holding
+    the :class:`~mtljax.SolverInfo` of the last solve (iterations, converged, residual; see
+    :func:`~mtljax._src.solvers.min_norm_simplex`), reported by the train step. Task-specific
+    parameters get their own gradients ``∇Lᵢ`` (``head_grads="unit"``), as in the paper's
+    Algorithm 2 (the released code back-propagates ``Σᵢ αᵢLᵢ`` through the heads too:
+    ``head_grads="weighted"``).
 
     Args:
       normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"``.
@@ -46,22 +51,28 @@ def mgda(normalization: str = "none") -> Method:
     Scale: ``Σᵢ αᵢ = 1`` (``wᵢ = αᵢ`` without normalisation); ``d`` is the min-norm point
     itself, so its norm shrinks to 0 near Pareto-stationary points.
     """
+    return _mgda(normalization, solvers.min_norm_simplex)
+
+
+def _mgda(normalization: str, solve: Callable[..., tuple[jax.Array, SolverInfo]]) -> Method:
+    """:func:`mgda` with the min-norm solver ``solve(gramian, return_info=True)`` given."""
     name = "mgda"
     _common.check_choice(name, "normalization", normalization, _NORMALIZATIONS)
 
     def init(num_tasks: int):
-        return ()
+        return SolverState(SolverInfo.initial())
 
     def weights(losses, gramian, state, key):
         g = jnp.asarray(gramian)
         g = g.astype(solvers.compute_dtype(g))
         if normalization == "none":
-            return solvers.min_norm_simplex(g), state
+            alpha, info = solve(g, return_info=True)
+            return alpha, SolverState(info)
         norms = jnp.sqrt(jnp.clip(jnp.diagonal(g), 0.0))
         loss = jax.lax.stop_gradient(losses).astype(g.dtype)
         scale = {"l2": norms, "loss": loss, "loss+": loss * norms}[normalization]
         inv = _common.safe_div(jnp.ones_like(scale), scale)
-        alpha = solvers.min_norm_simplex(g * inv[:, None] * inv[None, :])
-        return alpha * inv, state
+        alpha, info = solve(g * inv[:, None] * inv[None, :], return_info=True)
+        return alpha * inv, SolverState(info)
 
     return make_method(name, init, needs="gramian", weights=weights, head_grads="unit")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from mtljax._src import solvers
-from mtljax._src.base import Method, make_method
+from mtljax._src.base import Method, SolverInfo, SolverState, make_method
 from mtljax._src.methods import _common
 
 
@@ -48,7 +49,9 @@ def upgrad(pref_vector: Sequence[float] | None = None) -> Method:
 
     In Gramian terms ``π_J(Jᵀeᵢ) = Jᵀvᵢ`` with ``vᵢ = argmin_{v ≥ eᵢ} vᵀGv`` (Proposition 1 of
     the paper), so ``d = Jᵀw`` with ``w = Σᵢ uᵢ vᵢ``: T box-constrained QPs, solved as one batch
-    on device by :func:`mtljax._src.solvers.project_dual_cone`. Properties (paper, Section 3):
+    on device by :func:`mtljax._src.solvers.project_dual_cone` (principal pivoting from
+    ``vᵢ = eᵢ``, which is the solution when no gradient conflicts with ``gᵢ``, then an exact
+    active-set solve). Properties (paper, Section 3):
     non-conflicting (``Jd ≥ 0``); linear under scaling (scaling the rows by ``c > 0`` gives
     ``d = Σᵢ cᵢuᵢ π_J(gᵢ)``, linear in ``c``; in particular ``d`` scales linearly with ``J``);
     weighted (``d = Jᵀw``).
@@ -58,7 +61,9 @@ def upgrad(pref_vector: Sequence[float] | None = None) -> Method:
     given the much smaller relative ridge of :func:`mtljax._src.solvers.regularize` (``10⁻⁶``
     in float32, ``10⁻¹⁰`` in float64), so ``Jd ≥ 0`` holds to that relative precision.
 
-    No state. Task-specific parameters get their own gradients ``∇Lᵢ``
+    State: ``SolverState`` holding the :class:`~mtljax.SolverInfo` of the last batch of
+    projections (the most iterations, all converged, the largest residual), reported by the
+    train step. Task-specific parameters get their own gradients ``∇Lᵢ``
     (``head_grads="unit"``), as with Jacobian descent's multi-task backward.
 
     Args:
@@ -68,19 +73,26 @@ def upgrad(pref_vector: Sequence[float] | None = None) -> Method:
     Scale: with the default ``u = 1/T``, ``d`` equals the mean gradient when no two gradients
     conflict (each ``gᵢ`` is then its own projection).
     """
+    return _upgrad(pref_vector, solvers.project_dual_cone)
+
+
+def _upgrad(
+    pref_vector: Sequence[float] | None, project: Callable[..., tuple[jax.Array, SolverInfo]]
+) -> Method:
+    """:func:`upgrad` with the projection ``project(gramian, u, return_info=True)`` given."""
     name = "upgrad"
     pref = check_pref_vector(name, pref_vector)
 
     def init(num_tasks: int):
         pref_weights(name, pref, num_tasks)
-        return ()
+        return SolverState(SolverInfo.initial())
 
     def weights(losses, gramian, state, key):
         t = losses.shape[0]
         g = jnp.asarray(gramian)
         dtype = solvers.compute_dtype(g)
         u = pref_weights(name, pref, t).astype(dtype)
-        v = solvers.project_dual_cone(g.astype(dtype), jnp.eye(t, dtype=dtype))
-        return jnp.sum(u[:, None] * v, axis=0), state
+        v, info = project(g.astype(dtype), jnp.eye(t, dtype=dtype), return_info=True)
+        return jnp.sum(u[:, None] * v, axis=0), SolverState(info)
 
     return make_method(name, init, needs="gramian", weights=weights, head_grads="unit")

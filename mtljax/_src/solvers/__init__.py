@@ -24,15 +24,20 @@ float64, :func:`default_ridge`): each gradient gets a private component of relat
 opposite gradients; per-task scale invariances stay exact; well-conditioned solutions move by
 ``O(ε)``. Zero gradients are handled explicitly by each solver (see their docstrings).
 
-Algorithms. The two QPs and CAGrad's problem are solved by a primal-dual interior-point method
-with Mehrotra's predictor-corrector: one Cholesky factorisation of a ``T×T`` matrix per
+Algorithms. The min-norm QP and CAGrad's problem are solved by a primal-dual interior-point
+method with Mehrotra's predictor-corrector: one Cholesky factorisation of a ``T×T`` matrix per
 iteration, at most :data:`IPM_MAX_ITER` iterations, typically 8 to 18. It stops when the
 duality gap is small relative to the objective (``xᵀz ≤ tol·size``, ``tol`` =
 :func:`default_tol`: ``10⁻¹²`` in float32, ``10⁻¹⁵`` in float64) and the KKT residuals are at
 rounding level relative to the magnitudes of their terms, so that gradients of very different
 norms are resolved. The QP solutions are then polished: the KKT system is solved on the active
 set the interior point identified, and the result is kept when it is feasible and stationary to
-rounding, which makes it exact. The potential equations are solved by damped Newton steps with
+rounding, which makes it exact. The projections are solved by principal pivoting from
+``v = u`` (rank-one updates of a ``T×(T+1)`` tableau, one per coordinate that becomes free),
+certified exact the same way; the interior point is their fallback (see
+:func:`project_dual_cone`). With ``return_info=True`` the QP solvers also return a
+:class:`~mtljax.SolverInfo` (iterations, converged, relative KKT residual).
+The potential equations are solved by damped Newton steps with
 an Armijo line search over ``2^{-k}`` step sizes evaluated at once (at most
 :data:`NEWTON_MAX_ITER` iterations, typically 4 to 12; stops when the Newton decrement reaches
 rounding level or the iterate stops changing).

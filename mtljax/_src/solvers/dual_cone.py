@@ -6,8 +6,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mtljax._src.base import SolverInfo
 from mtljax._src.solvers._linalg import _dot, _mm, correlation, default_ridge
-from mtljax._src.solvers.interior_point import IPM_MAX_ITER, _qp
+from mtljax._src.solvers.interior_point import (
+    IPM_MAX_ITER,
+    _kkt_certified,
+    _qp,
+    _solve_on_active_set,
+    certify_tol,
+    qp_residual,
+)
+
+ALGORITHMS = ("pivoting", "interior_point")
 
 
 def project_dual_cone(
@@ -16,8 +26,10 @@ def project_dual_cone(
     *,
     ridge: float | None = None,
     tol: float | None = None,
-    max_iter: int = IPM_MAX_ITER,
-) -> jax.Array:
+    max_iter: int | None = None,
+    algorithm: str = "pivoting",
+    return_info: bool = False,
+) -> jax.Array | tuple[jax.Array, SolverInfo]:
     """``v = argmin_{v ≥ u} vᵀGv``: ``Jᵀv`` is the projection of ``Jᵀu`` onto ``{x : Jx ≥ 0}``.
 
     (The projection is ``Jᵀu + Jᵀλ`` with ``λ = argmin_{λ ≥ 0} ‖Jᵀ(u + λ)‖²``: the dual of
@@ -27,30 +39,157 @@ def project_dual_cone(
     (the relative ridge of :func:`regularize`) whatever the gradients' scales. ``v`` does not
     depend on the scale of ``G``, so ``Jᵀv`` is linear in ``J``. The coordinate of a zero
     gradient is free; it is set to ``vᵢ = uᵢ``.
+
+    Algorithm. In ``x = y − y₀ ≥ 0`` (``y₀ = r∘u``, rescaled to ``‖y₀‖∞ = 1``) each projection
+    is the linear complementarity problem ``w = Qx + Qy₀ ≥ 0``, ``x ≥ 0``, ``xᵀw = 0``, with
+    ``Q`` positive definite. ``"pivoting"`` (the default) solves it by principal pivoting
+    (Cottle, Pang & Stone, "The Linear Complementarity Problem", 1992, §4.2): starting from
+    ``x = 0`` (``v = u``, the solution when no gradient conflicts with ``Jᵀu``), each pivot
+    frees the coordinate with the most negative ``wⱼ`` (or fixes the free one with the most
+    negative ``xⱼ``) by one rank-one update of the ``T × (T+1)`` tableau, and after ``T``
+    pivots switches to Murty's least-index rule, which cannot cycle on positive definite
+    matrices (Murty, "Note on a Bard-type scheme for solving the complementarity problem",
+    Opsearch 1974). Pivoting stops when every basic value is ``≥ −10 ε_dtype (1 + ‖x‖∞)``
+    times the row's ``Σⱼ|Qᵢⱼ|``, or after ``max_iter`` pivots (default ``2T``). The
+    tableau's solution, after one step of iterative refinement, is kept when it is certified
+    exact to rounding (primal and dual feasible and stationary relative to the magnitudes of
+    the terms, within ``10³ ε_dtype``). Where a projection of the batch is not certified (an
+    ill-conditioned ``Q``, e.g. more tasks than the rank of ``J``, where the tableau loses
+    accuracy), the KKT systems on the active sets found are solved by Cholesky factorisations
+    and certified the same way; where one still is not, the batch is solved by
+    ``"interior_point"``: the primal-dual interior point (at most ``max_iter`` iterations,
+    default :data:`IPM_MAX_ITER`) and its active-set polish. Certified projections keep their
+    earlier solution; each stage runs only when some projection needs it.
+
+    With ``return_info`` returns ``(v, SolverInfo)``, summarised over the batch with
+    :meth:`SolverInfo.of`: ``iterations`` counts the pivots plus the interior-point
+    iterations of a projection that needed them; ``converged`` when the solution was
+    certified, the interior point met its stopping test, or the residual is at most
+    ``10³ ε_dtype``; ``residual`` is
+    :func:`~mtljax._src.solvers.interior_point.qp_residual` of ``x`` for the problem solved
+    (``c = Qy₀``): ``maxᵢ |min(xᵢ/‖x‖∞, wᵢ/mᵢ)|`` with ``w = Q(y₀ + x)`` and
+    ``m = |Q|x + |Qy₀|``, a dimensionless number near ``ε_dtype`` at a solution exact to
+    rounding.
     """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     corr, d = correlation(gramian)
     dtype = corr.dtype
     u = lax.stop_gradient(jnp.asarray(u)).astype(dtype)
-    if corr.shape[0] == 1:
-        return jnp.where(d[0] > 0, jnp.maximum(u, 0.0), u)
+    n = corr.shape[0]
+    if n == 1:
+        v = jnp.where(d[0] > 0, jnp.maximum(u, 0.0), u)
+        return (v, SolverInfo.initial()) if return_info else v
     eps = default_ridge(dtype) if ridge is None else float(ridge)
     nz = d > 0
     dmax = jnp.max(d)
     r = jnp.where(nz, d / jnp.where(dmax > 0, dmax, 1.0), 0.0)
     q = corr + jnp.diag(jnp.where(nz, eps, 1.0))
 
-    def one(ui):
-        # y = r∘u + x with x ≥ 0: min ½xᵀQx + (Q r∘u)ᵀx. The solution is positively
-        # homogeneous in r∘u, which is rescaled to unit size for the solver's tolerances.
-        y0 = r * ui
-        size = jnp.max(jnp.abs(y0))
-        size = jnp.where(size > 0, size, 1.0)
-        y0 = y0 / size
-        qy0 = _mm(q, y0)
-        x, _ = _qp(q, qy0, simplex=False, tol=tol, max_iter=max_iter, const=_dot(y0, qy0))
-        y0 = y0 * size
-        return jnp.where(nz, (y0 + size * x) / jnp.where(nz, r, 1.0), ui)
+    us = u if u.ndim == 2 else u[None]
+    # y = r∘u + x with x ≥ 0: min ½xᵀQx + (Q r∘u)ᵀx. The solution is positively homogeneous
+    # in r∘u, which is rescaled to unit size for the solvers' tolerances.
+    y0 = r * us
+    size = jnp.max(jnp.abs(y0), axis=1, keepdims=True)
+    size = jnp.where(size > 0, size, 1.0)
+    y0 = y0 / size
+    c = _mm(y0, q)  # rows Q y₀ (Q is symmetric)
+    ipm_iter = IPM_MAX_ITER if max_iter is None else int(max_iter)
 
-    if u.ndim == 1:
-        return one(u)
-    return jax.vmap(one)(u)
+    def interior_point(c_k, y0_k):
+        const = _dot(y0_k, c_k)
+        x, info = _qp(
+            q, c_k, simplex=False, tol=tol, max_iter=ipm_iter, const=const, return_info=True
+        )
+        return x, info.iterations, info.converged
+
+    solve_ipm = jax.vmap(interior_point)
+    if algorithm == "interior_point":
+        x, iters, converged = solve_ipm(c, y0)
+    else:
+        pivots = 2 * n if max_iter is None else int(max_iter)
+        x, free, iters, converged = jax.vmap(lambda ck: _pivoting(q, ck, max_iter=pivots))(c)
+
+        def cholesky(args):
+            # The KKT system on the active sets found, by a backward-stable factorisation.
+            x, iters, certified = args
+            x_chol, ok = jax.vmap(lambda ck, fk: _solve_on_active_set(q, ck, fk, simplex=False))(
+                c, free
+            )
+            return jnp.where(certified[:, None], x, x_chol), iters, certified | ok
+
+        def interior_point_batch(args):
+            x, iters, certified = args
+            x_ipm, it_ipm, conv_ipm = solve_ipm(c, y0)
+            return (
+                jnp.where(certified[:, None], x, x_ipm),
+                iters + jnp.where(certified, 0, it_ipm),
+                certified | conv_ipm,
+            )
+
+        # Each stage runs only when a projection of the batch is not certified yet.
+        for stage in (cholesky, interior_point_batch):
+            x, iters, converged = lax.cond(
+                jnp.all(converged), lambda args: args, stage, (x, iters, converged)
+            )
+
+    y = (y0 + x) * size
+    v = jnp.where(nz, y / jnp.where(nz, r, 1.0), us)
+    v = v if u.ndim == 2 else v[0]
+    if not return_info:
+        return v
+    residual = jax.vmap(lambda ck, xk: qp_residual(q, ck, xk, simplex=False))(c, x)
+    converged = converged | (residual <= certify_tol(dtype))
+    return v, SolverInfo.of(iters, converged, residual)
+
+
+def _pivoting(
+    q: jax.Array, c: jax.Array, *, max_iter: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``min ½xᵀQx + cᵀx`` over ``x ≥ 0`` (``Q`` positive definite) by principal pivoting.
+
+    The tableau ``[Q | c]`` expresses the basic variables (``w = Qx + c`` for the fixed
+    coordinates, ``x`` for the free ones ``F``) in terms of the others; a principal pivot on
+    ``j`` exchanges ``xⱼ`` and ``wⱼ``: with ``a = (col_j + e_j)/p``, ``b = row_j − e_j`` and
+    the pivot ``p = T_jj`` (positive: principal pivot transforms of a positive definite
+    matrix are P-matrices), ``T ← T − a bᵀ``. The most negative basic value is pivoted for
+    the first ``T`` pivots, the least-index negative one after. The tableau's values ``x_F``
+    get one step of iterative refinement with its block ``T_FF = Q_FF⁻¹``. Returns
+    ``(x, free, pivots, certified)``, ``certified`` by :func:`_kkt_certified`.
+    """
+    n = c.shape[0]
+    dtype = c.dtype
+    idx = jnp.arange(n)
+    tol = 10.0 * jnp.finfo(dtype).eps * jnp.sum(jnp.abs(q), axis=1)
+    last = jnp.zeros((1,), dtype)
+
+    def body(state):
+        tab, free, it, _ = state
+        t = tab[:, n]
+        xmax = jnp.max(jnp.where(free, t, 0.0))
+        bad = t < -tol * (1.0 + xmax)
+        most_negative = jnp.argmin(jnp.where(bad, t, jnp.inf))
+        j = jnp.where(it < n, most_negative, jnp.argmax(bad))
+        row = lax.dynamic_index_in_dim(tab, j, 0, keepdims=False)
+        col = lax.dynamic_index_in_dim(tab, j, 1, keepdims=False)
+        p = row[j]
+        # Stop when feasible, or at a pivot that is not positive (rounding has taken over).
+        stop = ~jnp.any(bad) | ~(p > 0)
+        e = idx == j
+        ef = e.astype(dtype)
+        a = jnp.where(stop, 0.0, (col + ef) / jnp.where(stop, 1.0, p))
+        b = row - jnp.concatenate([ef, last])
+        tab = tab - a[:, None] * b[None, :]
+        return tab, free ^ (e & ~stop), it + (~stop).astype(jnp.int32), stop
+
+    def cond(state):
+        return (state[2] < max_iter) & ~state[3]
+
+    tab = jnp.concatenate([q, c[:, None]], axis=1)
+    init = (tab, jnp.zeros((n,), bool), jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+    tab, free, pivots, _ = lax.while_loop(cond, body, init)
+    x = jnp.where(free, tab[:, n], 0.0)
+    inv = jnp.where(free[:, None] & free[None, :], tab[:, :n], 0.0)
+    x = x - _mm(inv, jnp.where(free, _mm(q, x) + c, 0.0))
+    certified = _kkt_certified(q, c, x, free, simplex=False)
+    return jnp.maximum(x, 0.0), free, pivots, certified

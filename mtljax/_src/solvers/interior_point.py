@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mtljax._src.base import SolverInfo
 from mtljax._src.solvers._linalg import (
     _BOUNDARY_FRACTION,
     _chol_solver,
@@ -20,6 +21,13 @@ from mtljax._src.solvers._linalg import (
 
 IPM_MAX_ITER = 60
 
+
+def certify_tol(dtype) -> float:
+    """``k = 10³ ε_dtype``: the relative tolerance of the exact-solution checks
+    (:func:`_kkt_certified`) and the residual of a converged solve (:func:`qp_residual`)."""
+    return 1e3 * float(jnp.finfo(dtype).eps)
+
+
 Oracle = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
 
 
@@ -30,7 +38,8 @@ def _interior_point(
     simplex: bool,
     tol: float,
     max_iter: int = IPM_MAX_ITER,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    return_converged: bool = False,
+) -> tuple[jax.Array, ...]:
     """Mehrotra predictor-corrector for a smooth convex ``f`` over the orthant or the simplex.
 
     ``oracle(x) -> (∇f(x), ∇²f(x), m, S)`` with ``m ≥ 0`` the magnitudes of the terms that
@@ -40,7 +49,8 @@ def _interior_point(
     and the residuals are at rounding level relative to ``m`` (so graded problems, with
     gradients of very different scales, are solved to relative accuracy), when a step would
     leave the interior (rounding), or after ``max_iter`` iterations.
-    Returns ``(x, z, ν, iterations)``.
+    Returns ``(x, z, ν, iterations)``, and with ``return_converged`` also whether the stopping
+    test (gap and residuals) was met: ``(x, z, ν, iterations, converged)``.
     """
     n = x0.shape[0]
     dtype = x0.dtype
@@ -48,7 +58,7 @@ def _interior_point(
     floor = 1e3 * float(jnp.finfo(dtype).tiny)
 
     def body(state):
-        x, z, nu, it, _ = state
+        x, z, nu, it, _, _ = state
         grad, hess, mag, size = oracle(x)
         r_d = grad - z - nu
         r_p = jnp.sum(x) - 1.0 if simplex else 0.0
@@ -87,6 +97,7 @@ def _interior_point(
             jnp.where(keep, nu, nu_new),
             it + 1,
             keep,
+            done,
         )
 
     def cond(state):
@@ -99,8 +110,11 @@ def _interior_point(
     else:
         nu0 = jnp.zeros((), dtype)
         z0 = jnp.maximum(grad0, 0.0) + 1.0
-    init = (x0, z0, nu0, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
-    x, z, nu, iters, _ = lax.while_loop(cond, body, init)
+    false = jnp.zeros((), bool)
+    init = (x0, z0, nu0, jnp.zeros((), jnp.int32), false, false)
+    x, z, nu, iters, _, converged = lax.while_loop(cond, body, init)
+    if return_converged:
+        return x, z, nu, iters, converged
     return x, z, nu, iters
 
 
@@ -117,16 +131,18 @@ def _qp_oracle(q: jax.Array, c: jax.Array, const: jax.Array | float = 0.0) -> Or
     return oracle
 
 
-def _polish_qp(q: jax.Array, c: jax.Array, x: jax.Array, z: jax.Array, *, simplex: bool):
-    """Solves the KKT system of ``min ½xᵀQx + cᵀx`` on the active set guessed from ``(x, z)``.
+def _solve_on_active_set(
+    q: jax.Array, c: jax.Array, free: jax.Array, *, simplex: bool
+) -> tuple[jax.Array, jax.Array]:
+    """Solves the KKT system of ``min ½xᵀQx + cᵀx`` with the coordinates ``F = free`` free.
 
-    With ``F`` the coordinates where ``x > z``: ``x_F = Q_FF⁻¹(ν1 − c_F)``, ``x_A = 0`` (``ν``
-    fixed by ``1ᵀx = 1`` on the simplex, else 0). The polished point replaces ``x`` when it is
-    primal and dual feasible and stationary to rounding (relative to the magnitudes of the
-    terms): it is then the exact solution.
+    ``x_F = Q_FF⁻¹(ν1 − c_F)``, ``x_A = 0`` (``ν`` fixed by ``1ᵀx = 1`` on the simplex, else 0),
+    by one Cholesky factorisation (backward stable). Returns ``(x, ok)``: ``ok`` when ``x`` is
+    primal and dual feasible and stationary to rounding, relative to the magnitudes of the
+    terms (``x ≥ −k‖x‖∞``, ``(∇f − ν)_A ≥ −k m_A``, ``|∇f − ν|_F ≤ k m_F`` with
+    ``m = |Q||x| + |c| + |ν|`` and ``k = 10³ ε_dtype``): ``x`` is then the exact solution.
     """
-    dtype = x.dtype
-    free = x > z
+    dtype = c.dtype
     ff = free[:, None] & free[None, :]
     # A relative shift of the free block by the dtype's ε keeps the factorisation defined when
     # Q_FF is singular; the checks below judge the result.
@@ -142,27 +158,113 @@ def _polish_qp(q: jax.Array, c: jax.Array, x: jax.Array, z: jax.Array, *, simple
     else:
         nu = 0.0
         xp = solve(-c * ind) * ind
-    grad = _mm(q, xp) + c - nu
-    zp = grad * (1.0 - ind)
-    k = 1e3 * jnp.finfo(dtype).eps
-    mag = _mm(jnp.abs(q), jnp.abs(xp)) + jnp.abs(c) + jnp.abs(nu)
-    ok = jnp.all(xp >= -k * jnp.max(jnp.abs(xp))) & jnp.all(zp >= -k * mag)
-    ok = ok & jnp.all(jnp.abs(grad * ind) <= k * mag) & jnp.all(jnp.isfinite(xp * zp))
+    ok = _kkt_certified(q, c, xp, free, nu, simplex=simplex)
+    return jnp.maximum(xp, 0.0), ok
+
+
+def _kkt_certified(
+    q: jax.Array,
+    c: jax.Array,
+    x: jax.Array,
+    free: jax.Array,
+    nu: jax.Array | float = 0.0,
+    *,
+    simplex: bool,
+) -> jax.Array:
+    """Whether ``x`` (zero off ``free``) solves ``min ½xᵀQx + cᵀx`` exactly to rounding.
+
+    With ``g = Qx + c − ν1``, ``m = |Q||x| + |c| + |ν|`` and ``k = 10³ ε_dtype``: ``x ≥ −k‖x‖∞``,
+    ``g_A ≥ −k m_A`` off ``free``, ``|g_F| ≤ k m_F`` on it, everything finite (and
+    ``|1ᵀx − 1| ≤ k`` on the simplex).
+    """
+    grad = _mm(q, x) + c - nu
+    k = certify_tol(c.dtype)
+    mag = _mm(jnp.abs(q), jnp.abs(x)) + jnp.abs(c) + jnp.abs(nu)
+    ok = jnp.all(x >= -k * jnp.max(jnp.abs(x))) & jnp.all(jnp.where(free, 0.0, grad) >= -k * mag)
+    ok = ok & jnp.all(jnp.where(free, jnp.abs(grad), 0.0) <= k * mag)
+    ok = ok & jnp.all(jnp.isfinite(x * grad))
     if simplex:
-        ok = ok & (jnp.abs(jnp.sum(xp) - 1.0) <= k)
-    return jnp.where(ok, jnp.maximum(xp, 0.0), x)
+        ok = ok & (jnp.abs(jnp.sum(x) - 1.0) <= k)
+    return ok
 
 
-def _qp(q, c, *, simplex: bool, tol: float | None, max_iter: int, const=0.0):
-    """``min ½xᵀQx + cᵀx`` over ``x ≥ 0`` (and ``1ᵀx = 1``): interior point, then polish."""
+def _polish_qp(
+    q: jax.Array,
+    c: jax.Array,
+    x: jax.Array,
+    z: jax.Array,
+    *,
+    simplex: bool,
+    return_ok: bool = False,
+):
+    """Polishes an approximate solution ``(x, z)`` of ``min ½xᵀQx + cᵀx`` on its active set.
+
+    :func:`_solve_on_active_set` with ``F`` the coordinates where ``x > z``; the result replaces
+    ``x`` when it passes that function's checks (it is then the exact solution). With
+    ``return_ok`` returns ``(x, ok)``.
+    """
+    xp, ok = _solve_on_active_set(q, c, x > z, simplex=simplex)
+    out = jnp.where(ok, xp, x)
+    return (out, ok) if return_ok else out
+
+
+def qp_residual(q: jax.Array, c: jax.Array, x: jax.Array, *, simplex: bool) -> jax.Array:
+    """The KKT residual of ``x`` for ``min ½xᵀQx + cᵀx`` over ``x ≥ 0`` (and ``1ᵀx = 1``).
+
+    With ``g = Qx + c − ν1`` (``ν = xᵀ(Qx + c)`` on the simplex, the multiplier of ``1ᵀx = 1``
+    that makes ``xᵀg = 0``; else ``ν = 0``) and ``m = |Q||x| + |c| + |ν|`` the magnitudes of
+    the terms of ``g``, the residual is
+
+        ``maxᵢ |min(xᵢ/‖x‖∞, gᵢ/mᵢ)|``
+
+    (a ratio ``0/0`` counts as 0): the natural residual of the complementarity conditions
+    ``x ≥ 0``, ``g ≥ 0``, ``xᵢgᵢ = 0``, each side relative to its own scale. It is 0 at the
+    exact solution, of the order of the rounding error of ``g`` (``ε_dtype`` times a small
+    factor) at a solution exact to rounding, and of order 1 at a point far from optimal.
+    ``x`` is taken as given (non-negative, on the simplex when ``simplex``).
+    """
+    grad = _mm(q, x) + c
+    nu = _dot(x, grad) if simplex else jnp.zeros((), x.dtype)
+    g = grad - nu
+    mag = _mm(jnp.abs(q), jnp.abs(x)) + jnp.abs(c) + jnp.abs(nu)
+    xmax = jnp.max(jnp.abs(x))
+    rel_x = jnp.where(xmax > 0, x / jnp.where(xmax > 0, xmax, 1.0), 0.0)
+    rel_g = jnp.where(mag > 0, g / jnp.where(mag > 0, mag, 1.0), 0.0)
+    res = jnp.max(jnp.abs(jnp.minimum(rel_x, rel_g)))
+    return jnp.where(jnp.isfinite(res), res, jnp.inf)
+
+
+def _qp(
+    q,
+    c,
+    *,
+    simplex: bool,
+    tol: float | None,
+    max_iter: int,
+    const=0.0,
+    return_info: bool = False,
+):
+    """``min ½xᵀQx + cᵀx`` over ``x ≥ 0`` (and ``1ᵀx = 1``): interior point, then polish.
+
+    Returns ``(x, iterations)``, or with ``return_info`` ``(x, SolverInfo)``: converged when the
+    interior point met its stopping test, the polish certified the exact solution, or the
+    returned ``x`` satisfies the KKT conditions to rounding (:func:`qp_residual` at most
+    :func:`certify_tol`); the residual is :func:`qp_residual` of the returned ``x``.
+    """
     n = q.shape[0]
     dtype = q.dtype
     tol = default_tol(dtype) if tol is None else float(tol)
     x0 = jnp.full((n,), 1.0 / n if simplex else 1.0, dtype)
     oracle = _qp_oracle(q, c, const)
-    x, z, _, iters = _interior_point(oracle, x0, simplex=simplex, tol=tol, max_iter=max_iter)
-    x = _polish_qp(q, c, x, z, simplex=simplex)
+    x, z, _, iters, done = _interior_point(
+        oracle, x0, simplex=simplex, tol=tol, max_iter=max_iter, return_converged=True
+    )
+    x, polished = _polish_qp(q, c, x, z, simplex=simplex, return_ok=True)
     if simplex:
         x = jnp.maximum(x, 0.0)
         x = x / jnp.sum(x)
-    return x, iters
+    if not return_info:
+        return x, iters
+    residual = qp_residual(q, c, jnp.maximum(x, 0.0), simplex=simplex)
+    converged = done | polished | (residual <= certify_tol(dtype))
+    return x, SolverInfo(iters, converged, residual.astype(jnp.float32))
