@@ -33,9 +33,9 @@ rounding level relative to the magnitudes of their terms, so that gradients of v
 norms are resolved. The QP solutions are then polished: the KKT system is solved on the active
 set the interior point identified, and the result is kept when it is feasible and stationary to
 rounding, which makes it exact. The potential equations are solved by damped Newton steps with
-an Armijo line search over ``2^{-k}`` step sizes evaluated at once (at most
-:data:`NEWTON_MAX_ITER` iterations, typically 4 to 12; stops when the Newton decrement reaches
-rounding level or the iterate stops changing).
+a line search over ``2^k`` step sizes evaluated at once, on cancellation-free differences of the
+potential (at most :data:`NEWTON_MAX_ITER` iterations, typically 3 to 15; stops when every
+equation holds to a few eps relative to the magnitudes of its terms).
 """
 
 from __future__ import annotations
