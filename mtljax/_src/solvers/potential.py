@@ -192,18 +192,22 @@ def _newton_potential(q, coef, p: float, y0, *, max_iter: int, tol: float):
         met = (residual <= tol) & (polished | (residual <= _POLISH * tol))
         polish = (residual <= tol) & ~met
         step = _newton_step(q, terms)
-        slope = _dot(terms.grad, step)
-        t_max = _BOUNDARY_FRACTION * _max_step(y, step)
-        ts = jnp.minimum(1.0, t_max) * powers
-        change = terms.decrease(q, p, step, ts)
-        armijo = (ts <= t_max) & (change <= _ARMIJO * ts * slope)
-        pick = jnp.argmin(jnp.where(armijo, change, jnp.inf))
+
+        def search(_):
+            slope = _dot(terms.grad, step)
+            t_max = _BOUNDARY_FRACTION * _max_step(y, step)
+            ts = jnp.minimum(1.0, t_max) * powers
+            change = terms.decrease(q, p, step, ts)
+            armijo = (ts <= t_max) & (change <= _ARMIJO * ts * slope)
+            pick = jnp.argmin(jnp.where(armijo, change, jnp.inf))
+            found = jnp.any(armijo) & (slope < 0)
+            return jnp.where(found, ts[pick], 0.0), found
+
         # A full step that moves every yᵢ by a small fraction satisfies Armijo in exact
         # arithmetic (see below); it is taken without the test, whose terms can be lost in
         # rounding near the solution of a nearly ill-posed problem.
         full = jnp.max(jnp.abs(step) / y) <= full_step
-        searched = jnp.any(armijo) & (slope < 0)
-        t = jnp.where(full, 1.0, jnp.where(searched, ts[pick], 0.0))
+        t, searched = lax.cond(full, lambda _: (jnp.ones((), dtype), full), search, None)
         y_new = y + t * step
         ok = jnp.all((y_new > 0) & jnp.isfinite(y_new))
         moved = jnp.any(jnp.abs(t * step) > eps * y)
