@@ -306,6 +306,60 @@ def test_nash_update_weights_every_and_warm_start():
     np.testing.assert_allclose(history[3], fresh, rtol=1e-5)
 
 
+def test_nash_and_fairgrad_report_their_solves():
+    # The state keeps the last solve's SolverInfo: converged, at rounding level, on random and
+    # degenerate inputs alike.
+    for config in ("nash_mtl", "fairgrad"):
+        m = method(config)
+        state = m.init(T)
+        assert isinstance(state, NashMTLState if config == "nash_mtl" else mtl.SolverState)
+        assert mtl.solver_info(state) == mtl.SolverInfo.initial()
+        batch = jax.tree_util.tree_map(lambda x: jnp.stack([x] * len(NAMES)), state)
+        _, _, new = batched(config)(jnp.asarray(JS, jnp.float32), jnp.asarray(LOSSES), batch)
+        info = mtl.solver_info(new)
+        assert np.all(np.asarray(info.converged)), config
+        assert np.all(np.asarray(info.residual) <= 16 * np.finfo(np.float32).eps), config
+        assert 0 < np.max(np.asarray(info.iterations)) <= 25, config
+
+
+def test_nash_keeps_the_last_solve_between_updates():
+    m = mtl.methods.nash_mtl(update_weights_every=3)
+    step = jax.jit(lambda g, s: m.weights(jnp.ones(T), g, s, None))
+    state = m.init(T)
+    infos = []
+    for k in (0, 1, 2, 3):
+        _, state = step(jnp.asarray(JS[k] @ JS[k].T, jnp.float32), state)
+        infos.append(state.solver)
+    assert bool(infos[0].converged) and int(infos[0].iterations) > 0
+    # Steps 1 and 2 reuse step 0's weights, and report step 0's solve; step 3 solves again.
+    for k in (1, 2):
+        for a, b in zip(infos[k], infos[0], strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert bool(infos[3].converged)
+    assert float(infos[3].residual) != float(infos[0].residual)
+
+
+def test_nash_state_is_float64_under_x64():
+    # Under jax_enable_x64 the weights are kept in float64 (float32 otherwise, as the default
+    # float dtype), and the state's types never change between steps: one compilation.
+    with jax.enable_x64(True):
+        m = mtl.methods.nash_mtl()
+        state = m.init(T)
+        assert state.alpha.dtype == jnp.float64
+        step = jax.jit(lambda j, s: mtl.aggregate(m, j, jnp.ones(T), s))
+        for k in RANDOM:
+            d, state = step(jnp.asarray(JS[k], jnp.float64), state)
+            assert state.alpha.dtype == jnp.float64 and d.dtype == jnp.float64
+            # αᵢ (gᵢ · d) = 1 to float64 precision, out of reach of float32 weights.
+            np.testing.assert_allclose(state.alpha * (JS[k] @ np.asarray(d)), 1.0, atol=1e-12)
+            assert bool(state.solver.converged) and float(state.solver.residual) < 1e-14
+        assert step._cache_size() == 1
+        # A float32 computation under x64 keeps the float64 state.
+        _, state32 = step(jnp.asarray(JS[0], jnp.float32), state)
+        assert state32.alpha.dtype == jnp.float64
+    assert mtl.methods.nash_mtl().init(T).alpha.dtype == jnp.float32
+
+
 # ----------------------------------------------------------------------------------------------
 # Solver reports (MGDA, UPGrad, DualProj)
 

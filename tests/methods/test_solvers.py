@@ -14,6 +14,7 @@ import pytest
 from scipy import optimize
 
 from mtljax._src import solvers
+from mtljax._src.solvers.potential import RESIDUAL_TOL_FACTOR
 
 T, P = 5, 12
 C_VALUES = (0.0, 0.4, 0.9)
@@ -423,6 +424,205 @@ def test_potential_warm_start_and_one_task():
         np.testing.assert_allclose(one, [4.0 ** (-1 / (1 + p))], rtol=1e-6)
     with pytest.raises(ValueError, match="p must be > 0"):
         solvers.solve_potential(jnp.eye(2), 0.0)
+
+
+def _potential_corpus(t, n, seed):
+    """Seeded Jacobians ``(5n, t, 2t + 4)``: random rows with norms over two decades, rows
+    sharing a common component, graded norms over eight decades, nearly ill-posed (a convex
+    combination of the rows nearly vanishes, to 10⁻⁶…10⁻¹ of its terms) and rank-deficient
+    (``t`` rows in ``⌈t/2⌉`` dimensions: a combination vanishes, the ridge decides)."""
+    rng = np.random.default_rng(seed)
+    p = 2 * t + 4
+    out = []
+    for _ in range(n):
+        scales = 10.0 ** rng.uniform(-1, 1, size=(t, 1))
+        out.append(rng.normal(size=(t, p)) * scales)
+        out.append((rng.normal(size=(t, p)) + 1.5 * rng.normal(size=(1, p))) * scales)
+        out.append(rng.normal(size=(t, p)) * 10.0 ** rng.uniform(-4, 4, size=(t, 1)))
+        j = rng.normal(size=(t, p))
+        last = -(rng.uniform(0.2, 1.0, size=t - 1) @ j[:-1]) / rng.uniform(0.5, 2.0)
+        noise = 10.0 ** rng.uniform(-6, -1) * np.linalg.norm(last) / np.sqrt(p)
+        j[-1] = last + noise * rng.normal(size=p)
+        out.append(j * scales)
+        j = np.zeros((t, p))
+        j[:, : -(-t // 2)] = rng.normal(size=(t, -(-t // 2)))
+        out.append(j * scales)
+    return np.stack(out)
+
+
+def _relative_residual(g, w, p, ridge):
+    """``maxᵢ |wᵢ^p (G_ε w)ᵢ − 1| / (1 + wᵢ^p (|G_ε| w)ᵢ)`` in float64, ``G_ε = G + ε diag G``."""
+    g = g + ridge * np.diag(np.diag(g))
+    wp = w**p
+    return np.max(np.abs(wp * (g @ w) - 1.0) / (1.0 + wp * (np.abs(g) @ w)))
+
+
+POTENTIAL_PS = (1.0, 0.5, 2.0)  # Nash-MTL; FairGrad with α = 2 and α = 0.5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", POTENTIAL_PS)
+def test_potential_corpus_converges_at_rounding_level(dtype, p):
+    # Random, graded, nearly ill-posed and rank-deficient Gramians: every solve meets its
+    # stopping test in a few iterations (none runs to the cap, as solves whose stopping tests
+    # lay below rounding did), and the reported residual is the equations' relative residual,
+    # at rounding level.
+    eps = float(np.finfo(dtype).eps)
+    ridge = solvers.default_ridge(dtype)
+    for t, seed in ((2, 11), (6, 12)):
+        js = _potential_corpus(t, 8, seed).astype(dtype)
+        gs = np.einsum("bip,bjp->bij", js, js)
+        with jax.enable_x64(dtype == "float64"):
+            fn = jax.jit(jax.vmap(lambda g: solvers.solve_potential(g, p, return_info=True)))
+            w, info = fn(jnp.asarray(gs))
+            w = np.asarray(w, np.float64)
+        iters = np.asarray(info.iterations)
+        assert np.all(np.asarray(info.converged)), (t, iters)
+        assert iters.max() <= 25 and np.median(iters) <= 12, (t, iters)
+        assert np.all(np.asarray(info.residual) <= RESIDUAL_TOL_FACTOR * eps)
+        for g, wk, reported in zip(gs, w, np.asarray(info.residual), strict=True):
+            assert np.all(wk > 0)
+            # Recomputed in float64 from the returned weights (rounded to the dtype).
+            res = _relative_residual(g.astype(np.float64), wk, p, ridge)
+            assert res <= 8 * (1 + p) * eps, (t, res)
+            assert abs(res - reported) <= 8 * (1 + p) * eps
+
+
+def _potential_reference(g, p, ridge):
+    """``w > 0`` with ``wᵢ^p (G_ε w)ᵢ = 1``, ``G_ε = G + ε diag G``, in float64 (scipy).
+
+    In the variables ``uᵢ = log(wᵢ ‖gᵢ‖^{2/(1+p)})``: the potential ``½wᵀG_εw + Σ h_p(wᵢ)``
+    minimised by L-BFGS-B, then the equations ``wᵢ^p (G_ε w)ᵢ − 1 = 0`` by Newton's method
+    with backtracking on their largest residual relative to the magnitudes of their terms.
+    """
+    g = g + ridge * np.diag(np.diag(g))
+    scale = np.diag(g) ** (-1.0 / (1.0 + p))
+
+    def weights(u):
+        return scale * np.exp(u)
+
+    def potential(u):
+        w = weights(u)
+        h = -np.log(w) if p == 1 else -(w ** (1 - p)) / (1 - p)
+        return 0.5 * w @ g @ w + h.sum(), w * (g @ w - w ** (-p))
+
+    def equations(u):
+        w = weights(u)
+        return w**p * (g @ w) - 1.0
+
+    def size(u):  # the largest residual relative to the magnitudes of the terms
+        with np.errstate(all="ignore"):
+            w = weights(u)
+            r = np.abs(equations(u)) / (1.0 + w**p * (np.abs(g) @ w))
+        return np.max(r) if np.all(np.isfinite(r)) else np.inf
+
+    t = len(g)
+    bounds = [(-60.0, 60.0)] * t
+    res = optimize.minimize(
+        potential, np.zeros(t), jac=True, method="L-BFGS-B", bounds=bounds,
+        options={"ftol": 1e-16, "gtol": 1e-14, "maxiter": 20_000},
+    )  # fmt: skip
+    u = res.x
+    for _ in range(60):
+        w = weights(u)
+        jac = np.diag(p * w**p * (g @ w)) + (w**p)[:, None] * g * w[None, :]
+        du = np.linalg.solve(jac, -equations(u))
+        step, now = 1.0, size(u)
+        while step > 1e-12 and size(u + step * du) >= now:
+            step /= 2
+        if step <= 1e-12:
+            break
+        u = u + step * du
+    assert size(u) < 1e-15
+    return weights(u)
+
+
+def _graded_jacobians():
+    """Gradients whose norms span eight decades (1 to 10⁸, the others in between)."""
+    rng = np.random.default_rng(5)
+    out = []
+    for t in (2, 3, 5):
+        for k in range(4):
+            j = rng.normal(size=(t, 2 * t + 2))
+            if k % 2:
+                j = j + 1.5 * rng.normal(size=(1, j.shape[1]))
+            norms = 10.0 ** np.concatenate([[0.0, 8.0], rng.uniform(0, 8, size=t - 2)])
+            rng.shuffle(norms)
+            out.append(j / np.linalg.norm(j, axis=1, keepdims=True) * norms[:, None])
+    return out
+
+
+WEIGHT_RTOL = {"float32": 2e-5, "float64": 1e-11}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", POTENTIAL_PS)
+def test_potential_graded_norms_match_reference(dtype, p):
+    # FairGrad (α = 2, 0.5) and Nash-MTL with gradient norms 10⁸ apart, against float64
+    # references. A weight may miss the tolerance only where the rounding of the input
+    # Gramian to the dtype alone moves the reference by a tenth of that error.
+    ridge = solvers.default_ridge(dtype)
+    fn = jax.jit(lambda g: solvers.solve_potential(g, p, return_info=True))
+    for j in _graded_jacobians():
+        g = j @ j.T
+        g_in = g.astype(dtype)
+        with jax.enable_x64(dtype == "float64"):
+            w, info = fn(jnp.asarray(g_in))
+            w = np.asarray(w, np.float64)
+        assert bool(info.converged)
+        ref = _potential_reference(g, p, ridge)
+        ref_in = _potential_reference(g_in.astype(np.float64), p, ridge)
+        err = np.max(np.abs(w - ref) / ref)
+        from_input = np.max(np.abs(ref_in - ref) / ref)
+        assert err <= max(WEIGHT_RTOL[dtype], 10 * from_input), (j.shape[0], err, from_input)
+
+
+def test_potential_reports_unconverged_solves():
+    # `converged` means the stopping test was met: not when the iteration cap ends the solve;
+    # the residual is the equations' relative residual wherever the solve stopped.
+    js = _potential_corpus(6, 1, 3)
+    gs = np.einsum("bip,bjp->bij", js, js).astype(np.float32)
+    fn = jax.jit(jax.vmap(lambda g: solvers.solve_potential(g, 0.5, max_iter=1, return_info=True)))
+    w, info = fn(jnp.asarray(gs))
+    w = np.asarray(w, np.float64)
+    assert np.all(np.asarray(info.iterations) == 1)
+    assert not np.any(np.asarray(info.converged))
+    for g, wk, reported in zip(gs, w, np.asarray(info.residual), strict=True):
+        res = _relative_residual(g.astype(np.float64), wk, 0.5, solvers.default_ridge("float32"))
+        assert res > 1e-4
+        np.testing.assert_allclose(reported, res, rtol=1e-3)
+    # One task: the closed form, no iteration.
+    _, one = solvers.solve_potential(jnp.asarray([[4.0]]), 0.5, return_info=True)
+    assert int(one.iterations) == 0 and bool(one.converged) and float(one.residual) == 0.0
+
+
+def test_potential_excess_and_powers_are_accurate():
+    # The line search's remainder ψ(L) = expm1(L) − expm1(qL)/q and the powers x^e, in
+    # float32, against float64: a few eps relative, also where the direct float32 formulas
+    # lose everything (ψ for small L) or |e·log x| eps (powers of numbers far from 1).
+    from mtljax._src.solvers.potential import _excess, _pow_parts
+
+    eps = float(np.finfo(np.float32).eps)
+    ls = np.concatenate([-np.logspace(-7, 0.5, 60), np.logspace(-7, 0.5, 60)])
+    for p in (1.0, 0.5, 2.0, 0.1, 10.0):
+        q = 1.0 - p
+        with jax.enable_x64(True):
+            l64 = jnp.asarray(ls.astype(np.float32), jnp.float64)
+            want = np.asarray(_excess(p, l64))
+        got = np.asarray(_excess(p, jnp.asarray(ls, jnp.float32)), np.float64)
+        assert np.all(want > 0)
+        np.testing.assert_allclose(got, want, rtol=200 * eps / min(p, 1.0))
+        if q != 0:  # the direct formula cancels for small L
+            x = jnp.asarray(ls[ls > 0][:5], jnp.float32)
+            direct = np.asarray(jnp.expm1(x) - jnp.expm1(q * x) / q, np.float64)
+            assert np.max(np.abs(direct / want[60:65] - 1)) > 0.1
+    xs = 10.0 ** np.linspace(-30, 30, 301)
+    for e in (-0.5, 1 / 3, -2.0, 9.0, 2.0 / 3.0):
+        want = xs.astype(np.float32).astype(np.float64) ** e
+        keep = (want > 1e-35) & (want < 1e35)
+        m, n = _pow_parts(jnp.asarray(xs, jnp.float32), e)
+        got = np.asarray(m, np.float64) * 2.0 ** np.asarray(n, np.float64)
+        np.testing.assert_allclose(got[keep], want[keep], rtol=4 * eps)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mtljax._src import solvers
-from mtljax._src.base import Method, make_method
+from mtljax._src.base import Method, SolverInfo, SolverState, make_method
 from mtljax._src.methods import _common
 
 
@@ -30,8 +30,11 @@ def fairgrad(alpha: float = 1.0) -> Method:
       alpha: the fairness parameter ``α > 0`` (1.0, the default of the authors' code; their
         experiment scripts use 2.0 on QM9 and CelebA).
 
-    No state (each step solves from scratch, as in the paper's code). Task-specific parameters
-    get their own gradients ``∇Lᵢ`` (``head_grads="unit"``), as in the authors' code.
+    State: the last solve's :class:`~mtljax.SolverInfo` (:class:`~mtljax.SolverState`; its
+    residual is the relative residual of the equations above, see
+    :func:`~mtljax._src.solvers.solve_potential`); each step solves from scratch, as in the
+    paper's code. Task-specific parameters get their own gradients ``∇Lᵢ``
+    (``head_grads="unit"``), as in the authors' code.
 
     Scale: the paper's, ``d = Σᵢ wᵢgᵢ`` with ``gᵢ · d = wᵢ^{−1/α}``: ``w`` scales as
     ``‖g‖^{−2α/(1+α)}``. The authors' code multiplies the shared update by ``T`` and clips its
@@ -42,10 +45,11 @@ def fairgrad(alpha: float = 1.0) -> Method:
     alpha = _common.check_positive(name, "alpha", alpha)
     p = 1.0 / alpha
 
-    def init(num_tasks: int):
-        return ()
+    def init(num_tasks: int) -> SolverState:
+        return SolverState(SolverInfo.initial())
 
-    def weights(losses, gramian, state, key):
-        return solvers.solve_potential(gramian, p), state
+    def weights(losses, gramian, state: SolverState, key):
+        w, info = solvers.solve_potential(gramian, p, return_info=True)
+        return w, SolverState(info)
 
     return make_method(name, init, needs="gramian", weights=weights, head_grads="unit")

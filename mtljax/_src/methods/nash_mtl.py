@@ -8,12 +8,23 @@ import jax
 import jax.numpy as jnp
 
 from mtljax._src import solvers
-from mtljax._src.base import Method, make_method
+from mtljax._src.base import Method, SolverInfo, make_method
 
 
 class NashMTLState(NamedTuple):
-    alpha: jax.Array  # the last weights computed, f32[T] (warm start, reused between updates)
-    step: jax.Array  # steps taken, int32
+    """Nash-MTL's state.
+
+    Attributes:
+      alpha: the last weights computed (warm start, reused between updates), ``[T]`` in the
+        default float dtype (float32, or float64 under ``jax_enable_x64``).
+      step: the steps taken, int32.
+      solver: the last solve's :class:`~mtljax.SolverInfo` (kept through the steps that reuse
+        ``alpha``).
+    """
+
+    alpha: jax.Array
+    step: jax.Array
+    solver: SolverInfo
 
 
 def nash_mtl(update_weights_every: int = 1) -> Method:
@@ -44,7 +55,13 @@ def nash_mtl(update_weights_every: int = 1) -> Method:
       update_weights_every: recompute ``α`` every this many steps and reuse it in between (a
         speed-up offered by the authors' code; their default, 1, recomputes it every step).
 
-    State: the last ``α`` (initialised to ones, as in the authors' code) and the step count.
+    State: the last ``α`` (initialised to ones, as in the authors' code), the step count and
+    the last solve's :class:`~mtljax.SolverInfo` (its residual is the relative residual of the
+    equations above, see :func:`~mtljax._src.solvers.solve_potential`). ``α`` is kept in the
+    default float dtype, ``jnp.result_type(float)``: float32, or float64 under
+    ``jax_enable_x64`` (so that a float64 computation keeps its weights in float64); the
+    returned weights have that dtype too, whatever the Gramian's, so the state's type never
+    changes between steps.
     Task-specific parameters get ``αᵢ∇Lᵢ`` (``head_grads="weighted"``), the gradient of the
     weighted loss, as in the authors' code.
 
@@ -62,18 +79,23 @@ def nash_mtl(update_weights_every: int = 1) -> Method:
     every = int(update_weights_every)
 
     def init(num_tasks: int) -> NashMTLState:
-        return NashMTLState(jnp.ones((num_tasks,), jnp.float32), jnp.zeros((), jnp.int32))
+        dtype = jnp.result_type(float)
+        return NashMTLState(
+            jnp.ones((num_tasks,), dtype), jnp.zeros((), jnp.int32), SolverInfo.initial()
+        )
 
     def weights(losses, gramian, state: NashMTLState, key):
         prev = state.alpha
 
         def solve(_):
-            return solvers.solve_potential(gramian, 1.0, prev).astype(prev.dtype)
+            alpha, info = solvers.solve_potential(gramian, 1.0, prev, return_info=True)
+            return alpha.astype(prev.dtype), info
 
         if every == 1:
-            alpha = solve(None)
+            alpha, info = solve(None)
         else:
-            alpha = jax.lax.cond(state.step % every == 0, solve, lambda _: prev, None)
-        return alpha, NashMTLState(alpha, state.step + 1)
+            keep = lambda _: (prev, state.solver)  # noqa: E731
+            alpha, info = jax.lax.cond(state.step % every == 0, solve, keep, None)
+        return alpha, NashMTLState(alpha, state.step + 1, info)
 
     return make_method(name, init, needs="gramian", weights=weights)

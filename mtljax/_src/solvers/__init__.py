@@ -35,12 +35,12 @@ set the interior point identified, and the result is kept when it is feasible an
 rounding, which makes it exact. The projections are solved by principal pivoting from
 ``v = u`` (rank-one updates of a ``T×(T+1)`` tableau, one per coordinate that becomes free),
 certified exact the same way; the interior point is their fallback (see
-:func:`project_dual_cone`). With ``return_info=True`` the QP solvers also return a
-:class:`~mtljax.SolverInfo` (iterations, converged, relative KKT residual).
-The potential equations are solved by damped Newton steps with
-an Armijo line search over ``2^{-k}`` step sizes evaluated at once (at most
-:data:`NEWTON_MAX_ITER` iterations, typically 4 to 12; stops when the Newton decrement reaches
-rounding level or the iterate stops changing).
+:func:`project_dual_cone`). The potential equations are solved by damped Newton steps with
+a line search over ``2^k`` step sizes evaluated at once, on cancellation-free differences of the
+potential (at most :data:`NEWTON_MAX_ITER` iterations, typically 3 to 15; stops when every
+equation holds to a few eps relative to the magnitudes of its terms). With ``return_info=True``
+every solver also returns a :class:`~mtljax.SolverInfo` (iterations, converged, relative
+residual).
 """
 
 from __future__ import annotations
