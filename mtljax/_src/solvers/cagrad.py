@@ -31,9 +31,10 @@ _PASS_ITER = 40  # iterations after which an unconverged pass near the tip is re
 
 
 def cagrad_tol(dtype) -> float:
-    """The duality-gap tolerance of :func:`cagrad_solve`: ``1e-6`` (float32), ``1e-12``
-    (float64), relative to ``‖g₀‖·maxᵢ‖gᵢ‖``."""
-    return 1e-12 if _is_f64(dtype) else 1e-6
+    """The duality-gap tolerance of :func:`cagrad_solve`, relative to ``‖g₀‖·maxᵢ‖gᵢ‖``:
+    ``1e-7`` (float32: about its ε, so that the solve goes on until rounding stops it) and
+    ``1e-12`` (float64)."""
+    return 1e-12 if _is_f64(dtype) else 1e-7
 
 
 class CAGradSolution(NamedTuple):
@@ -124,12 +125,12 @@ class _Model(NamedTuple):
 
 
 def _certificate(model: _Model, w, m):
-    """``(s, gap, rounding)`` at ``w``: the duality gap of the problem on ``G`` (in units of
-    ``‖g₀‖·maxᵢ‖gᵢ‖``) and the rounding level of its evaluation.
+    """``(s, gap, rounding, wᵀGw)`` at ``w``: the duality gap of the problem on ``G`` (in units
+    of ``‖g₀‖·maxᵢ‖gᵢ‖``) and the rounding level of its evaluation.
 
-    ``s = s_μ(wᵀG'w) ≥ ‖g_w‖``, so ``âᵀw + c s ≥ F(w)`` bounds the optimum from above, and the
-    direction ``ĝ₀ + c g_w/s`` lies in the ball: its worst-task progress ``minᵢ(â + (c/s)Gw)ᵢ``
-    bounds it from below.
+    With ``p' = wᵀG'w ≥ ‖g_w‖²``, ``âᵀw + c p'^{1/2} ≥ F(w)`` bounds the optimum from above;
+    for ``s ≥ p'^{1/2}`` the direction ``ĝ₀ + c g_w/s`` lies in the ball, so its worst-task
+    progress ``minᵢ(â + (c/s)Gw)ᵢ`` bounds the optimum from below.
     """
     eps = jnp.finfo(w.dtype).eps
     c = model.c
@@ -147,9 +148,7 @@ def _certificate(model: _Model, w, m):
     # c(p'^{1/2} − p^{1/2}) in the upper bound, (c/s)εdᵢ(dᵀw) in the lower one.
     dw = _dot(model.norms, w)
     dmax = jnp.max(model.norms)
-    # The latter is capped at the resolution of the cone's tip, 4c√ε (see _barrier_method).
-    w_digit = jnp.minimum(eps * (c / s) * dw, 4.0 * c * jnp.sqrt(eps)) * dmax
-    rounding = 4.0 * eps * (1.0 + c * s) + w_digit
+    rounding = 4.0 * eps * (1.0 + c * s) + eps * (c / s) * dw * dmax
     rounding = rounding + c * (jnp.sqrt(jnp.maximum(pm, 0.0)) - jnp.sqrt(jnp.maximum(p, 0.0)))
     rounding = rounding + (c / s) * model.ridge * dw * dmax
     return s, gap, rounding, p
@@ -239,11 +238,13 @@ def _barrier_method(model: _Model, tol: float, max_iter: int):
         mu = jnp.where(centred & (mu > mu_min), jnp.maximum(mu / _MU_FACTOR, mu_min), mu)
         w_new, m, centred = newton_step(model_k, w, mu)
         s_new, gap, rounding, p_true = _certificate(model_k, w_new, m)
-        # wᵀGw < 0: rounding made G indefinite, s may be below the true ‖g_w‖ and the gap
-        # certifies nothing.
+        # The gap certifies nothing when wᵀG'w < 0 (rounding made G indefinite beyond the
+        # ridge: s may be below the true ‖g_w‖), nor when s < √eps·dᵀw: the weights
+        # λ = b + (r/s)w, of size r/s, then lose the balance of nearly cancelling gradients
+        # to their own rounding.
         dw2 = _dot(model.norms, w_new) ** 2
-        indefinite = p_true < -16.0 * eps * eps * dw2
-        gap = jnp.where(indefinite, jnp.inf, gap)
+        indefinite = p_true + ridge * dw2 < -16.0 * eps * eps * dw2
+        gap = jnp.where(indefinite | (s_new * s_new < eps * dw2), jnp.inf, gap)
         # The best iterate: one that meets the stopping test if any does, then the smallest gap.
         met, best_met = gap <= tol + rounding, best[2] <= tol + best[3]
         better = (met & ~best_met) | ((met == best_met) & (gap < best[2]))
@@ -254,7 +255,7 @@ def _barrier_method(model: _Model, tol: float, max_iter: int):
         # μ_min (the gap can then shrink no further), or when the iterate is not finite.
         done = (best[2] <= tol) | (centred & (mu <= mu_min)) | ~jnp.all(jnp.isfinite(w_new))
         # A new pass with a larger ridge ε (at least eps): when rounding made
-        # G indefinite (wᵀGw < 0), or when a pass fails near the cone's tip (‖g_w‖ below
+        # G' indefinite (wᵀG'w < 0), or when a pass fails near the cone's tip (‖g_w‖ below
         # 4√eps·dᵀw), where the direction g_w/s is resolved only with s ≥ √eps·dᵀw.
         unconverged = (done | (pass_it + 1 >= _PASS_ITER)) & ~(best[2] <= tol + best[3])
         tip = s_new * s_new <= 16.0 * eps * dw2
@@ -322,20 +323,30 @@ def cagrad_solve(
     ``μ`` (by 30, once the iterate is centred) one step usually re-centres the iterate. Each
     step is globalised by a backtracking line search on ``Φ_μ`` (Armijo, over ``t₀2^{-k}``),
     so iterates never swing between vertices. The products ``Gw`` and ``wᵀGw``, sums of large
-    terms when gradients nearly cancel, are evaluated with error-free transformations to
-    relative accuracy ``ε``; ``‖g_w‖²`` is taken from ``G + εddᵀ`` (``dᵢ = ‖gᵢ‖``,
-    ``ε = 4·eps²``), which keeps ``s`` above rounding level at the tip.
+    terms when gradients nearly cancel, are evaluated with error-free transformations (exact
+    split products, compensated sums) to relative accuracy ``ε``.
 
     Every iterate gives a direction in the ball, ``d = g₀ + r g_w/s`` (``λ = b + (r/s)w``), and
-    a certificate: the duality gap ``âᵀw + c s − minᵢ(â + (c/s)Gw)ᵢ ≥ 0`` bounds both the excess
-    of the dual value over the optimum and the shortfall of ``d``'s worst-task progress
-    ``minᵢ gᵢ·d`` from the best in the ball, relative to ``‖g₀‖·maxᵢ‖gᵢ‖``. The iterate with
-    the smallest gap is returned; ``info.residual`` is that gap, and ``info.converged`` says
-    whether it is below ``tol`` (:func:`cagrad_tol`) plus the rounding level of its evaluation
-    (``4eps(1 + c s + (c/s) maxᵢ|(Gw)ᵢ|)`` and the ridge's share, large only when ``‖g_w‖`` is
-    near rounding level). The solve stops when the gap is below ``tol``, when the path has been
-    followed down to ``μ = tol/(10(T + 2))``, or after ``max_iter`` iterations (typically 10
-    to 25; up to 40 for nearly opposite gradients).
+    a certificate: the duality gap ``âᵀw + c‖g_w‖ − minᵢ(â + (c/s)Gw)ᵢ ≥ 0`` bounds both the
+    excess of the dual value ``F(w)`` over the optimum and the shortfall of ``d``'s worst-task
+    progress ``minᵢ gᵢ·d`` from the best in the ball, relative to ``‖g₀‖·maxᵢ‖gᵢ‖``. Two
+    directions are tried, ``s = s_μ(w)`` and the full step ``s = ‖g_w‖``, and the better
+    kept. The iterate that meets the stopping test (or else has the smallest gap) is returned;
+    ``info.residual`` is its gap, and ``info.converged`` says whether the gap is below ``tol``
+    (:func:`cagrad_tol`) plus the rounding level of its evaluation: ``4ε(1 + c s)``, and
+    ``ε(c/s)(dᵀw) maxᵢ dᵢ`` (``dᵢ = ‖gᵢ‖/maxⱼ‖gⱼ‖``) for the last digit of ``w`` and of the
+    weights ``λ``, of size ``r/s``. The solve stops when the gap is below ``tol``, when the
+    path has been followed down to ``μ = tol/(10(T + 2))``, or after ``max_iter`` iterations
+    (typically 10 to 25; up to about 60 near the cone's tip).
+
+    Near the tip ``‖g_w‖`` is resolved from ``G`` only to ``√ε·dᵀw``: an iterate with smaller
+    ``s`` certifies nothing (its large weights lose the balance of the cancelling gradients to
+    their own rounding), and neither does one where ``G`` is indefinite (a Gramian rounded
+    from nearly dependent gradients). ``‖g_w‖²`` is therefore taken from the model
+    ``G + ε'ddᵀ``, with ``ε' = ridge`` (default ``4ε²``, negligible); a pass that ends
+    unconverged at the tip, or meets ``wᵀ(G + ε'ddᵀ)w < 0``, is continued from its iterate with
+    ``ε'`` raised to at least ``ε`` (and enough to make that form positive), at most twice.
+    The tip's resolution then limits the gap to about ``c√ε``.
 
     ``c ≥ 0`` may be a traced scalar. When ``r = 0`` (``c = 0`` or ``g₀ = 0``) ``λ = b``, exactly.
     ``T = 1``: ``d = (1 + c)g``. Mass of ``w`` on zero gradients, which does not change the
