@@ -87,13 +87,14 @@ def _sum2(x: jax.Array) -> jax.Array:
     return x[..., 0] + err
 
 
-def _dot2(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``Σⱼ aⱼbⱼ`` over the last axis (broadcast) to relative accuracy ε."""
-    a_hi, a_lo = _split(a)
+def _dot2(a, b: jax.Array) -> jax.Array:
+    """``Σⱼ aⱼbⱼ`` over the last axis (broadcast) to relative accuracy ε; ``a`` may be given
+    split, as ``(hi, lo)``."""
+    a_hi, a_lo = a if isinstance(a, tuple) else _split(a)
     b_hi, b_lo = _split(b)
+    # The products of the halves are exact; only the large ones need a compensated sum.
     small = a_hi * b_lo + a_lo * b_hi + a_lo * b_lo
-    terms = jnp.concatenate(jnp.broadcast_arrays(a_hi * b_hi, small), axis=-1)
-    return _sum2(terms)
+    return _sum2(a_hi * b_hi) + jnp.sum(small, axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,25 +109,30 @@ def _smoothed_norm(p, m):
 
 
 class _Model(NamedTuple):
-    """``G`` (normalised), ``â = Gb/‖g₀‖``, ``c``, the ridge ``ε`` and ``dᵢ = ‖gᵢ‖``."""
+    """``G`` (normalised) and its split halves, ``â = Gb/‖g₀‖``, ``c``, the ridge ``ε`` and
+    ``dᵢ = ‖gᵢ‖``."""
 
     g: jax.Array
+    g_split: tuple[jax.Array, jax.Array]
     ah: jax.Array
     c: jax.Array
     ridge: jax.Array
     norms: jax.Array
 
     def products(self, w):
-        """``(Gw, wᵀGw, G'w, wᵀG'w)``, ``G' = G + εddᵀ``, to relative accuracy ε."""
-        u = _dot2(self.g, w[None, :])
-        p = _dot2(w, u)
+        """``(Gw, wᵀGw)`` to relative accuracy ε."""
+        u = _dot2(self.g_split, w[None, :])
+        return u, _dot2(w, u)
+
+    def ridged(self, w, u, p):
+        """``(G'w, wᵀG'w)`` from ``(Gw, wᵀGw)``, ``G' = G + εddᵀ``."""
         dw = _dot(self.norms, w)
-        return u, p, u + self.ridge * dw * self.norms, p + self.ridge * dw * dw
+        return u + self.ridge * dw * self.norms, p + self.ridge * dw * dw
 
 
-def _certificate(model: _Model, w, m):
-    """``(s, gap, rounding, wᵀGw)`` at ``w``: the duality gap of the problem on ``G`` (in units
-    of ``‖g₀‖·maxᵢ‖gᵢ‖``) and the rounding level of its evaluation.
+def _certificate(model: _Model, w, u, p, m):
+    """``(s, gap, rounding)`` at ``w`` (``u = Gw``, ``p = wᵀGw``): the duality gap of the
+    problem on ``G`` (in units of ``‖g₀‖·maxᵢ‖gᵢ‖``) and the rounding level of its evaluation.
 
     With ``p' = wᵀG'w ≥ ‖g_w‖²``, ``âᵀw + c p'^{1/2} ≥ F(w)`` bounds the optimum from above;
     for ``s ≥ p'^{1/2}`` the direction ``ĝ₀ + c g_w/s`` lies in the ball, so its worst-task
@@ -134,7 +140,7 @@ def _certificate(model: _Model, w, m):
     """
     eps = jnp.finfo(w.dtype).eps
     c = model.c
-    u, p, _, pm = model.products(w)
+    _, pm = model.ridged(w, u, p)
     # Two directions in the ball: the barrier's, s = s_μ(p'), and the full step, s = p'^{1/2}
     # (better where the path approaches the cone's tip); the better one is kept.
     s_path, _ = _smoothed_norm(pm, m)
@@ -151,7 +157,7 @@ def _certificate(model: _Model, w, m):
     rounding = 4.0 * eps * (1.0 + c * s) + eps * (c / s) * dw * dmax
     rounding = rounding + c * (jnp.sqrt(jnp.maximum(pm, 0.0)) - jnp.sqrt(jnp.maximum(p, 0.0)))
     rounding = rounding + (c / s) * model.ridge * dw * dmax
-    return s, gap, rounding, p
+    return s, gap, rounding
 
 
 def _barrier_method(model: _Model, tol: float, max_iter: int):
@@ -169,8 +175,8 @@ def _barrier_method(model: _Model, tol: float, max_iter: int):
     w0 = jnp.full((n,), 1.0 / n, dtype)
     mu0 = jnp.ones((), dtype)
 
-    def smooth_terms(model, w, mu):
-        _, _, u, p = model.products(w)
+    def smooth_terms(model, w, gw, mu):
+        u, p = model.ridged(w, *gw)
         m = mu / c
         s, root = _smoothed_norm(p, m)
         gt = ah + (c / s) * u  # ∇(âᵀw + c s − μ log s) at s = s_μ(w)
@@ -180,8 +186,8 @@ def _barrier_method(model: _Model, tol: float, max_iter: int):
         eta = jnp.max(jnp.abs(w * z - mu)) / mu
         return u, p, m, s, root, gt, z, eta
 
-    def newton_step(model, w, mu):
-        u, p, m, s, root, gt, z, _ = smooth_terms(model, w, mu)
+    def newton_step(model, w, gw, mu):
+        u, p, m, s, root, gt, z, _ = smooth_terms(model, w, gw, mu)
         gm = model.g + model.ridge * jnp.outer(model.norms, model.norms)
         # Newton-type step for Φ_μ(w) = âᵀw + c s_μ(w) − μ log s_μ(w) − μ Σ log wᵢ on 1ᵀw = 1,
         # in the scaled variable v = dw/w. Metric: W∇²(c s)W + diag(max(μ, wᵢzᵢ)), the barrier's
@@ -208,7 +214,7 @@ def _barrier_method(model: _Model, tol: float, max_iter: int):
         # Armijo backtracking on Φ_μ over t₀2^{-k} (t₀ keeps w > 0), all at once; the
         # differences Φ_μ(w + t dw) − Φ_μ(w) are evaluated term by term, without cancellation.
         ts = jnp.minimum(1.0, _BOUNDARY_FRACTION * _max_step(w, dw)) * halvings
-        dgd = model.products(dw)[3]
+        dgd = model.ridged(dw, *model.products(dw))[1]
         dp = ts * (2.0 * _dot2(u, dw) + ts * dgd)
         root_t = jnp.sqrt(jnp.maximum(m * m + p + dp, 0.0))
         ds = dp / jnp.maximum(root_t + root, tiny)
@@ -226,18 +232,20 @@ def _barrier_method(model: _Model, tol: float, max_iter: int):
         w_new = jnp.where(jnp.all(w_new > 0) & jnp.all(jnp.isfinite(w_new)), w_new, w)
         # Centred for the next iteration: after a full step of small decrement (Newton's
         # quadratic convergence), when every wᵢzᵢ is close to μ, or when no step decreases Φ_μ.
-        eta = smooth_terms(model, w_new, mu)[-1]
+        gw_new = model.products(w_new)
+        eta = smooth_terms(model, w_new, gw_new, mu)[-1]
         centred = ((t == 1.0) & (lam2 <= _DECREMENT * mu)) | (eta <= _CENTRED) | (t == 0.0)
-        return w_new, m, centred
+        return w_new, gw_new, m, centred
 
     def body(state):
-        w, mu, it, _, centred, best, ridge, pass_it, passes = state
+        w, gw, mu, it, _, centred, best, ridge, pass_it, passes = state
         model_k = model._replace(ridge=ridge)
         # μ decreases first when the iterate is centred; one Newton step then usually
         # re-centres it.
         mu = jnp.where(centred & (mu > mu_min), jnp.maximum(mu / _MU_FACTOR, mu_min), mu)
-        w_new, m, centred = newton_step(model_k, w, mu)
-        s_new, gap, rounding, p_true = _certificate(model_k, w_new, m)
+        w_new, gw_new, m, centred = newton_step(model_k, w, gw, mu)
+        p_true = gw_new[1]
+        s_new, gap, rounding = _certificate(model_k, w_new, *gw_new, m)
         # The gap certifies nothing when wᵀG'w < 0 (rounding made G indefinite beyond the
         # ridge: s may be below the true ‖g_w‖), nor when s < √eps·dᵀw: the weights
         # λ = b + (r/s)w, of size r/s, then lose the balance of nearly cancelling gradients
@@ -267,6 +275,7 @@ def _barrier_method(model: _Model, tol: float, max_iter: int):
         mu_restart = jnp.maximum(mu, c * jnp.sqrt(ridge_new * dw2))
         return (
             w_new,
+            gw_new,
             jnp.where(restart, mu_restart, mu),
             it + 1,
             done & ~restart,
@@ -278,12 +287,14 @@ def _barrier_method(model: _Model, tol: float, max_iter: int):
         )
 
     def cond(state):
-        return (state[2] < max_iter) & ~state[3]
+        return (state[3] < max_iter) & ~state[4]
 
-    s0, gap0, rounding0, _ = _certificate(model, w0, mu0 / c)
+    gw0 = model.products(w0)
+    s0, gap0, rounding0 = _certificate(model, w0, *gw0, mu0 / c)
     zero = jnp.zeros((), jnp.int32)
     init = (
         w0,
+        gw0,
         mu0,
         zero,
         gap0 <= tol,
@@ -293,7 +304,7 @@ def _barrier_method(model: _Model, tol: float, max_iter: int):
         zero,
         zero,
     )
-    _, _, iters, _, _, (w, s, gap, rounding), *_ = lax.while_loop(cond, body, init)
+    _, _, _, iters, _, _, (w, s, gap, rounding), *_ = lax.while_loop(cond, body, init)
     return w, s, iters, gap, rounding
 
 
@@ -366,14 +377,15 @@ def cagrad_solve(
     eps = float(jnp.finfo(dtype).eps)
     ridge = _RIDGE * eps * eps if ridge is None else float(ridge)
     b = jnp.full((n,), 1.0 / n, dtype)
-    a = _dot2(g, b[None, :])
+    g_split = _split(g)
+    a = _dot2(g_split, b[None, :])
     n0_sq = _dot2(b, a)
     trivial = (c <= 0) | (n0_sq <= 0)  # r = 0: λ = b
     n0 = jnp.sqrt(jnp.where(trivial, 1.0, n0_sq))
     c_safe = jnp.where(trivial, 1.0, c)
     ah = jnp.where(trivial, 0.0, a / n0)
     norms = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0.0))
-    model = _Model(g, ah, c_safe, jnp.asarray(ridge, dtype), norms)
+    model = _Model(g, g_split, ah, c_safe, jnp.asarray(ridge, dtype), norms)
     w, s, iters, gap, rounding = _barrier_method(model, tol, max_iter)
     lam = b + (c_safe * n0 / s) * jnp.where(norms > 0, w, 0.0)
     info = SolverInfo.of(
