@@ -500,24 +500,26 @@ def test_cagrad_solver_info(dtype):
     tol = solvers_cagrad.cagrad_tol(dtype)
     with jax.enable_x64(dtype == "float64"):
         g = jnp.asarray(j @ j.T, dtype)
+        solve = jax.jit(lambda g, c, cap: cagrad_solve(g, c, max_iter=cap))
         # Capped at one or two iterations the solve is far from optimal and says so.
         for cap in (1, 2):
-            info = jax.jit(functools.partial(cagrad_solve, max_iter=cap))(g, 0.4).info
+            info = solve(g, 0.4, cap).info
             assert int(info.iterations) == cap and not bool(info.converged)
             assert float(info.residual) > 1e3 * tol
-        info = cagrad_solve(g, 0.4).info
+        info = solve(g, 0.4, solvers_cagrad.CAGRAD_MAX_ITER).info
         assert bool(info.converged) and 0 < int(info.iterations) < solvers_cagrad.CAGRAD_MAX_ITER
+        # Non-finite input: reported as not converged.
+        info = solve(g.at[0, 1].set(jnp.nan), 0.4, solvers_cagrad.CAGRAD_MAX_ITER).info
+        assert not bool(info.converged)
         # Exact cases: c = 0 or g₀ = 0 (λ = 1/T), one task (λ = 1 + c).
         for gram, c, lam in (
             (g, 0.0, np.full(3, 1 / 3)),
             (jnp.asarray([[1.0, -1.0], [-1.0, 1.0]], dtype), 0.4, np.full(2, 0.5)),
             (jnp.asarray([[4.0]], dtype), 0.5, np.array([1.5])),
         ):
-            sol = cagrad_solve(gram, c)
+            sol = solve(gram, c, solvers_cagrad.CAGRAD_MAX_ITER)
             np.testing.assert_allclose(np.asarray(sol.lam), lam, rtol=1e-6)
             assert bool(sol.info.converged) and int(sol.info.iterations) == 0
-        # Non-finite input: reported as not converged.
-        assert not bool(cagrad_solve(g.at[0, 1].set(jnp.nan), 0.4).info.converged)
 
 
 def _cagrad_degenerate():
