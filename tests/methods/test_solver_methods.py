@@ -285,6 +285,27 @@ def test_cagrad_rescale():
     np.testing.assert_allclose(w_scaled, [1.5 / 1.25], rtol=1e-6)
 
 
+def test_cagrad_reports_its_solve():
+    # The state is the last solve's SolverInfo: converged, with the iterations it took and its
+    # duality gap; c = 0 (the mean gradient) needs no iterations.
+    m = mtl.methods.cagrad()
+    state = m.init(T)
+    assert isinstance(state, mtl.SolverState)
+    assert int(state.solver.iterations) == 0 and bool(state.solver.converged)
+    _, _, states = batched("cagrad")(
+        jnp.asarray(JS, jnp.float32),
+        jnp.asarray(LOSSES, jnp.float32),
+        jax.tree_util.tree_map(lambda x: jnp.stack([x] * len(NAMES)), state),
+    )
+    info = states.solver
+    assert np.all(np.asarray(info.converged))
+    for k in RANDOM:
+        assert 0 < int(info.iterations[k]) < 100 and float(info.residual[k]) < 1e-5
+    gs = jnp.asarray(np.stack([j @ j.T for j in JS[RANDOM]]), jnp.float32)
+    mean = jax.vmap(lambda g: mtl.methods.cagrad(0.0).weights(jnp.ones(T), g, state, None)[1])(gs)
+    assert np.all(np.asarray(mean.solver.iterations) == 0)
+
+
 def test_nash_update_weights_every_and_warm_start():
     m = mtl.methods.nash_mtl(update_weights_every=3)
     step = jax.jit(lambda g, s: m.weights(jnp.ones(T), g, s, None))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from mtljax._src import solvers
-from mtljax._src.base import Method, make_method
+from mtljax._src.base import Method, SolverInfo, SolverState, make_method
 from mtljax._src.methods import _common
+from mtljax._src.solvers.cagrad import cagrad_solve
 
 
 def cagrad(c: float = 0.4, *, rescale: bool = False) -> Method:
@@ -18,11 +18,15 @@ def cagrad(c: float = 0.4, *, rescale: bool = False) -> Method:
     Its dual is ``min_{w ∈ Δ} g_wᵀg₀ + √φ ‖g_w‖`` with ``g_w = Σᵢ wᵢgᵢ`` and ``φ = c²‖g₀‖²``,
     and ``d = g₀ + (√φ/‖g_w‖) g_w`` (the paper's Algorithm 1). Only the Gramian is needed:
     ``g_wᵀg₀ = wᵀGu``, ``‖g_w‖² = wᵀGw`` with ``u = 1/T``; the weights on the gradients are
-    ``λ = u + (√φ/‖g_w‖) w``. The dual is solved on device by
-    :func:`mtljax._src.solvers.cagrad_simplex` (an interior-point method, with ``‖g_w‖``
-    smoothed at relative level ``10⁻⁵`` in float32, so that ``d = g₀`` when ``g_w`` vanishes).
-    ``c = 0`` gives the mean gradient; a large ``c`` approaches MGDA's direction; the paper's
-    convergence guarantee to a minimum of the average loss needs ``0 ≤ c < 1``.
+    ``λ = u + (√φ/‖g_w‖) w``. The dual, a second-order cone program, is solved on device by
+    :func:`mtljax._src.solvers.cagrad.cagrad_solve`: a barrier method whose Newton steps are
+    globalised by a line search, with ``‖g_w‖`` replaced along the way by the barrier's
+    ``s ≥ ‖g_w‖`` (so the direction stays in the ball and is defined when ``g_w`` vanishes).
+    Its residual is the duality gap between ``F(w)`` and the worst-task progress
+    ``minᵢ gᵢ·d`` of the returned direction, relative to ``‖g₀‖·maxᵢ‖gᵢ‖``: it certifies how
+    far ``d`` is from the best in the ball. ``c = 0`` gives the mean gradient; a large ``c``
+    approaches MGDA's direction; the paper's convergence guarantee to a minimum of the average
+    loss needs ``0 ≤ c < 1``.
 
     Args:
       c: the radius of the ball relative to ``‖g₀‖`` (0.4, the paper's value for NYU-v2 and
@@ -30,8 +34,9 @@ def cagrad(c: float = 0.4, *, rescale: bool = False) -> Method:
       rescale: divide ``d`` by ``1 + c²``, as the authors' released code does (off by default:
         the paper's formula).
 
-    No state. Task-specific parameters get their own gradients ``∇Lᵢ`` (``head_grads="unit"``),
-    as in the authors' code.
+    State: :class:`mtljax.SolverState`, the last solve's :class:`mtljax.SolverInfo` (the
+    train step reports it and can act on an unconverged solve). Task-specific parameters get
+    their own gradients ``∇Lᵢ`` (``head_grads="unit"``), as in the authors' code.
 
     Scale: the paper's, ``d = g₀ + c‖g₀‖ g_w/‖g_w‖`` with ``g₀`` the *mean* gradient, so
     ``‖d‖ ≤ (1 + c)‖g₀‖`` (``(1+c)/(1+c²)`` times that with ``rescale``). The authors' code also
@@ -44,11 +49,11 @@ def cagrad(c: float = 0.4, *, rescale: bool = False) -> Method:
         raise ValueError(f"{name}: rescale must be True or False, got {rescale!r}")
     factor = 1.0 / (1.0 + c * c) if rescale else 1.0
 
-    def init(num_tasks: int):
-        return ()
+    def init(num_tasks: int) -> SolverState:
+        return SolverState(solver=SolverInfo.initial())
 
     def weights(losses, gramian, state, key):
-        _, lam = solvers.cagrad_simplex(gramian, c)
-        return lam * factor, state
+        sol = cagrad_solve(gramian, c)
+        return sol.lam * factor, SolverState(solver=sol.info)
 
     return make_method(name, init, needs="gramian", weights=weights, head_grads="unit")

@@ -1,65 +1,415 @@
-"""CAGrad's conflict-averse direction."""
+"""CAGrad's conflict-averse direction: a barrier method on the second-order cone form of its dual
+problem, globalised by a line search and stopped by a duality-gap certificate."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-from mtljax._src.solvers._linalg import _dot, _is_f64, _mm, default_tol, normalize_gramian
-from mtljax._src.solvers.interior_point import IPM_MAX_ITER, _interior_point
+from mtljax._src.base import SolverInfo
+from mtljax._src.solvers._linalg import (
+    _BOUNDARY_FRACTION,
+    _chol_solver,
+    _dot,
+    _is_f64,
+    _max_step,
+    normalize_gramian,
+)
+
+CAGRAD_MAX_ITER = 100
+_LINE_SEARCH_MAX = 30
+_MU_FACTOR = 30.0  # μ is divided by this once the iterate is centred,
+_CENTRED = 0.5  # which it is when |wᵢzᵢ − μ| ≤ this·μ for every i,
+_DECREMENT = 0.25  # or after a full Newton step of decrement λ² ≤ this·μ.
+_RIDGE = 4.0  # the ridge εddᵀ of the model Gramian: ε = this·eps² (first pass)
+_PASSES = 3  # passes at most, each with a larger ridge
+_PASS_ITER = 40  # iterations after which an unconverged pass near the tip is restarted
+
+
+def cagrad_tol(dtype) -> float:
+    """The duality-gap tolerance of :func:`cagrad_solve`, relative to ``‖g₀‖·maxᵢ‖gᵢ‖``:
+    ``1e-7`` (float32: about its ε, so that the solve goes on until rounding stops it) and
+    ``1e-12`` (float64)."""
+    return 1e-12 if _is_f64(dtype) else 1e-7
+
+
+class CAGradSolution(NamedTuple):
+    """The result of :func:`cagrad_solve`.
+
+    Attributes:
+      w: the dual weights ``w ∈ Δ``.
+      lam: the weights of the direction, ``d = Jᵀλ``.
+      info: how the solve ended (:class:`mtljax.SolverInfo`); its residual is the duality gap.
+    """
+
+    w: jax.Array
+    lam: jax.Array
+    info: SolverInfo
+
+
+# ----------------------------------------------------------------------------------------------
+# Products without cancellation error. Nearly opposite gradients make ``Gw`` and ``wᵀGw`` small
+# sums of large terms; computed plainly their rounding (ε|G||w|) is magnified by c/‖g_w‖ in the
+# gradient of the dual. Error-free transformations give them to relative accuracy ε instead.
+
+
+def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x = hi + lo`` exactly, ``hi`` with the upper half of the significand (bit mask), so
+    that products of halves are exact (or, for ``lo·lo`` in float64, within ε² of exact)."""
+    if _is_f64(x.dtype):
+        kind, mask = jnp.uint64, np.uint64(0xFFFFFFFFF8000000)
+    else:
+        kind, mask = jnp.uint32, np.uint32(0xFFFFF000)
+    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(x, kind) & mask, x.dtype)
+    return hi, x - hi
+
+
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``a + b = s + e`` exactly, ``s = fl(a + b)`` (Knuth)."""
+    s = a + b
+    bp = s - a
+    ap = s - bp
+    return s, (a - ap) + (b - bp)
+
+
+def _sum2(x: jax.Array) -> jax.Array:
+    """``Σ x`` over the last axis, pairwise with the rounding errors kept and added back."""
+    err = jnp.zeros(x.shape[:-1], x.dtype)
+    while x.shape[-1] > 1:
+        if x.shape[-1] % 2:
+            x = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], 1), x.dtype)], axis=-1)
+        x, e = _two_sum(x[..., ::2], x[..., 1::2])
+        err = err + jnp.sum(e, axis=-1)
+    return x[..., 0] + err
+
+
+def _dot2(a, b: jax.Array) -> jax.Array:
+    """``Σⱼ aⱼbⱼ`` over the last axis (broadcast) to relative accuracy ε; ``a`` may be given
+    split, as ``(hi, lo)``."""
+    a_hi, a_lo = a if isinstance(a, tuple) else _split(a)
+    b_hi, b_lo = _split(b)
+    # The products of the halves are exact; only the large ones need a compensated sum.
+    small = a_hi * b_lo + a_lo * b_hi + a_lo * b_lo
+    return _sum2(a_hi * b_hi) + jnp.sum(small, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The barrier method
+
+
+def _smoothed_norm(p, m):
+    """``(s, ρ)`` with ``ρ = (m² + p)^{1/2}`` and ``s = m + ρ ≥ p^{1/2}``: the minimiser over
+    ``s`` of ``c s − μ log(s² − p)`` (``m = μ/c``)."""
+    root = jnp.sqrt(m * m + jnp.maximum(p, 0.0))
+    return m + root, root
+
+
+class _Model(NamedTuple):
+    """``G`` (normalised) and its split halves, ``â = Gb/‖g₀‖``, ``c``, the ridge ``ε`` and
+    ``dᵢ = ‖gᵢ‖``."""
+
+    g: jax.Array
+    g_split: tuple[jax.Array, jax.Array]
+    ah: jax.Array
+    c: jax.Array
+    ridge: jax.Array
+    norms: jax.Array
+
+    def products(self, w):
+        """``(Gw, wᵀGw)`` to relative accuracy ε."""
+        u = _dot2(self.g_split, w[None, :])
+        return u, _dot2(w, u)
+
+    def ridged(self, w, u, p):
+        """``(G'w, wᵀG'w)`` from ``(Gw, wᵀGw)``, ``G' = G + εddᵀ``."""
+        dw = _dot(self.norms, w)
+        return u + self.ridge * dw * self.norms, p + self.ridge * dw * dw
+
+
+def _certificate(model: _Model, w, u, p, m):
+    """``(s, gap, rounding)`` at ``w`` (``u = Gw``, ``p = wᵀGw``): the duality gap of the
+    problem on ``G`` (in units of ``‖g₀‖·maxᵢ‖gᵢ‖``) and the rounding level of its evaluation.
+
+    With ``p' = wᵀG'w ≥ ‖g_w‖²``, ``âᵀw + c p'^{1/2} ≥ F(w)`` bounds the optimum from above;
+    for ``s ≥ p'^{1/2}`` the direction ``ĝ₀ + c g_w/s`` lies in the ball, so its worst-task
+    progress ``minᵢ(â + (c/s)Gw)ᵢ`` bounds the optimum from below.
+    """
+    eps = jnp.finfo(w.dtype).eps
+    c = model.c
+    _, pm = model.ridged(w, u, p)
+    # Two directions in the ball: the barrier's, s = s_μ(p'), and the full step, s = p'^{1/2}
+    # (better where the path approaches the cone's tip); the better one is kept.
+    s_path, _ = _smoothed_norm(pm, m)
+    s_full = jnp.maximum(jnp.sqrt(jnp.maximum(pm, 0.0)), jnp.finfo(w.dtype).tiny)
+    low_path = jnp.min(model.ah + (c / s_path) * u)
+    low_full = jnp.min(model.ah + (c / s_full) * u)
+    s = jnp.where(low_full > low_path, s_full, s_path)
+    gap = _dot2(model.ah, w) + c * s_full - jnp.maximum(low_path, low_full)
+    # Rounding: of the terms (relative ε), and of w itself, whose last digit moves Gw by
+    # ε|G|w ≤ εd(dᵀw) and the lower bound by c/s times that; the ridge's share:
+    # c(p'^{1/2} − p^{1/2}) in the upper bound, (c/s)εdᵢ(dᵀw) in the lower one.
+    dw = _dot(model.norms, w)
+    dmax = jnp.max(model.norms)
+    rounding = 4.0 * eps * (1.0 + c * s) + eps * (c / s) * dw * dmax
+    rounding = rounding + c * (jnp.sqrt(jnp.maximum(pm, 0.0)) - jnp.sqrt(jnp.maximum(p, 0.0)))
+    rounding = rounding + (c / s) * model.ridge * dw * dmax
+    return s, gap, rounding
+
+
+def _barrier_method(model: _Model, tol: float, max_iter: int):
+    """Minimises ``âᵀw + c s`` over ``w ∈ Δ``, ``s ≥ (wᵀG'w)^{1/2}`` (see :func:`cagrad_solve`).
+
+    Returns ``(w, s, iterations, gap, rounding)`` at the iterate of smallest gap.
+    """
+    ah, c = model.ah, model.c
+    n = ah.shape[0]
+    dtype = ah.dtype
+    eps = float(jnp.finfo(dtype).eps)
+    tiny = jnp.finfo(dtype).tiny
+    halvings = 0.5 ** jnp.arange(_LINE_SEARCH_MAX, dtype=dtype)
+    mu_min = tol / (10.0 * (n + 2))
+    w0 = jnp.full((n,), 1.0 / n, dtype)
+    mu0 = jnp.ones((), dtype)
+
+    def smooth_terms(model, w, gw, mu):
+        u, p = model.ridged(w, *gw)
+        m = mu / c
+        s, root = _smoothed_norm(p, m)
+        gt = ah + (c / s) * u  # ∇(âᵀw + c s − μ log s) at s = s_μ(w)
+        # The multiplier of 1ᵀw = 1 that best centres w (least squares of wᵢ(gtᵢ − ν) − μ).
+        nu = (_dot(w, w * gt) - mu) / _dot(w, w)
+        z = gt - nu
+        eta = jnp.max(jnp.abs(w * z - mu)) / mu
+        return u, p, m, s, root, gt, z, eta
+
+    def newton_step(model, w, gw, mu):
+        u, p, m, s, root, gt, z, _ = smooth_terms(model, w, gw, mu)
+        gm = model.g + model.ridge * jnp.outer(model.norms, model.norms)
+        # Newton-type step for Φ_μ(w) = âᵀw + c s_μ(w) − μ log s_μ(w) − μ Σ log wᵢ on 1ᵀw = 1,
+        # in the scaled variable v = dw/w. Metric: W∇²(c s)W + diag(max(μ, wᵢzᵢ)), the barrier's
+        # curvature at the current products wᵢzᵢ (as in primal-dual methods: a coordinate far
+        # from the path is re-centred in one step), + ρwwᵀ, which changes nothing on wᵀv = 0 and
+        # keeps the system well conditioned, + a relative ridge on the diagonal for rounding.
+        wu = w * u
+        hw = (c / s) * (w[:, None] * gm * w[None, :] - jnp.outer(wu, wu) / (s * root))
+        diag = jnp.maximum(mu, w * z) + n * eps * jnp.abs(jnp.diagonal(hw))
+        rho = (jnp.trace(hw) + jnp.sum(diag)) / _dot(w, w)
+        mat = hw + jnp.diag(diag) + rho * jnp.outer(w, w)
+        rhs = mu - w * z  # −W∇Φ_μ up to a multiple of w
+        both = _chol_solver(mat)(jnp.stack([rhs, w], axis=1))
+        dnu = -_dot(w, both[:, 0]) / _dot(w, both[:, 1])
+        v = both[:, 0] + dnu * both[:, 1]
+        lam2 = _dot(rhs, v)  # the decrement −∇Φ_μ·dw
+        finite = jnp.all(jnp.isfinite(v)) & (lam2 > 0)
+        # If the factorisation failed: the projected scaled gradient, still a descent direction.
+        v_grad = rhs - _dot(w, rhs) / _dot(w, w) * w
+        v = jnp.where(finite, v, v_grad)
+        lam2 = jnp.where(finite, lam2, _dot(rhs, v_grad))
+        dw = w * v
+
+        # Armijo backtracking on Φ_μ over t₀2^{-k} (t₀ keeps w > 0), all at once; the
+        # differences Φ_μ(w + t dw) − Φ_μ(w) are evaluated term by term, without cancellation.
+        ts = jnp.minimum(1.0, _BOUNDARY_FRACTION * _max_step(w, dw)) * halvings
+        dgd = model.ridged(dw, *model.products(dw))[1]
+        dp = ts * (2.0 * _dot2(u, dw) + ts * dgd)
+        root_t = jnp.sqrt(jnp.maximum(m * m + p + dp, 0.0))
+        ds = dp / jnp.maximum(root_t + root, tiny)
+        steps = jnp.maximum(ts[:, None] * v, -_BOUNDARY_FRACTION)
+        dphi = (
+            ts * _dot2(ah, dw)
+            + c * ds
+            - mu * jnp.log1p(ds / s)
+            - mu * jnp.sum(jnp.log1p(steps), axis=1)
+        )
+        armijo = (dphi <= -1e-4 * ts * lam2) & jnp.isfinite(dphi)
+        t = jnp.max(jnp.where(armijo, ts, 0.0))
+        w_new = jnp.maximum(w + t * dw, 0.0)
+        w_new = w_new / jnp.sum(w_new)
+        w_new = jnp.where(jnp.all(w_new > 0) & jnp.all(jnp.isfinite(w_new)), w_new, w)
+        # Centred for the next iteration: after a full step of small decrement (Newton's
+        # quadratic convergence), when every wᵢzᵢ is close to μ, or when no step decreases Φ_μ.
+        gw_new = model.products(w_new)
+        eta = smooth_terms(model, w_new, gw_new, mu)[-1]
+        centred = ((t == 1.0) & (lam2 <= _DECREMENT * mu)) | (eta <= _CENTRED) | (t == 0.0)
+        return w_new, gw_new, m, centred
+
+    def body(state):
+        w, gw, mu, it, _, centred, best, ridge, pass_it, passes = state
+        model_k = model._replace(ridge=ridge)
+        # μ decreases first when the iterate is centred; one Newton step then usually
+        # re-centres it.
+        mu = jnp.where(centred & (mu > mu_min), jnp.maximum(mu / _MU_FACTOR, mu_min), mu)
+        w_new, gw_new, m, centred = newton_step(model_k, w, gw, mu)
+        p_true = gw_new[1]
+        s_new, gap, rounding = _certificate(model_k, w_new, *gw_new, m)
+        # The gap certifies nothing when wᵀG'w < 0 (rounding made G indefinite beyond the
+        # ridge: s may be below the true ‖g_w‖), nor when s < √eps·dᵀw: the weights
+        # λ = b + (r/s)w, of size r/s, then lose the balance of nearly cancelling gradients
+        # to their own rounding.
+        dw2 = _dot(model.norms, w_new) ** 2
+        indefinite = p_true + ridge * dw2 < -16.0 * eps * eps * dw2
+        gap = jnp.where(indefinite | (s_new * s_new < eps * dw2), jnp.inf, gap)
+        # The best iterate: one that meets the stopping test if any does, then the smallest gap.
+        met, best_met = gap <= tol + rounding, best[2] <= tol + best[3]
+        better = (met & ~best_met) | ((met == best_met) & (gap < best[2]))
+        best = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(better, new, old), (w_new, s_new, gap, rounding), best
+        )
+        # A pass ends once the gap is within tol, once the path has been followed down to
+        # μ_min (the gap can then shrink no further), or when the iterate is not finite.
+        done = (best[2] <= tol) | (centred & (mu <= mu_min)) | ~jnp.all(jnp.isfinite(w_new))
+        # A new pass with a larger ridge ε (at least eps): when rounding made
+        # G' indefinite (wᵀG'w < 0), or when a pass fails near the cone's tip (‖g_w‖ below
+        # 4√eps·dᵀw), where the direction g_w/s is resolved only with s ≥ √eps·dᵀw.
+        unconverged = (done | (pass_it + 1 >= _PASS_ITER)) & ~(best[2] <= tol + best[3])
+        tip = s_new * s_new <= 16.0 * eps * dw2
+        restart = (indefinite | (unconverged & tip)) & (passes < _PASSES - 1)
+        restart = restart & jnp.all(jnp.isfinite(w_new))
+        ridge_new = jnp.maximum(4.0 * ridge, jnp.maximum(eps, -4.0 * p_true / dw2))
+        # The new pass starts from the current iterate, with μ raised to the scale of the
+        # ridge's share of s (μ/c ≈ (εdᵀw²)^{1/2}).
+        mu_restart = jnp.maximum(mu, c * jnp.sqrt(ridge_new * dw2))
+        return (
+            w_new,
+            gw_new,
+            jnp.where(restart, mu_restart, mu),
+            it + 1,
+            done & ~restart,
+            centred & ~restart,
+            best,
+            jnp.where(restart, ridge_new, ridge),
+            jnp.where(restart, 0, pass_it + 1),
+            passes + restart.astype(jnp.int32),
+        )
+
+    def cond(state):
+        return (state[3] < max_iter) & ~state[4]
+
+    gw0 = model.products(w0)
+    s0, gap0, rounding0 = _certificate(model, w0, *gw0, mu0 / c)
+    zero = jnp.zeros((), jnp.int32)
+    init = (
+        w0,
+        gw0,
+        mu0,
+        zero,
+        gap0 <= tol,
+        jnp.zeros((), bool),
+        (w0, s0, gap0, rounding0),
+        jnp.asarray(model.ridge, dtype),
+        zero,
+        zero,
+    )
+    _, _, _, iters, _, _, (w, s, gap, rounding), *_ = lax.while_loop(cond, body, init)
+    return w, s, iters, gap, rounding
+
+
+def cagrad_solve(
+    gramian: jax.Array,
+    c: float | jax.Array,
+    *,
+    tol: float | None = None,
+    ridge: float | None = None,
+    max_iter: int = CAGRAD_MAX_ITER,
+) -> CAGradSolution:
+    """CAGrad's direction ``d = Jᵀλ`` and dual weights ``w``, with a convergence report.
+
+    With ``b = 1/T``, ``g₀ = Jᵀb`` (the mean gradient) and ``r = c‖g₀‖``, the direction
+    maximises ``minᵢ gᵢ·d`` over the ball ``‖d − g₀‖ ≤ r``; the dual problem is
+    ``min_{w ∈ Δ} F(w) = g_wᵀg₀ + r‖g_w‖`` (``g_w = Jᵀw``), and ``d = g₀ + r g_w/‖g_w‖``.
+
+    Only the Gramian is used: ``g_wᵀg₀ = wᵀGb``, ``‖g_w‖² = wᵀGw``. In units of
+    ``‖g₀‖·maxᵢ‖gᵢ‖`` (``G`` divided by its largest diagonal entry, ``â = Gb/‖g₀‖``) the dual
+    is the second-order cone program ``min âᵀw + c s`` over ``w ∈ Δ``, ``s ≥ ‖g_w‖``. It is
+    solved by a barrier method: for decreasing ``μ``, Newton steps on
+    ``Φ_μ = âᵀw + c s − μ log(s² − ‖g_w‖²) − μ Σᵢ log wᵢ`` (``1ᵀw = 1``), where the best ``s``
+    has the closed form ``s_μ(w) = μ/c + ((μ/c)² + ‖g_w‖²)^{1/2} > ‖g_w‖``: the non-smooth tip
+    of the cone (``g_w = 0``, e.g. for opposite gradients) is approached along the central path
+    and never reached. The barrier's curvature in the Newton system uses the current products
+    ``wᵢzᵢ`` (``zᵢ`` the estimated multipliers of ``w ≥ 0``), so that after each decrease of
+    ``μ`` (by 30, once the iterate is centred) one step usually re-centres the iterate. Each
+    step is globalised by a backtracking line search on ``Φ_μ`` (Armijo, over ``t₀2^{-k}``),
+    so iterates never swing between vertices. The products ``Gw`` and ``wᵀGw``, sums of large
+    terms when gradients nearly cancel, are evaluated with error-free transformations (exact
+    split products, compensated sums) to relative accuracy ``ε``.
+
+    Every iterate gives a direction in the ball, ``d = g₀ + r g_w/s`` (``λ = b + (r/s)w``), and
+    a certificate: the duality gap ``âᵀw + c‖g_w‖ − minᵢ(â + (c/s)Gw)ᵢ ≥ 0`` bounds both the
+    excess of the dual value ``F(w)`` over the optimum and the shortfall of ``d``'s worst-task
+    progress ``minᵢ gᵢ·d`` from the best in the ball, relative to ``‖g₀‖·maxᵢ‖gᵢ‖``. Two
+    directions are tried, ``s = s_μ(w)`` and the full step ``s = ‖g_w‖``, and the better
+    kept. The iterate that meets the stopping test (or else has the smallest gap) is returned;
+    ``info.residual`` is its gap, and ``info.converged`` says whether the gap is below ``tol``
+    (:func:`cagrad_tol`) plus the rounding level of its evaluation: ``4ε(1 + c s)``, and
+    ``ε(c/s)(dᵀw) maxᵢ dᵢ`` (``dᵢ = ‖gᵢ‖/maxⱼ‖gⱼ‖``) for the last digit of ``w`` and of the
+    weights ``λ``, of size ``r/s``. The solve stops when the gap is below ``tol``, when the
+    path has been followed down to ``μ = tol/(10(T + 2))``, or after ``max_iter`` iterations
+    (typically 10 to 25; up to about 60 near the cone's tip).
+
+    Near the tip ``‖g_w‖`` is resolved from ``G`` only to ``√ε·dᵀw``: an iterate with smaller
+    ``s`` certifies nothing (its large weights lose the balance of the cancelling gradients to
+    their own rounding), and neither does one where ``G`` is indefinite (a Gramian rounded
+    from nearly dependent gradients). ``‖g_w‖²`` is therefore taken from the model
+    ``G + ε'ddᵀ``, with ``ε' = ridge`` (default ``4ε²``, negligible); a pass that ends
+    unconverged at the tip, or meets ``wᵀ(G + ε'ddᵀ)w < 0``, is continued from its iterate with
+    ``ε'`` raised to at least ``ε`` (and enough to make that form positive), at most twice.
+    The tip's resolution then limits the gap to about ``c√ε``.
+
+    ``c ≥ 0`` may be a traced scalar. When ``r = 0`` (``c = 0`` or ``g₀ = 0``) ``λ = b``, exactly.
+    ``T = 1``: ``d = (1 + c)g``. Mass of ``w`` on zero gradients, which does not change the
+    direction, is left out of ``λ``. Scale invariant: ``G → kG`` gives the same ``(w, λ)``.
+    Non-finite input gives ``converged = False``.
+    """
+    g, _ = normalize_gramian(gramian)
+    n = g.shape[0]
+    dtype = g.dtype
+    c = jnp.asarray(c, dtype)
+    if n == 1:  # d = (1 + c) g
+        one = jnp.ones((1,), dtype)
+        lam = jnp.where(g[0, 0] > 0, 1.0 + c, 1.0) * one
+        ok = jnp.all(jnp.isfinite(lam))
+        return CAGradSolution(one, lam, SolverInfo.of(0, ok, jnp.where(ok, 0.0, jnp.inf)))
+    tol = cagrad_tol(dtype) if tol is None else float(tol)
+    eps = float(jnp.finfo(dtype).eps)
+    ridge = _RIDGE * eps * eps if ridge is None else float(ridge)
+    b = jnp.full((n,), 1.0 / n, dtype)
+    g_split = _split(g)
+    a = _dot2(g_split, b[None, :])
+    n0_sq = _dot2(b, a)
+    trivial = (c <= 0) | (n0_sq <= 0)  # r = 0: λ = b
+    n0 = jnp.sqrt(jnp.where(trivial, 1.0, n0_sq))
+    c_safe = jnp.where(trivial, 1.0, c)
+    ah = jnp.where(trivial, 0.0, a / n0)
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0.0))
+    model = _Model(g, g_split, ah, c_safe, jnp.asarray(ridge, dtype), norms)
+    w, s, iters, gap, rounding = _barrier_method(model, tol, max_iter)
+    lam = b + (c_safe * n0 / s) * jnp.where(norms > 0, w, 0.0)
+    info = SolverInfo.of(
+        jnp.where(trivial, 0, iters),
+        trivial | (gap <= tol + rounding),
+        jnp.where(trivial, 0.0, jnp.maximum(gap, 0.0)),
+    )
+    return CAGradSolution(jnp.where(trivial, b, w), jnp.where(trivial, b, lam), info)
 
 
 def cagrad_simplex(
     gramian: jax.Array,
     c: float | jax.Array,
     *,
-    smoothing: float | None = None,
     tol: float | None = None,
-    max_iter: int = IPM_MAX_ITER,
+    max_iter: int = CAGRAD_MAX_ITER,
 ) -> tuple[jax.Array, jax.Array]:
-    """CAGrad's dual problem and the weights of its direction.
+    """CAGrad's dual problem and the weights of its direction: ``(w, λ)`` of
+    :func:`cagrad_solve`, which also reports convergence.
 
-    With ``b = 1/T``, ``g₀ = Jᵀb`` (the mean gradient) and ``r = c‖g₀‖``, solves
-    ``w = argmin_{w ∈ Δ} wᵀGb + r ‖Jᵀw‖`` and returns ``(w, λ)`` with
-    ``λ = b + (r/‖Jᵀw‖) w``, so that ``Jᵀλ = g₀ + r Jᵀw/‖Jᵀw‖``: the direction that maximises
-    ``minᵢ gᵢ·d`` over the ball ``‖d − g₀‖ ≤ r``.
-
-    ``‖Jᵀw‖`` is smoothed as ``(wᵀGw + δs)^{1/2}`` with ``δ = smoothing`` (default ``1e-12`` in
-    float64, ``1e-10`` in float32). The direction then stays in the ball, is continuous, and
-    equals ``g₀`` when ``Jᵀw`` vanishes at the optimum; its max-min value is within ``O(r√δ)``
-    of the optimum. Solved by the interior point on ``G/s`` (no ridge needed); scale invariant.
-    ``c ≥ 0`` may be a traced scalar. When ``r = 0`` (``c = 0`` or ``g₀ = 0``) ``λ = b``; mass
-    of ``w`` on zero gradients, which does not change the direction, is left out of ``λ``.
+    With ``b = 1/T``, ``g₀ = Jᵀb`` (the mean gradient) and ``r = c‖g₀‖``, ``w`` solves
+    ``min_{w ∈ Δ} wᵀGb + r ‖Jᵀw‖`` and ``λ = b + (r/s) w`` with ``s ≥ ‖Jᵀw‖`` (equal at the
+    optimum unless ``Jᵀw`` vanishes there), so that ``d = Jᵀλ = g₀ + r Jᵀw/s`` lies in the ball
+    ``‖d − g₀‖ ≤ r`` and maximises ``minᵢ gᵢ·d`` over it, to the certified duality gap.
     """
-    g, _ = normalize_gramian(gramian)
-    n = g.shape[0]
-    dtype = g.dtype
-    if n == 1:  # d = (1 + c) g
-        one = jnp.ones((1,), dtype)
-        return one, jnp.where(g[0, 0] > 0, 1.0 + jnp.asarray(c, dtype), 1.0) * one
-    tol = default_tol(dtype) if tol is None else float(tol)
-    if smoothing is None:
-        smoothing = 1e-12 if _is_f64(dtype) else 1e-10
-    delta = float(smoothing)
-    b = jnp.full((n,), 1.0 / n, dtype)
-    a_vec = _mm(g, b)
-    r = jnp.asarray(c, dtype) * jnp.sqrt(jnp.maximum(_dot(b, a_vec), 0.0))
-
-    # With r = 0 any w gives λ = b; the interior point then gets a well-posed linear problem.
-    a_vec = jnp.where(r > 0, a_vec, jnp.ones_like(a_vec))
-    abs_g, abs_a = jnp.abs(g), jnp.abs(a_vec)
-
-    def oracle(w):
-        gw = _mm(g, w)
-        qn = jnp.sqrt(jnp.maximum(_dot(w, gw), 0.0) + delta)
-        grad = a_vec + r * gw / qn
-        hess = r * (g / qn - jnp.outer(gw, gw) / qn**3)
-        mag = abs_a + r * _mm(abs_g, jnp.abs(w)) / qn
-        return grad, hess, mag, _dot(abs_a, w) + r * qn
-
-    x0 = jnp.full((n,), 1.0 / n, dtype)
-    w, _, _, _ = _interior_point(oracle, x0, simplex=True, tol=tol, max_iter=max_iter)
-    w = jnp.maximum(w, 0.0)
-    w = w / jnp.sum(w)
-    qn = jnp.sqrt(jnp.maximum(_dot(w, _mm(g, w)), 0.0) + delta)
-    return w, b + (r / qn) * jnp.where(jnp.diagonal(g) > 0, w, 0.0)
+    sol = cagrad_solve(gramian, c, tol=tol, max_iter=max_iter)
+    return sol.w, sol.lam
