@@ -160,7 +160,7 @@ def test_registered_with_the_declared_needs():
         "imtl_g": ("gramian", "unit"),
         "imtl": ("gramian", "unit"),
         "aligned_mtl": ("gramian", "unit"),
-        "config": ("gramian", "unit"),
+        "config": ("jacobian", "unit"),
         "db_mtl": ("jacobian", "unit"),
     }
     for name, (needs, heads) in expected.items():
@@ -253,7 +253,7 @@ def test_two_task_surgery_is_permutation_equivariant(name):
     np.testing.assert_allclose(wp, w[::-1], rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["pcgrad", "gradvac", "imtl_g", "imtl", "aligned_mtl", "config"])
+@pytest.mark.parametrize("name", ["pcgrad", "gradvac", "imtl_g", "imtl", "aligned_mtl"])
 def test_gramian_methods_give_the_same_weights_on_a_gramian(name):
     method = build(name, t=3)
     j = rand(22, 3)
@@ -639,11 +639,17 @@ def test_aligned_mtl_scaling_the_jacobian_scales_the_direction():
 # ConFIG
 
 
+def config_direction(j):
+    """ConFIG's update on the float32 Jacobian ``j`` (float64 numpy out)."""
+    method = get("config")
+    d, _ = agg(method, f32(j), f32(np.ones(len(j))), method.init(len(j)))
+    return np.asarray(d, float)
+
+
 @pytest.mark.parametrize("scales", [None, [1e-3, 1.0, 1e3], [1e-10, 1.0, 1e10]])
 def test_config_equal_cosines_and_the_length_rule(scales):
     j = conflicting(80, scales)
-    w = gram_weights(get("config"), j)
-    d = w @ j
+    d = config_direction(j)
     cos = (j @ d) / (np.linalg.norm(j, axis=1) * np.linalg.norm(d))
     np.testing.assert_allclose(cos, cos.mean(), rtol=1e-3)
     assert np.all(cos > 0)
@@ -656,8 +662,8 @@ def test_config_equal_cosines_and_the_length_rule(scales):
 def test_config_direction_ignores_row_scales():
     j = rand(81, 3)
     c = np.array([1e-3, 1.0, 1e3])
-    d = gram_weights(get("config"), j) @ j
-    ds = gram_weights(get("config"), c[:, None] * j) @ (c[:, None] * j)
+    d = config_direction(j)
+    ds = config_direction(c[:, None] * j)
     np.testing.assert_allclose(unit(ds), unit(d), atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(ds), c @ (j @ unit(d)), rtol=1e-3)
 
@@ -665,9 +671,21 @@ def test_config_direction_ignores_row_scales():
 def test_config_rank_deficient_stays_conflict_free():
     e = np.eye(P)
     j = np.stack([e[0], -2 * e[0], e[1]])
-    d = gram_weights(get("config"), j) @ j
+    d = config_direction(j)
     assert np.all(j @ d >= -1e-6)
     np.testing.assert_allclose(d, config_ref(j), atol=1e-5)
+
+
+def test_config_on_a_pytree_jacobian_and_without_shared_parameters():
+    j = rand(82, 3, p=10)
+    tree = {"w": f32(j[:, :6].reshape(3, 2, 3)), "b": f32(j[:, 6:])}
+    method = get("config")
+    d, _ = agg(method, tree, f32(np.ones(3)), ())
+    flat = np.concatenate([np.asarray(d["w"], float).reshape(-1), np.asarray(d["b"], float)])
+    np.testing.assert_allclose(flat, config_ref(j), rtol=1e-4, atol=1e-6)
+    assert d["w"].shape == (2, 3) and d["b"].shape == (4,)
+    empty, _ = mtl.aggregate(method, {}, f32(np.ones(3)), ())
+    assert empty == {}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,11 +62,3 @@ def rank_tolerance(eigenvalues: jax.Array) -> jax.Array:
     t = eigenvalues.shape[-1]
     eps = jnp.finfo(eigenvalues.dtype).eps
     return 10.0 * t * eps * jnp.maximum(jnp.max(eigenvalues), 0.0)
-
-
-def psd_pinv_apply(k: jax.Array, b: jax.Array) -> jax.Array:
-    """``K⁺ b`` for a symmetric PSD ``K``, eigenvalues cut at :func:`rank_tolerance`."""
-    lam, vec = jnp.linalg.eigh(k)
-    keep = lam > rank_tolerance(lam)
-    inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
-    return vec @ (inv * (vec.T @ b))

@@ -8,33 +8,66 @@ import jax.numpy as jnp
 from mtljax._src.base import Method, make_method
 from mtljax._src.methods import _gramian_tools as gt
 
-# Relative squared residual above which 1 counts as outside the range of K (see below).
-_RANGE_TOL = 1e-4
+
+def _null_space_projection(a: jax.Array, b: jax.Array) -> jax.Array:
+    """The orthogonal projection of ``b`` on the numerical null space of ``a`` (T×T, entries of
+    order one accurate to a few ε): the right singular vectors with singular value
+    ``≤ 4·T·ε·max(1, σ_max)``, and always the last one (``a`` is singular by construction)."""
+    _, s, vt = jnp.linalg.svd(a)
+    t = s.shape[0]
+    tol = 4.0 * t * jnp.finfo(a.dtype).eps * jnp.maximum(s[0], 1.0)
+    null = (s <= tol) | (jnp.arange(t) == t - 1)
+    return vt.T @ jnp.where(null, vt @ b, 0.0)
 
 
 @jax.jit
 def impartial_weights(gramian: jax.Array) -> jax.Array:
     """IMTL-G's ``α`` (``Σα = 1``) from a Gramian: equal projections ``uᵢ · Jᵀα`` for all ``i``.
 
-    With ``n`` the row norms and ``K`` the cosine matrix, ``uᵢ · Jᵀα = (Gα)ᵢ / nᵢ``, so the
-    condition reads ``K (N α) = c 𝟙``: ``α = N⁻¹ K⁺ 𝟙 / 𝟙ᵀN⁻¹K⁺𝟙``, one T×T eigen-solve. When
-    ``𝟙`` is not in the range of ``K`` (e.g. two opposite gradients) only ``c = 0`` is possible;
-    ``β`` is then the component of ``𝟙`` in the null space of ``K`` (``Σβᵢuᵢ = 0``) and the
-    direction is 0. Zero gradients take no part (``αᵢ = 0``). If ``Σᵢ βᵢ/nᵢ`` vanishes the
-    weights are uniform over the non-zero tasks.
+    In coefficients on the unit gradients, ``β = Nα`` (``N = diag(n)``, ``n`` the row norms), the
+    direction is ``d = Σₖ βₖ uₖ`` and its projections are ``Kβ`` (``K`` the cosine matrix). They
+    are equal iff ``(I − 𝟙𝟙ᵀ/T) K β = 0``: ``β`` spans the null space of the centred cosine
+    matrix ``A = (I − 𝟙𝟙ᵀ/T) K``. This is the paper's system: its rows ``K₁ − Kᵢ`` (``i ≥ 2``)
+    span the same row space as ``A`` (``Aβ = 0`` iff all ``(Kβ)ᵢ`` are equal), and eliminating
+    ``α₁ = 1 − Σα₂:T`` turns ``(K₁ − Kᵢ)β = 0`` into ``α₂:T (DUᵀ) = g₁Uᵀ``. Unlike ``K``, ``A`` is
+    well conditioned near Pareto-stationarity (there ``K`` nearly annihilates ``𝟙`` but the
+    direction ``β`` with equal projections is well determined), and it treats every task alike,
+    so no reference task is singled out (any choice gives the same null space).
+
+    ``A`` is factored by an SVD; singular values ``≤ 4·T·ε·max(1, σ_max)`` count as zero, and
+    the smallest always does. ``A``'s entries are cosines accurate to about ε, but rounding the
+    norms scales ``K`` by ``diag(1 + δ)`` (``|δ| ≲ ε``), which moves the zero singular values of
+    exactly collinear gradients up to about ``T·ε/2``; hence ``4·T·ε``.
+
+    ``β`` is the projection of ``𝟙`` on that null space. When it is one-dimensional (the
+    paper's ``DUᵀ`` is invertible) this is the unique solution; otherwise it is the
+    solution nearest ``𝟙``: with ``𝟙`` in the range of ``K`` it is ``∝ K⁺𝟙``, the direction
+    ``U⁺𝟙`` with equal projections; with ``𝟙`` outside it (e.g. two opposite gradients, or more
+    tasks than dimensions) only a zero direction has equal projections, and ``β`` lies in the
+    null space of ``K``, so ``d = Σβₖuₖ = 0``. Then ``α = (β/n) / Σ(β/n)``.
+
+    Zero gradients take no part (``αᵢ = 0``): the centring runs over the non-zero tasks and
+    ``βᵢ = 0`` is imposed for the others. If ``Σ βᵢ/nᵢ`` vanishes (to ``10·T·ε`` relative), every
+    direction with equal projections has ``Σα = 0`` and the paper's ``DUᵀ`` is singular: no
+    ``α`` with ``Σα = 1`` exists, and the weights are uniform over the non-zero tasks.
     """
     norms, k = gt.unit_gramian(gramian)
+    t = k.shape[0]
+    eps = jnp.finfo(k.dtype).eps
     nonzero = norms > 0
-    b = nonzero.astype(k.dtype)
-    beta_range = gt.psd_pinv_apply(k, b)
-    residual = b - k @ beta_range
-    in_range = jnp.sum(residual**2) <= _RANGE_TOL * jnp.maximum(jnp.sum(b), 1.0)
-    beta = jnp.where(in_range, beta_range, residual)
-    q = jnp.where(nonzero, beta / jnp.where(nonzero, norms, 1.0), 0.0)
+    m = nonzero.astype(k.dtype)
+    count = jnp.sum(m)
+    centre = jnp.diag(m) - jnp.outer(m, m) / jnp.maximum(count, 1.0)
+    a = centre @ k + jnp.diag(1.0 - m)
+    beta = _null_space_projection(a, m)
+    beta = jnp.where(nonzero, beta, 0.0)
+    # β/n, scaled by the smallest non-zero norm so that norms far apart stay finite.
+    low = jnp.min(jnp.where(nonzero, norms, jnp.inf))
+    low = jnp.where(jnp.isfinite(low), low, 1.0)
+    q = jnp.where(nonzero, beta * (low / jnp.where(nonzero, norms, 1.0)), 0.0)
     total = jnp.sum(q)
-    ok = jnp.abs(total) > 1e-6 * jnp.sum(jnp.abs(q))
-    count = jnp.sum(b)
-    fallback = jnp.where(count > 0, b / jnp.maximum(count, 1.0), jnp.full_like(b, 1.0 / b.size))
+    ok = jnp.abs(total) > 10.0 * t * eps * jnp.sum(jnp.abs(q))
+    fallback = jnp.where(count > 0, m / jnp.maximum(count, 1.0), jnp.full_like(m, 1.0 / t))
     return jnp.where(ok, q / jnp.where(ok, total, 1.0), fallback)
 
 
@@ -45,16 +78,24 @@ def imtl_g() -> Method:
     ICLR 2021 (Section 3.2). With unit gradients ``uᵢ = gᵢ / ‖gᵢ‖``, the aggregated gradient
     ``g = Σᵢ αᵢ gᵢ`` with ``Σᵢ αᵢ = 1`` is the one whose projections ``g · uᵢ`` are equal for all
     tasks. The paper's closed form ``α₂:T = g₁Uᵀ(DUᵀ)⁻¹``, ``α₁ = 1 − Σ α₂:T`` (``D``, ``U``: the
-    rows ``g₁ − gᵢ``, ``u₁ − uᵢ``) is solved here as ``G α ∝ n`` (``nᵢ = ‖gᵢ‖``) in cosine
-    coordinates, a T×T symmetric eigen-solve that also handles collinear and zero gradients
-    (see :func:`impartial_weights`). Only the Gramian is needed: the paper computes it w.r.t. the
-    shared representation, i.e. ``mode="feature"`` of the train step.
+    rows ``g₁ − gᵢ``, ``u₁ − uᵢ``) states the equal projections relative to task 1; here the
+    same conditions are solved in cosine coordinates for the null space of the centred cosine
+    matrix, by an SVD that is well conditioned near Pareto-stationarity (where the direction is
+    small but the system is not singular) and that also handles collinear, opposite and zero
+    gradients (see :func:`impartial_weights`). Only the Gramian is needed: the paper computes it
+    w.r.t. the shared representation, i.e. ``mode="feature"`` of the train step. A Gramian
+    formed in float32 carries the cosines to ``ε`` only: for nearly collinear or otherwise
+    ill-conditioned unit gradients the weights are then as uncertain as that rounding makes
+    them.
 
     No hyper-parameters; no state. Scale: ``Σᵢ αᵢ = 1`` as in the paper. The common projection
-    is ``1 / Σᵢ βᵢ/nᵢ`` (``β = K⁺𝟙``), which is negative for some inputs with three or more
-    tasks: the paper's normalization then yields a direction that opposes every task gradient
-    (equal, negative projections). Task-specific parameters get ``∇Lᵢ`` (``head_grads="unit"``),
-    as in the paper.
+    is ``1 / Σᵢ βᵢ/nᵢ`` (``β ∝ K⁻¹𝟙`` for independent gradients), which is negative for some
+    inputs with three or more tasks: the paper's normalization then yields a direction that
+    opposes every task gradient (equal, negative projections). Where only the zero direction
+    has equal projections (opposite gradients, more tasks than dimensions) the weights give
+    ``d = 0`` with ``Σα = 1``; where the equal-projection directions all have ``Σα = 0`` (the
+    paper's ``DUᵀ`` singular) they are uniform. Task-specific parameters get ``∇Lᵢ``
+    (``head_grads="unit"``), as in the paper.
     """
 
     def init(num_tasks: int):
