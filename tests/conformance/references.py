@@ -39,7 +39,7 @@ from scipy.linalg import lapack
 TOLERANCE = {"float32": 1e-4, "float64": 1e-8}
 SENSITIVITY_FACTOR = 10.0
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float64": 2.0**-53}
-PERTURBATIONS = 2  # random perturbations per case, besides the rounding itself
+PERTURBATIONS = 4  # random perturbations per case, besides the rounding itself
 
 
 # ----------------------------------------------------------------------------------------------
