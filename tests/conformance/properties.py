@@ -447,10 +447,6 @@ def batch(name: str, label: str, t: int, dtype: str):
     return entries, run_entries(method, claims, entries, dtype)
 
 
-def outputs_of(entries: list[Entry], outputs: Outputs, role: str) -> list[int]:
-    return [i for i, e in enumerate(entries) if e.role == role]
-
-
 # ----------------------------------------------------------------------------------------------
 # Property checks: each returns a list of failure messages (empty: the property holds)
 

@@ -317,8 +317,9 @@ def potential_weights(g: np.ndarray, p: float) -> np.ndarray | None:
         return p * np.eye(len(b)) + k * e[None, :] / np.maximum(k @ e, 1e-300)[:, None]
 
     b0 = np.log(y)
-    sol = optimize.root(f, b0, jac=jac, method="hybr", options={"xtol": 1e-15})
-    ok = np.all(np.isfinite(sol.x)) and np.max(np.abs(f(sol.x))) <= np.max(np.abs(f(b0)))
+    with np.errstate(over="ignore", invalid="ignore"):  # a wild trial step is rejected below
+        sol = optimize.root(f, b0, jac=jac, method="hybr", options={"xtol": 1e-15})
+        ok = np.all(np.isfinite(sol.x)) and np.max(np.abs(f(sol.x))) <= np.max(np.abs(f(b0)))
     w[nz] = np.exp(sol.x if ok else b0) / n
     return w
 
