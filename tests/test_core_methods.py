@@ -149,18 +149,3 @@ def test_gradnorm_validation():
 def test_unknown_method_lists_valid_names():
     with pytest.raises(ValueError, match="valid methods: .*uw"):
         mtl.methods.get("uncertainty")
-
-
-@pytest.mark.parametrize("name", ["ew", "uw", "gradnorm"])
-def test_jit_vmap_and_no_retrace(name):
-    method = mtl.methods.get(name)
-    jac = jax.random.normal(jax.random.key(0), (5, 3, 8))
-    losses = jnp.abs(jax.random.normal(jax.random.key(1), (5, 3))) + 0.1
-    state = method.init(3)
-    fn = jax.jit(lambda j, l, s: mtl.aggregate(method, j, l, s))
-    for i in range(3):
-        d, _ = fn(jac[i], losses[i], state)
-    assert fn._cache_size() == 1
-    batched = jax.vmap(lambda j, l: mtl.aggregate(method, j, l, state)[0])(jac, losses)
-    np.testing.assert_allclose(batched[2], fn(jac[2], losses[2], state)[0], rtol=1e-5)
-    assert np.all(np.isfinite(batched))

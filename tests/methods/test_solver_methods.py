@@ -124,18 +124,6 @@ def test_finite_and_aggregate_matches_gramian_weights(config):
         np.testing.assert_allclose(d[k], JS[k].T @ w[k], rtol=1e-4, atol=1e-5 * terms.max())
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
-def test_jit_compiles_once_per_shape(config):
-    # New values of the same shapes (and the states the method returned) reuse the compilation.
-    results(config)
-    fn = batched(config)
-    m = method(config)
-    state = jax.tree_util.tree_map(lambda x: jnp.stack([x] * len(NAMES)), m.init(T))
-    for scale in (2.0, 0.5):
-        _, _, state = fn(jnp.asarray(JS * scale, jnp.float32), jnp.asarray(LOSSES), state)
-    assert fn._cache_size() == 1
-
-
 def test_one_task():
     # Every method is defined for one task: d = g for MGDA, UPGrad and DualProj;
     # g/‖g‖ for Nash-MTL; (1 + c) g for CAGrad; ‖g‖^{-2α/(1+α)} g for FairGrad.

@@ -1,0 +1,210 @@
+"""Accuracy, iterations and speed of the Gramian methods on the adversarial corpus.
+
+The corpus and the float64 references are the conformance suite's
+(``tests/conformance/corpus.py`` and ``tests/conformance/references.py``, numpy and scipy
+only, loaded here by path so that the benchmark neither imports the test package nor inherits
+its compiler flags): nearly opposite pairs, near-Pareto-stationary cones, rank-deficient and
+near-collinear Jacobians, row scales up to 10^{±8} and Gramians of condition number up to 1e12,
+drawn ``--repeats`` times per family at each task count.
+
+Each method receives the Gramian rounded to the dtype (``mtljax.weights_from_gramian``, the
+whole corpus in one jitted ``vmap``); a case fails when the relative error of its direction
+``Jᵀw`` exceeds both the tolerance (1e-4 in float32, 1e-8 in float64) and 10× the change that
+rounding the input alone causes in the reference (``references.judge``). Per method and task
+count the table gives the failure rate, the worst relative error, the worst ratio of the error
+to what the judge allows, the median and largest solver iterations and the share of converged
+solves (from the ``SolverInfo`` in the method's state, where it keeps one), and the median time
+of one jitted call on one Gramian (after warm-up).
+
+Usage: ``python benchmarks/solver_accuracy.py`` (T = 2, 10, 40, 100), ``--quick`` for a small
+run, ``--out solver_accuracy.json`` for the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mtljax as mtl
+
+_CONFORMANCE = Path(__file__).resolve().parents[1] / "tests" / "conformance"
+
+
+def _load(name: str):
+    """A module of the conformance suite, by path (it imports numpy and scipy only)."""
+    spec = importlib.util.spec_from_file_location(
+        f"_conformance_{name}", _CONFORMANCE / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+corpus = _load("corpus")
+references = _load("references")
+
+# The methods that receive the Gramian and have a float64 reference, with the hyper-parameters
+# given to both (the conformance suite's).
+METHODS: dict[str, dict] = {
+    "mgda": {},
+    "upgrad": {},
+    "dualproj": {},
+    "cagrad": {"c": 0.4, "rescale": False},
+    "nash_mtl": {},
+    "fairgrad": {"alpha": 2.0},
+    "imtl_g": {},
+    "config": {},
+    "aligned_mtl": {},
+    "pcgrad": {},
+}
+
+
+def dims(t: int) -> int:
+    return 2 * t + 2
+
+
+def run_corpus(name: str, kwargs: dict, cases, t: int, dtype: str):
+    """The method's weights and solver figures on every case (one jitted, vmapped call)."""
+    method = mtl.methods.get(name, **kwargs)
+    grams = np.stack([references.gramians(c.jacobians[0]) for c in cases])
+    losses = np.stack([c.losses[0] for c in cases])
+
+    def one(g, loss):
+        w, state = mtl.weights_from_gramian(method, g, loss, method.init(t))
+        return w, mtl.solver_info(state)
+
+    with jax.enable_x64(dtype == "float64"):
+        w, info = jax.jit(jax.vmap(one))(jnp.asarray(grams, dtype), jnp.asarray(losses, dtype))
+        w = np.asarray(w, np.float64)
+        info = None if info is None else tuple(np.asarray(a) for a in info)
+    return w, info
+
+
+def time_call(name: str, kwargs: dict, case, t: int, dtype: str, reps: int) -> float:
+    """Median milliseconds of one jitted call on one Gramian, after two warm-up calls."""
+    method = mtl.methods.get(name, **kwargs)
+    with jax.enable_x64(dtype == "float64"):
+        fn = jax.jit(lambda g, loss, s: mtl.weights_from_gramian(method, g, loss, s))
+        g = jnp.asarray(references.gramians(case.jacobians[0]), dtype)
+        loss = jnp.asarray(case.losses[0], dtype)
+        state = method.init(t)
+        for _ in range(2):
+            jax.block_until_ready(fn(g, loss, state))
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(g, loss, state))
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def measure(name: str, t: int, dtype: str, repeats: int, reps: int, seed: int) -> dict:
+    kwargs = METHODS[name]
+    cases = corpus.jacobian_corpus(seed, t, dims(t), steps=1, repeats=repeats)
+    w, info = run_corpus(name, kwargs, cases, t, dtype)
+    verdicts = []
+    for i, c in enumerate(cases):
+        verdicts += references.judge(
+            name, c.name, c.jacobians, c.losses, w[i : i + 1], kwargs, dtype, seed=i
+        )
+    judged = [v for v in verdicts if v.outcome != "undefined"]
+    failed = [v for v in judged if v.outcome in ("fail", "nonfinite")]
+    errors = [v.error for v in judged]
+    excess = [v.error / v.allowed for v in judged]
+    row = {
+        "method": name,
+        "T": t,
+        "dtype": dtype,
+        "cases": len(judged),
+        "undefined": len(verdicts) - len(judged),
+        "failures": len(failed),
+        "failure_rate": len(failed) / max(len(judged), 1),
+        "worst_error": max(errors, default=float("nan")),
+        "worst_excess": max(excess, default=float("nan")),
+        "failed_cases": sorted({v.case for v in failed}),
+        "ms_per_call": time_call(name, kwargs, cases[0], t, dtype, reps),
+    }
+    if info is not None:
+        iters, conv, _ = info
+        row.update(
+            iterations_median=float(np.median(iters)),
+            iterations_max=int(np.max(iters)),
+            converged=float(np.mean(conv)),
+        )
+    return row
+
+
+def fmt(x, spec):
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
+
+
+def print_tables(rows: list[dict]) -> None:
+    """One markdown table per method: a row per task count (and dtype)."""
+    for name in dict.fromkeys(r["method"] for r in rows):
+        print(f"\n### `{name}`\n")
+        print(
+            "| T | dtype | failures | worst error | worst error / allowed | iterations "
+            "(median / max) | converged | ms per call |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for r in (r for r in rows if r["method"] == name):
+            its = (
+                f"{fmt(r.get('iterations_median'), 'g')} / {fmt(r.get('iterations_max'), 'd')}"
+                if "iterations_max" in r
+                else "–"
+            )
+            conv = fmt(r.get("converged"), ".0%") if "converged" in r else "–"
+            print(
+                f"| {r['T']} | {r['dtype']} | {r['failures']}/{r['cases']} "
+                f"({r['failure_rate']:.0%}) | {fmt(r['worst_error'], '.1e')} | "
+                f"{fmt(r['worst_excess'], '.2g')} | {its} | {conv} | {r['ms_per_call']:.3f} |"
+            )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", type=int, nargs="+", default=[2, 10, 40, 100])
+    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "float64"])
+    p.add_argument("--repeats", type=int, default=3, help="draws of every corpus family")
+    p.add_argument("--reps", type=int, default=20, help="timed calls per method and T")
+    p.add_argument("--methods", nargs="*", default=None, help=f"default: {' '.join(METHODS)}")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="T = 2 and 10, one draw per family")
+    p.add_argument("--out", default=None, help="write the rows as JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tasks, args.repeats, args.reps = [2, 10], 1, 5
+    methods = args.methods or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"no reference for {unknown}; choose from {list(METHODS)}")
+    rows = []
+    for name in methods:
+        for t in args.tasks:
+            for dtype in args.dtypes:
+                rows.append(measure(name, t, dtype, args.repeats, args.reps, args.seed))
+                print(
+                    f"{name} T={t} {dtype}: {rows[-1]['failures']}/{rows[-1]['cases']} fail",
+                    file=sys.stderr,
+                )
+    print(f"device: {jax.devices()[0]}  jax {jax.__version__}  repeats={args.repeats}")
+    print_tables(rows)
+    if args.out:
+        meta = {"device": str(jax.devices()[0]), "jax": jax.__version__, "repeats": args.repeats}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,811 @@
+"""Float64 references for every method, written from the papers' definitions, and the judge.
+
+Each reference maps a sequence of inputs (one per step) to the method's output at every step,
+in float64 with numpy and scipy: the **weights** ``w`` of a weighting (``Jᵀw`` is the update) or
+the **direction** of a method that needs the Jacobian itself. ``None`` marks a step where the
+paper's definition gives no (unique) answer, e.g. Nash-MTL when a convex combination of the
+gradients vanishes.
+
+What a method is given, and so what rounding is charged to it (:data:`REFERENCES`' ``given``):
+
+* ``"losses"``: the losses-only methods get the loss vectors;
+* ``"gramian"``: the methods that look at the gradients through their inner products get the
+  Gramian ``G = JJᵀ`` (``mtljax.weights_from_gramian``), as they do in the train step. Their
+  references work on ``G`` alone (through any factor ``J'`` with ``J'J'ᵀ = G``); the weights are
+  compared through the directions ``Jᵀw`` they give with the case's float64 ``J``, which is
+  well defined where ``w`` is not (the null space of ``G`` is that of ``Jᵀ``);
+* ``"jacobian"``: GradDrop and DB-MTL get the Jacobian.
+
+The judge (:func:`judge`): in a given dtype the method receives the input rounded to that dtype;
+its output is compared with the reference *on that rounded input*, and the sensitivity of the
+reference to rounding is measured on the case itself: the largest change of the reference when
+the input is replaced by the unrounded float64 one (float32 runs) or perturbed at random by
+relative amounts of one unit of rounding. A step fails when its relative error exceeds both the
+tolerance and ``SENSITIVITY_FACTOR`` (10) times that sensitivity, or when the output is not
+finite.
+
+This module imports numpy and scipy only: ``benchmarks/solver_accuracy.py`` loads it by path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+from scipy import linalg, optimize
+from scipy.linalg import lapack
+
+TOLERANCE = {"float32": 1e-4, "float64": 1e-8}
+SENSITIVITY_FACTOR = 10.0
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "float64": 2.0**-53}
+PERTURBATIONS = 4  # random perturbations per case, besides the rounding itself
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class Adam:
+    """Adam (Kingma & Ba, ICLR 2015, Algorithm 1) with its published defaults
+    ``β₁ = 0.9, β₂ = 0.999, ε = 1e-8``: the learned-weight methods' default optimizer."""
+
+    def __init__(self, lr: float, size: int, b1: float = 0.9, b2: float = 0.999, eps=1e-8):
+        self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
+        self.m = np.zeros(size)
+        self.v = np.zeros(size)
+        self.t = 0
+
+    def step(self, params: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        self.t += 1
+        self.m = self.b1 * self.m + (1 - self.b1) * grad
+        self.v = self.b2 * self.v + (1 - self.b2) * grad**2
+        m_hat = self.m / (1 - self.b1**self.t)
+        v_hat = self.v / (1 - self.b2**self.t)
+        return params - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+
+def least_distance(j: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``z = argmin ‖z‖ s.t. Jz ≥ h`` and multipliers ``μ ≥ 0`` with ``z = Jᵀμ``; ``None`` when
+    no ``z`` satisfies the constraints.
+
+    Lawson & Hanson, *Solving Least Squares Problems* (1974), ch. 23: with ``u`` the
+    non-negative least-squares solution of ``[Jᵀ; hᵀ] u ≈ e_{P+1}`` and ``r`` its residual,
+    ``z = −r_{1:P} / r_{P+1}`` (``r = 0``: infeasible). Columns are scaled to unit norm first.
+    """
+    t, p = j.shape
+    e = np.vstack([j.T, h[None, :]])
+    norms = np.linalg.norm(e, axis=0)
+    keep = norms > 0
+    f = np.zeros(p + 1)
+    f[-1] = 1.0
+    u = np.zeros(t)
+    if keep.any():
+        sol, _ = optimize.nnls(e[:, keep] / norms[keep], f, maxiter=100 * t)
+        u[keep] = sol / norms[keep]
+    r = e @ u - f
+    # ‖r‖² = −r_{P+1} = 1/(1 + ‖z‖²), known to an absolute ε or so: below 1e3·ε (‖z‖ ≳ 2e6)
+    # the system counts as infeasible (callers scale h so that ‖z‖ is near 1).
+    if -r[-1] <= 1e3 * np.finfo(np.float64).eps or not np.all(np.isfinite(r)):
+        return None
+    mu = u / (-r[-1])
+    return j.T @ mu, mu
+
+
+def rank_cut(lam: np.ndarray) -> float:
+    """Eigenvalues at or below ``10·T·ε₆₄·λ_max`` count as zero: float64's rounding of a
+    matrix of inner products leaves eigenvalues of that size where the vectors have none."""
+    return 10.0 * len(lam) * np.finfo(np.float64).eps * max(float(np.max(lam)), 0.0)
+
+
+def cosine_factor(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, F)``: the row norms ``nᵢ = √Gᵢᵢ`` and a factor ``F`` (T×T) of the cosine matrix,
+    ``FFᵀ = K``, its eigenvalues at or below :func:`rank_cut` (and the negative ones of a
+    rounded ``G``) set to 0. Working on ``K`` keeps gradients of very different norms exact."""
+    n, k = cosines(g)
+    lam, vec = np.linalg.eigh(0.5 * (k + k.T))
+    lam = np.where(lam > rank_cut(lam), lam, 0.0)
+    return n, vec * np.sqrt(lam)
+
+
+def gram_factor(g: np.ndarray) -> np.ndarray:
+    """A ``J'`` (T×T) with ``J'J'ᵀ = G`` (up to :func:`cosine_factor`'s cut): ``J' = diag(n)F``.
+    Its rows have the norms and inner products of the gradients, so any method that depends on
+    the gradients through ``G`` gives on ``J'`` the weights it gives on ``J``."""
+    n, f = cosine_factor(g)
+    return n[:, None] * f
+
+
+def cosines(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, K)``: the norms ``√Gᵢᵢ`` and the cosine matrix ``Kᵢⱼ = Gᵢⱼ/(nᵢnⱼ)``."""
+    n = np.sqrt(np.clip(np.diagonal(g), 0.0, None))
+    inv = np.where(n > 0, 1.0 / np.where(n > 0, n, 1.0), 0.0)
+    return n, g * inv[:, None] * inv[None, :]
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x))
+    return e / e.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Gramian methods: weights from G
+
+
+def min_norm_weights(g: np.ndarray) -> np.ndarray:
+    """MGDA (Désidéri 2012; Sener & Koltun 2018): ``α ∈ Δ`` whose ``Jᵀα`` is the point of
+    smallest norm in the convex hull of the gradients.
+
+    That point ``d`` satisfies ``gᵢ·d ≥ ‖d‖²`` for every task; when ``d ≠ 0``, ``y = κd/‖d‖²``
+    is the least-distance point of ``{y : Jy ≥ κ𝟙}`` for any ``κ > 0``, with multipliers
+    ``∝ α``. ``κ`` is brought to ``‖d‖`` (so that ``‖y‖ = 1`` and the least-distance solve keeps
+    its precision) by re-solving. When the hull contains 0 the weights of a vanishing
+    combination are found by non-negative least squares.
+    """
+    j = gram_factor(g)
+    t = len(g)
+    n = np.linalg.norm(j, axis=1)
+    if np.any(n == 0):
+        zero = (n == 0).astype(float)
+        return zero / zero.sum()
+    kappa = n.min()
+    alpha = None
+    for _ in range(6):
+        res = least_distance(j, np.full(t, kappa))
+        if res is None:
+            alpha = None
+            break
+        alpha = res[1] / res[1].sum()
+        size = np.linalg.norm(j.T @ alpha)
+        if size == 0 or abs(np.log(size / kappa)) < 1e-3:
+            break
+        kappa = size
+    if alpha is None:
+        a = np.vstack([j.T, np.ones((1, t))])
+        rhs = np.zeros(a.shape[0])
+        rhs[-1] = 1.0
+        alpha, _ = optimize.nnls(a, rhs, maxiter=100 * t)
+        alpha = alpha / alpha.sum()
+    return alpha
+
+
+def mgda(grams, losses, *, normalization: str = "none"):
+    out = []
+    for g, loss in zip(grams, losses, strict=True):
+        n = np.sqrt(np.clip(np.diagonal(g), 0.0, None))
+        scale = {"none": np.ones_like(n), "l2": n, "loss": loss, "loss+": loss * n}[normalization]
+        inv = np.where(scale > 0, 1.0 / np.where(scale > 0, scale, 1.0), 0.0)
+        out.append(min_norm_weights(g * inv[:, None] * inv[None, :]) * inv)
+    return out
+
+
+def dual_cone_weights(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """``v`` with ``Jᵀv`` the projection of ``Jᵀu`` onto the dual cone ``{x : Jx ≥ 0}``
+    (Quinton & Rey 2024). By Moreau's decomposition, ``x = Jᵀu`` minus its projection onto
+    the polar cone ``{−Jᵀμ : μ ≥ 0}``: ``x = Jᵀ(u + μ)`` with
+    ``μ = argmin_{μ ≥ 0} ‖Jᵀu + Jᵀμ‖`` (non-negative least squares), so ``v = u + μ``."""
+    j = gram_factor(g)
+    n = np.linalg.norm(j, axis=1)
+    nz = n > 0
+    mu = np.zeros(len(g))
+    if nz.any():
+        cols = j[nz].T / n[nz]
+        sol, _ = optimize.nnls(cols, -(j.T @ u), maxiter=100 * len(g))
+        mu[nz] = sol / n[nz]
+    return u + mu
+
+
+def upgrad(grams, losses, *, pref_vector: Sequence[float] | None = None):
+    out = []
+    for g in grams:
+        t = len(g)
+        u = np.full(t, 1.0 / t) if pref_vector is None else np.asarray(pref_vector, float)
+        out.append(sum(u[i] * dual_cone_weights(g, np.eye(t)[i]) for i in range(t)))
+    return out
+
+
+def dualproj(grams, losses, *, pref_vector: Sequence[float] | None = None):
+    out = []
+    for g in grams:
+        t = len(g)
+        u = np.full(t, 1.0 / t) if pref_vector is None else np.asarray(pref_vector, float)
+        out.append(dual_cone_weights(g, u))
+    return out
+
+
+def cagrad_weights(g: np.ndarray, c: float) -> np.ndarray:
+    """CAGrad (Liu et al. 2021, eq. 3), solved in its primal form:
+    ``max_d minᵢ gᵢ·d`` s.t. ``‖d − g₀‖ ≤ c‖g₀‖``, ``g₀`` the mean gradient.
+
+    With ``d = g₀ + r z`` (``r = c‖g₀‖``, ``‖z‖ ≤ 1``, ``aᵢ = gᵢ·g₀``) the value ``t`` is
+    attainable iff the least-distance point of ``{z : Jz ≥ (t − a)/r}`` has norm ≤ 1, which is
+    monotone in ``t``: bisection on ``t`` to adjacent floats. The optimal ``z`` is that
+    least-distance point (unique), ``z = Jᵀμ``; the weights are ``1/T + rμ``.
+    """
+    t = len(g)
+    b = np.full(t, 1.0 / t)
+    r = c * np.linalg.norm(gram_factor(g).T @ b)
+    if r == 0:
+        return b
+    j = gram_factor(g)
+    a = j @ (j.T @ b)
+    n = np.linalg.norm(j, axis=1)
+
+    def solve(level):
+        res = least_distance(j, (level - a) / r)
+        if res is None or np.linalg.norm(res[0]) > 1.0:
+            return None
+        return res
+
+    lo, hi = np.min(a), np.min(a + r * n)
+    best = solve(lo)
+    top = solve(hi)
+    if top is not None:
+        return b + r * top[1]
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:
+            break
+        res = solve(mid)
+        if res is None:
+            hi = mid
+        else:
+            lo, best = mid, res
+    return b + r * best[1]
+
+
+def cagrad(grams, losses, *, c: float = 0.4, rescale: bool = False):
+    factor = 1.0 / (1.0 + c * c) if rescale else 1.0
+    return [cagrad_weights(g, c) * factor for g in grams]
+
+
+def potential_weights(g: np.ndarray, p: float) -> np.ndarray | None:
+    """The ``w > 0`` with ``(Gw)ᵢ = wᵢ^{−p}`` for every task: Nash-MTL's bargaining solution
+    (Navon et al. 2022, ``p = 1``: ``αᵢ (gᵢ·d) = 1``) and FairGrad's α-fair optimum (Ban & Ji
+    2024, ``p = 1/α``). ``None`` when it does not exist (0 in the convex hull of the gradients).
+
+    In ``yᵢ = ‖gᵢ‖wᵢ`` the equations read ``(Ky)ᵢ = cᵢ yᵢ^{−p}`` (``K``: the cosine matrix,
+    ``cᵢ = nᵢ^{p−1}``), the stationarity conditions of the convex potential
+    ``Φ(y) = ½yᵀKy + Σᵢ cᵢ hₚ(yᵢ)`` (``hₚ' = −y^{−p}``): damped Newton steps on ``Φ`` (kept
+    inside ``y > 0``, Armijo backtracking), then MINPACK's hybrid method
+    (``scipy.optimize.root``) on ``p log y + log(Ky) = log c`` to polish. Zero gradients take
+    no part (weight 0).
+    """
+    n, k = cosines(g)
+    nz = n > 0
+    w = np.zeros(len(g))
+    if not nz.any():
+        return w
+    n, k = n[nz], k[np.ix_(nz, nz)]
+    if least_distance(gram_factor(k), np.ones(len(n))) is None:
+        return None
+    c = n ** (p - 1.0)
+
+    def h(y):
+        return -c * np.log(y) if p == 1.0 else -c * y ** (1.0 - p) / (1.0 - p)
+
+    def phi(y):  # y: (..., T)
+        return 0.5 * np.sum((y @ k) * y, axis=-1) + h(y).sum(axis=-1)
+
+    halvings = 0.5 ** np.arange(40)
+    y = np.full(len(n), (c.sum() / max(k.sum(), 1e-300)) ** (1.0 / (1.0 + p)))
+    for _ in range(200):
+        grad = k @ y - c * y**-p
+        hess = k + np.diag(p * c * y ** (-p - 1.0))
+        step = -np.linalg.solve(hess, grad)
+        dec = -grad @ step
+        if not np.isfinite(dec) or dec <= 1e-20 * max(abs(phi(y)), 1.0):
+            break
+        neg = step < 0
+        t0 = min(1.0, 0.99 * np.min(-y[neg] / step[neg])) if neg.any() else 1.0
+        ts = t0 * halvings
+        f0 = phi(y)
+        slack = 1e-14 * (abs(f0) + np.abs(h(y)).sum())
+        ok = phi(y + ts[:, None] * step) <= f0 - 0.25 * ts * dec + slack
+        if not ok.any():
+            break
+        new = y + ts[np.argmax(ok)] * step
+        if np.max(np.abs(new - y) / y) <= 1e-15:
+            break
+        y = new
+
+    def f(b):
+        return p * b + np.log(np.maximum(k @ np.exp(b), 1e-300)) - np.log(c)
+
+    def jac(b):
+        e = np.exp(b)
+        return p * np.eye(len(b)) + k * e[None, :] / np.maximum(k @ e, 1e-300)[:, None]
+
+    b0 = np.log(y)
+    with np.errstate(over="ignore", invalid="ignore"):  # a wild trial step is rejected below
+        sol = optimize.root(f, b0, jac=jac, method="hybr", options={"xtol": 1e-15})
+        ok = np.all(np.isfinite(sol.x)) and np.max(np.abs(f(sol.x))) <= np.max(np.abs(f(b0)))
+    w[nz] = np.exp(sol.x if ok else b0) / n
+    return w
+
+
+def nash_mtl(grams, losses, **_):
+    return [potential_weights(g, 1.0) for g in grams]
+
+
+def fairgrad(grams, losses, *, alpha: float = 1.0):
+    return [potential_weights(g, 1.0 / alpha) for g in grams]
+
+
+def impartial_weights(g: np.ndarray) -> np.ndarray | None:
+    """IMTL-G (Liu et al. 2021, Sec. 3.2): ``α`` with ``Σα = 1`` and equal projections
+    ``uᵢ·Jᵀα`` on the unit gradients. With ``βᵢ = nᵢαᵢ``: ``Kβ = c𝟙``, so ``β ∝ K⁻¹𝟙``. The
+    answer is unique iff ``K`` is invertible and ``Σ βᵢ/nᵢ ≠ 0``; ``None`` otherwise."""
+    n, k = cosines(g)
+    if np.any(n == 0):
+        return None
+    s = np.linalg.svd(k, compute_uv=False)
+    if s[-1] <= 1e-14 * s[0]:
+        return None
+    beta = linalg.solve(k, np.ones(len(g)), assume_a="sym")
+    q = beta / n
+    if q.sum() == 0:
+        return None
+    return q / q.sum()
+
+
+def imtl_g(grams, losses, **_):
+    return [impartial_weights(g) for g in grams]
+
+
+def imtl(grams, losses, *, learning_rate: float, init_log_scale: float = 0.0):
+    """IMTL (Liu et al. 2021, Algorithm 1): IMTL-G on the gradients of the scaled losses
+    ``e^{sᵢ}Lᵢ − sᵢ``, ``s`` taking one Adam step per step on ``Σ e^{sᵢ}Lᵢ − sᵢ``."""
+    t = len(grams[0])
+    s = np.full(t, init_log_scale)
+    opt = Adam(learning_rate, t)
+    out = []
+    for g, loss in zip(grams, losses, strict=True):
+        e = np.exp(s)
+        alpha = impartial_weights(e[:, None] * g * e[None, :])
+        out.append(None if alpha is None else alpha * e)
+        s = opt.step(s, e * loss - 1.0)
+    return out
+
+
+def config_weights(g: np.ndarray) -> np.ndarray:
+    """ConFIG (Liu, Chu & Thuerey 2024): ``g_u = U⁺𝟙/‖U⁺𝟙‖`` (``U``: the unit gradients),
+    ``g = (Σᵢ gᵢ·g_u) g_u``. Computed on the factor ``F`` of the cosine matrix (the unit
+    gradients' coordinates; ``U⁺𝟙`` by least squares) and written back as weights
+    (``Fᵀ(n∘w) = g``, least squares)."""
+    n, f = cosine_factor(g)
+    nz = n > 0
+    w = np.zeros(len(g))
+    if not nz.any():
+        return w
+    unit = f[nz]
+    g_c = linalg.lstsq(unit, np.ones(int(nz.sum())))[0]
+    if np.linalg.norm(g_c) == 0:
+        return w
+    g_u = g_c / np.linalg.norm(g_c)
+    target = (n[nz] @ (unit @ g_u)) * g_u
+    w[nz] = linalg.lstsq(unit.T, target)[0] / n[nz]
+    return w
+
+
+def config(grams, losses, **_):
+    return [config_weights(g) for g in grams]
+
+
+def aligned_weights(g: np.ndarray, omega: np.ndarray) -> np.ndarray:
+    """Aligned-MTL (Senushkin et al., CVPR 2023, Algorithm 1): with ``G = VΣ²Vᵀ``,
+    ``B = σ_min V Σ⁻¹ Vᵀ`` over the non-zero singular values, ``w = Bω``.
+
+    The singular values of ``J' = diag(n)F`` (rank: that of the cosine matrix, see
+    :func:`cosine_factor`) come from LAPACK's Jacobi SVD (``dgejsv``), which keeps its relative
+    accuracy when the rows' norms differ by many orders of magnitude (Drmač & Veselić 2008)."""
+    n, f = cosine_factor(g)
+    rank = int(np.sum(np.linalg.norm(f, axis=0) > 0))
+    if rank == 0:
+        return np.zeros(len(g))
+    j = n[:, None] * f
+    sva, _, v, work, _, info = lapack.dgejsv(np.asfortranarray(j.T), joba=1, jobu=3)
+    if info != 0:
+        raise AssertionError(f"dgejsv failed: info={info}")
+    sigma = sva * work[1] / work[0]
+    order = np.argsort(sigma)[::-1][:rank]
+    sigma, vec = sigma[order], v[:, order]
+    b = sigma.min() * (vec / sigma) @ vec.T
+    return b @ omega
+
+
+def aligned_mtl(grams, losses, *, importance: Sequence[float] | None = None):
+    t = len(grams[0])
+    omega = np.ones(t) if importance is None else np.asarray(importance, float)
+    return [aligned_weights(g, omega) for g in grams]
+
+
+def surgery_weights(g: np.ndarray, targets: np.ndarray | None = None, beta: float = 0.0):
+    """PCGrad (Yu et al. 2020, Algorithm 1) and GradVac (Wang et al. 2021, Algorithm 1) on
+    the rows of a factor ``J'``, visiting the other tasks in the order ``0, 1, …, T−1``.
+
+    PCGrad (``targets=None``): ``gᵢ' ← gᵢ' − (gᵢ'·gⱼ/‖gⱼ‖²)gⱼ`` when ``gᵢ'·gⱼ < 0``. GradVac:
+    with ``φ = cos(gᵢ', gⱼ)`` and target ``φ̂ᵢⱼ``, when ``φ < φ̂ᵢⱼ``:
+    ``gᵢ' ← gᵢ' + ‖gᵢ'‖(φ̂√(1−φ²) − φ√(1−φ̂²))/(‖gⱼ‖√(1−φ̂²)) gⱼ``; then
+    ``φ̂ᵢⱼ ← (1−β)φ̂ᵢⱼ + βφ``. Pairs with a zero gradient are left alone. Returns the weights of
+    ``Σᵢ gᵢ'`` (and the new targets)."""
+    j = gram_factor(g)
+    t = len(g)
+    coef = np.eye(t)
+    new = None if targets is None else np.array(targets, float)
+    for i in range(t):
+        for k in range(t):
+            if k == i:
+                continue
+            gi, gk = coef[i] @ j, j[k]
+            nk = np.linalg.norm(gk)
+            if targets is None:
+                dot = gi @ gk
+                if dot < 0:
+                    coef[i, k] -= dot / nk**2
+                continue
+            ni = np.linalg.norm(gi)
+            if ni == 0 or nk == 0:
+                continue
+            phi = np.clip(gi @ gk / (ni * nk), -1.0, 1.0)
+            goal = new[i, k]
+            if phi < goal and goal < 1.0:
+                num = goal * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - goal**2)
+                coef[i, k] += ni * num / (nk * np.sqrt(1 - goal**2))
+            new[i, k] = (1 - beta) * goal + beta * phi
+    w = coef.sum(axis=0)
+    return w if targets is None else (w, new)
+
+
+def pcgrad(grams, losses, **_):
+    return [surgery_weights(g) for g in grams]
+
+
+def gradvac(grams, losses, *, beta: float):
+    t = len(grams[0])
+    targets = np.zeros((t, t))
+    out = []
+    for g in grams:
+        w, targets = surgery_weights(g, targets, beta)
+        out.append(w)
+    return out
+
+
+def gradnorm(grams, losses, *, alpha: float, learning_rate: float, params: str = "all"):
+    """GradNorm (Chen et al. 2018, Sec. 3.2): the step uses the weights it starts with; then
+    ``w`` takes one Adam step on ``Σᵢ |wᵢ‖gᵢ‖ − Ḡ rᵢ^α|`` (target held constant), with
+    ``rᵢ = L̃ᵢ/mean L̃``, ``L̃ᵢ = Lᵢ/Lᵢ(0)``, and is renormalised to ``Σw = T``."""
+    t = len(grams[0])
+    w = np.ones(t)
+    opt = Adam(learning_rate, t)
+    first = None
+    out = []
+    for g, loss in zip(grams, losses, strict=True):
+        out.append(w.copy())
+        first = loss if first is None else first
+        norms = np.sqrt(np.clip(np.diagonal(g), 0.0, None))
+        gw = w * norms
+        ratio = loss / first
+        r = ratio / ratio.mean()
+        target = gw.mean() * r**alpha
+        w = np.clip(opt.step(w, np.sign(gw - target) * norms), 0.0, None)
+        w = t * w / w.sum() if w.sum() > 0 else np.ones(t)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses-only methods: weights from the losses
+
+
+def ew(losses_seq, *, reduction: str = "sum"):
+    t = losses_seq.shape[1]
+    return [np.full(t, 1.0 if reduction == "sum" else 1.0 / t) for _ in losses_seq]
+
+
+def fixed(losses_seq, *, weights: Sequence[float]):
+    return [np.asarray(weights, float) for _ in losses_seq]
+
+
+def uw(losses_seq, *, learning_rate: float, kinds: str = "regression", init_log_var=0.0):
+    """Kendall, Gal & Cipolla 2018, eqs. 7 and 10: ``½e^{−s}L + ½s`` (regression),
+    ``e^{−s}L + ½s`` (classification); weights ``c e^{−s}``, ``s`` one Adam step per step."""
+    t = losses_seq.shape[1]
+    c = 0.5 if kinds == "regression" else 1.0
+    s = np.full(t, init_log_var)
+    opt = Adam(learning_rate, t)
+    out = []
+    for loss in losses_seq:
+        w = c * np.exp(-s)
+        out.append(w)
+        s = opt.step(s, 0.5 - w * loss)
+    return out
+
+
+def dwa(losses_seq, *, temperature: float, period: int = 1):
+    """Liu, Johns & Davison 2019, eq. 5 (one step per period): ``wᵢ = 1`` for the first two
+    steps, then ``T softmax(r/τ)`` with ``rᵢ = Lᵢ(t−1)/Lᵢ(t−2)``."""
+    t = losses_seq.shape[1]
+    out = []
+    for step in range(len(losses_seq)):
+        if step < 2:
+            out.append(np.ones(t))
+        else:
+            r = losses_seq[step - 1] / losses_seq[step - 2]
+            out.append(t * softmax(r / temperature))
+    return out
+
+
+def gls(losses_seq, *, eps: float):
+    """Chennupati et al. 2019: the gradient of ``(Πᵢ max(Lᵢ, ε))^{1/T}``."""
+    out = []
+    for loss in losses_seq:
+        t = len(loss)
+        x = np.maximum(loss, eps)
+        geo = np.exp(np.mean(np.log(x)))
+        out.append(np.where(loss > eps, geo / (t * x), 0.0))
+    return out
+
+
+def famo(losses_seq, *, learning_rate: float, gamma: float, eps: float, min_losses=0.0):
+    """FAMO (Liu et al. 2023, Algorithm 1): ``w ∝ zᵢ/ℓ̃ᵢ`` with ``z = softmax(ξ)``,
+    ``ℓ̃ = max(ℓ − ℓ*, 0) + ε``; after each model update ``ξ`` takes an Adam step along
+    ``(∂z/∂ξ)ᵀδ + γξ``, ``δ = log ℓ̃(before) − log ℓ̃(after)``."""
+    t = losses_seq.shape[1]
+    xi = np.zeros(t)
+    opt = Adam(learning_rate, t)
+    prev = None
+    out = []
+    for loss in losses_seq:
+        shifted = np.maximum(loss - min_losses, 0.0) + eps
+        if prev is not None:
+            delta = np.log(prev) - np.log(shifted)
+            z = softmax(xi)
+            jac = np.diag(z) - np.outer(z, z)
+            xi = opt.step(xi, jac.T @ delta + gamma * xi)
+        w = softmax(xi) / shifted
+        out.append(w / w.sum())
+        prev = shifted
+    return out
+
+
+def stch(losses_seq, *, mu: float, log_losses: bool = False, warmup_steps: int = 0):
+    """Lin et al. 2024: the gradient of ``μ log Σᵢ exp(λᵢ(fᵢ − zᵢ*)/μ)`` with ``λ = 1``,
+    ``z* = 0``, ``f = L``: ``w = softmax(L/μ)``."""
+    if log_losses or warmup_steps:
+        raise NotImplementedError("the reference covers f = L, z* = 0")
+    return [softmax(loss / mu) for loss in losses_seq]
+
+
+def imtl_l(losses_seq, *, learning_rate: float, init_log_scale: float = 0.0):
+    """Liu et al. 2021, Sec. 3.1: weights ``e^{s}``, ``s`` one Adam step per step on
+    ``Σᵢ e^{sᵢ}Lᵢ − sᵢ``."""
+    t = losses_seq.shape[1]
+    s = np.full(t, init_log_scale)
+    opt = Adam(learning_rate, t)
+    out = []
+    for loss in losses_seq:
+        out.append(np.exp(s))
+        s = opt.step(s, np.exp(s) * loss - 1.0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Jacobian methods: directions from J
+
+
+def db_mtl(jacs, losses, *, beta: float, beta_sigma: float, eps: float, like=None):
+    """DB-MTL (Lin et al. 2023, Algorithm 1): ``ĝᵢ ← βₜĝᵢ + (1−βₜ)∇Lᵢ/(Lᵢ+ε)`` with
+    ``βₜ = β/t^σ``, update ``Σᵢ (maxⱼ‖ĝⱼ‖/‖ĝᵢ‖) ĝᵢ``."""
+    ema = np.zeros_like(jacs[0])
+    out = []
+    for step, (j, loss) in enumerate(zip(jacs, losses, strict=True), start=1):
+        b = beta / step**beta_sigma
+        ema = b * ema + (1 - b) * j / (loss[:, None] + eps)
+        norms = np.linalg.norm(ema, axis=1)
+        coef = np.where(norms > 0, norms.max() / np.where(norms > 0, norms, 1.0), 0.0)
+        out.append(coef @ ema)
+    return out
+
+
+def graddrop_candidates(j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GradDrop (Chen et al. 2020, Algorithm 1) with leak 0 keeps, element by element, either
+    every positive component or every negative one: the two possible values of each element."""
+    return np.where(j > 0, j, 0.0).sum(0), np.where(j < 0, j, 0.0).sum(0)
+
+
+def graddrop_error(j: np.ndarray, d: np.ndarray) -> float:
+    """How far ``d`` is from the nearest output GradDrop can give, relative to ``Σᵢ|gᵢ|``."""
+    pos, neg = graddrop_candidates(j)
+    size = np.abs(j).sum(0)
+    dist = np.minimum(np.abs(d - pos), np.abs(d - neg))
+    return float(np.max(np.where(size > 0, dist / np.where(size > 0, size, 1.0), dist)))
+
+
+def simplex_error(w: np.ndarray) -> float:
+    """RLW (Lin et al. 2022): the weights lie on the simplex."""
+    return float(max(abs(w.sum() - 1.0), max(0.0, -w.min())))
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry and judge
+
+
+class Reference(NamedTuple):
+    """``given``: what the method receives (``"losses"``, ``"gramian"`` or ``"jacobian"``);
+    ``fn(inputs, losses, **kwargs)`` (``fn(losses, **kwargs)`` for ``"losses"``) returns one
+    output or ``None`` per step; ``membership``: instead of an output, ``fn(input, output)``
+    returns how far the output is from the set of outputs the method may give (random methods,
+    judged against the tolerance only)."""
+
+    given: str
+    fn: Callable
+    membership: bool = False
+
+
+REFERENCES: dict[str, Reference] = {
+    "ew": Reference("losses", ew),
+    "fixed": Reference("losses", fixed),
+    "uw": Reference("losses", uw),
+    "dwa": Reference("losses", dwa),
+    "rlw": Reference("losses", lambda loss, w: simplex_error(w), membership=True),
+    "gls": Reference("losses", gls),
+    "famo": Reference("losses", famo),
+    "stch": Reference("losses", stch),
+    "imtl_l": Reference("losses", imtl_l),
+    "gradnorm": Reference("gramian", gradnorm),
+    "mgda": Reference("gramian", mgda),
+    "pcgrad": Reference("gramian", pcgrad),
+    "graddrop": Reference("jacobian", graddrop_error, membership=True),
+    "gradvac": Reference("gramian", gradvac),
+    "cagrad": Reference("gramian", cagrad),
+    "nash_mtl": Reference("gramian", nash_mtl),
+    "imtl_g": Reference("gramian", imtl_g),
+    "imtl": Reference("gramian", imtl),
+    "aligned_mtl": Reference("gramian", aligned_mtl),
+    "upgrad": Reference("gramian", upgrad),
+    "dualproj": Reference("gramian", dualproj),
+    "config": Reference("gramian", config),
+    "fairgrad": Reference("gramian", fairgrad),
+    "db_mtl": Reference("jacobian", db_mtl),
+}
+
+
+class Verdict(NamedTuple):
+    """One step of one case: relative error, sensitivity to rounding, allowed error, outcome
+    (``"pass"``, ``"fail"``, ``"undefined"``: no reference answer, ``"nonfinite"``)."""
+
+    case: str
+    step: int
+    error: float
+    sensitivity: float
+    allowed: float
+    outcome: str
+
+
+def rounded(x: np.ndarray, dtype: str) -> np.ndarray:
+    return x.astype(dtype).astype(np.float64)
+
+
+def gramians(jacs: np.ndarray) -> np.ndarray:
+    """``JJᵀ`` over the last two axes, in float64."""
+    return np.einsum("...ip,...jp->...ij", jacs, jacs)
+
+
+def method_input(reference: Reference, jacs: np.ndarray, losses: np.ndarray, dtype: str):
+    """What the method receives in ``dtype``, as float64 arrays: ``(inputs, losses)``."""
+    if reference.given == "gramian":
+        return rounded(gramians(jacs), dtype), rounded(losses, dtype)
+    return rounded(jacs, dtype), rounded(losses, dtype)
+
+
+def _perturb(x: np.ndarray, rng: np.random.Generator, unit: float, symmetric: bool):
+    r = rng.uniform(-1.0, 1.0, size=x.shape)
+    if symmetric:
+        r = np.triu(r) + np.swapaxes(np.triu(r, 1), -1, -2)
+    return x * (1.0 + 2.0 * unit * r)
+
+
+def perturbed_inputs(reference, jacs, losses, dtype: str, seed: int):
+    """The inputs whose references measure the sensitivity: in float32 the unrounded input,
+    and random relative perturbations of up to one unit in the last place of the input."""
+    x, loss = method_input(reference, jacs, losses, dtype)
+    rng = np.random.default_rng(seed)
+    out = []
+    if dtype == "float32":
+        out.append(method_input(reference, jacs, losses, "float64"))
+    sym = reference.given == "gramian"
+    for _ in range(PERTURBATIONS):
+        unit = UNIT_ROUNDOFF[dtype]
+        out.append((_perturb(x, rng, unit, sym), _perturb(loss, rng, unit, False)))
+    return out
+
+
+def evaluate(reference: Reference, inputs, losses, kwargs: dict):
+    if reference.given == "losses":
+        return reference.fn(losses, **kwargs)
+    return reference.fn(inputs, losses, **kwargs)
+
+
+def to_direction(reference: Reference, jacs: np.ndarray, step: int, out):
+    """A weighting's output as a direction ``Jᵀw`` on the case's float64 ``J`` (the weights
+    themselves for losses-only methods, judged on the weights)."""
+    if out is None:
+        return None
+    out = np.asarray(out, np.float64)
+    if reference.given == "gramian":
+        return jacs[step].T @ out
+    return out
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    diff = np.linalg.norm(a - b)
+    size = np.linalg.norm(b)
+    if size == 0:
+        return 0.0 if diff == 0 else np.inf
+    return float(diff / size)
+
+
+def reference_outputs(name: str, jacs, losses, kwargs: dict, dtype: str, seed: int = 0):
+    """``(base, perturbed)``: the reference on the input the method receives in ``dtype``, and
+    on each perturbed input (lists over steps, as directions)."""
+    ref = REFERENCES[name]
+    x, loss = method_input(ref, jacs, losses, dtype)
+    base = evaluate(ref, x, loss, kwargs)
+    others = [
+        evaluate(ref, px, pl, kwargs) for px, pl in perturbed_inputs(ref, jacs, losses, dtype, seed)
+    ]
+    steps = range(len(losses))
+    base = [to_direction(ref, jacs, s, base[s]) for s in steps]
+    others = [[to_direction(ref, jacs, s, o[s]) for s in steps] for o in others]
+    return base, others
+
+
+def judge(
+    name: str,
+    case_name: str,
+    jacs: np.ndarray,
+    losses: np.ndarray,
+    outputs: Sequence[np.ndarray],
+    kwargs: dict,
+    dtype: str,
+    *,
+    seed: int = 0,
+    tolerance: float | None = None,
+    precomputed=None,
+) -> list[Verdict]:
+    """The verdicts of one case: ``outputs`` are the method's outputs per step (weights for a
+    weighting, directions for a Jacobian method), from the input :func:`method_input` gives."""
+    ref = REFERENCES[name]
+    tol = TOLERANCE[dtype] if tolerance is None else tolerance
+    verdicts = []
+    if ref.membership:
+        x, loss = method_input(ref, jacs, losses, dtype)
+        for s, out in enumerate(outputs):
+            out = np.asarray(out, np.float64)
+            if not np.all(np.isfinite(out)):
+                verdicts.append(Verdict(case_name, s, np.inf, 0.0, tol, "nonfinite"))
+                continue
+            err = ref.fn(x[s] if ref.given != "losses" else loss[s], out)
+            verdicts.append(Verdict(case_name, s, err, 0.0, tol, "fail" if err > tol else "pass"))
+        return verdicts
+    if precomputed is None:
+        precomputed = reference_outputs(name, jacs, losses, kwargs, dtype, seed)
+    base, others = precomputed
+    for s, out in enumerate(outputs):
+        out = to_direction(ref, jacs, s, out)
+        if not np.all(np.isfinite(out)):
+            verdicts.append(Verdict(case_name, s, np.inf, 0.0, tol, "nonfinite"))
+            continue
+        if base[s] is None:
+            verdicts.append(Verdict(case_name, s, np.nan, np.nan, tol, "undefined"))
+            continue
+        sens = max(
+            (np.inf if o[s] is None else relative_error(o[s], base[s]) for o in others),
+            default=0.0,
+        )
+        allowed = max(tol, SENSITIVITY_FACTOR * sens)
+        err = relative_error(out, base[s])
+        verdicts.append(
+            Verdict(case_name, s, err, sens, allowed, "fail" if err > allowed else "pass")
+        )
+    return verdicts

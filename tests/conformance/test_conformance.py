@@ -1,0 +1,460 @@
+"""Every registered method (``mtljax.methods.names()``) against the properties its paper claims
+and against float64 references on an adversarial corpus, in float32 and float64.
+
+Each configuration runs one batch per (T, dtype) in :data:`RUNS` (one compilation each, see
+``properties.batch``); the tests read those batches. The references and the judge are in
+``references.py``, the claims and the property checks in ``properties.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import stats
+
+import mtljax as mtl
+from tests import helpers
+from tests.conformance import corpus, properties, references
+
+RUNS = ((2, "float32"), (5, "float32"), (5, "float64"))
+CONFIGS = properties.configurations()
+IDS = [properties.config_id(name, claims) for name, claims in CONFIGS]
+SOLVER_CONFIGS = [(n, c) for n, c in CONFIGS if c is not None and c.solver]
+
+
+def claimed(name: str, claims):
+    """The claims of a configuration; a method missing from the table fails every test."""
+    if claims is None:
+        properties.claims_of(name)  # raises, naming the method
+    return claims
+
+
+def failures(lines: list[str], limit: int = 25) -> str:
+    more = f"\n… and {len(lines) - limit} more" if len(lines) > limit else ""
+    return "\n".join(lines[:limit]) + more
+
+
+def test_every_registered_method_declares_its_claims():
+    missing = [n for n in mtl.methods.names() if n not in properties.CLAIMS]
+    assert not missing, f"methods without claims in properties.CLAIMS: {missing}"
+    stale = [n for n in properties.CLAIMS if n not in mtl.methods.names()]
+    assert not stale, f"claims for methods that are not registered: {stale}"
+    assert set(references.REFERENCES) == set(mtl.methods.names())
+
+
+# ----------------------------------------------------------------------------------------------
+# Contract: finite, one compilation, vmap
+
+
+@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+def test_finite_on_every_input(name, claims):
+    """Finite directions, weights and states on the adversarial corpus and on degenerate
+    inputs (zero, identical and opposite rows, norms from 1e-15 to 1e15, zero, negative,
+    huge and tiny losses); a zero Jacobian gives a zero direction."""
+    claims = claimed(name, claims)
+    bad = []
+    for t, dtype in RUNS:
+        entries, out = properties.batch(name, claims.label, t, dtype)
+        bad += [f"T={t} {dtype}: {m}" for m in properties.check_finite(entries, out)]
+    assert not bad, failures(bad)
+
+
+@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+def test_jit_once_and_vmap(name, claims):
+    """New values and the states the method returned reuse the compilation; the vmapped batch
+    equals one-by-one jitted calls (``weights_from_gramian`` for a weighting, ``aggregate`` for
+    a Jacobian method): the directions agree element by element to 1e-5 at every step of the
+    property cases (for iterative solvers, whose rounding vmap changes, up to 1e-6 of the
+    largest element as well)."""
+    claims = claimed(name, claims)
+    t, dtype = 5, "float32"
+    entries, out = properties.batch(name, claims.label, t, dtype)
+    p = properties.dims(t)
+    method = properties.build(name, claims, t, p, dtype)
+    x, ls = properties.batch_inputs(entries, method, dtype)
+    steps = ls.shape[1]
+    keys = properties.keys_for(entries, steps)
+    out.fn(jnp.asarray(0.5 * x, dtype), jnp.asarray(ls[:, ::-1], dtype), keys, out.states)
+    assert out.fn._cache_size() == 1
+
+    weighting = method.weights is not None
+    call = mtl.weights_from_gramian if weighting else mtl.aggregate
+    fn = jax.jit(functools.partial(call, method))
+    for i, e in enumerate(entries):
+        if e.role != "property" or e.tag != "base":
+            continue
+        state = method.init(t)
+        for s in range(steps):
+            key = keys[i, s] if claims.key else None
+            single, state = fn(
+                jnp.asarray(x[i, s], dtype), jnp.asarray(ls[i, s], dtype), state, key=key
+            )
+            single = np.asarray(single, np.float64)
+            if weighting:
+                single = e.case.jacobians[s].T @ single
+            want = out.directions[i, s]
+            atol = 1e-6 * np.abs(want).max() if claims.solver else 0.0
+            np.testing.assert_allclose(
+                single, want, rtol=1e-5, atol=atol, err_msg=f"{e.case.name} step {s}"
+            )
+    assert fn._cache_size() == 1
+
+
+@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+def test_one_task(name, claims):
+    """With one task every method moves along the task's gradient (a positive multiple), or
+    refuses ``T = 1`` when its paper needs several tasks."""
+    claims = claimed(name, claims)
+    p = 6
+    method = properties.build(name, claims, 1, p, "float32")
+    if method.min_tasks > 1:
+        with pytest.raises(ValueError, match=f"at least {method.min_tasks} tasks"):
+            method.init(1)
+        return
+    g = np.array([[3.0, 4.0, 0.0, -1.0, 0.5, 2.0]])
+    key = jax.random.key(0) if claims.key else None
+    d, _ = jax.jit(functools.partial(mtl.aggregate, method))(
+        jnp.asarray(g, jnp.float32), jnp.asarray([0.7], jnp.float32), method.init(1), key=key
+    )
+    d = np.asarray(d, np.float64)
+    assert np.all(np.isfinite(d))
+    cos = d @ g[0] / (np.linalg.norm(d) * np.linalg.norm(g[0]))
+    assert cos >= 1 - 1e-6, d
+
+
+# ----------------------------------------------------------------------------------------------
+# Properties the papers claim
+
+
+@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+def test_permutation_equivariance(name, claims):
+    claims = claimed(name, claims)
+    if claims.permutation is None:
+        pytest.skip(f"{name} does not claim permutation equivariance (random weights)")
+    bad = []
+    for t, dtype in RUNS:
+        if claims.permutation == "two_tasks" and t != 2:
+            continue
+        entries, out = properties.batch(name, claims.label, t, dtype)
+        if claims.per_task:
+            out = _permuted_hyper_parameters(name, claims, t, dtype, entries, out)
+        tol = properties.PROPERTY_TOL[dtype]
+        bad += [f"T={t} {dtype}: {m}" for m in properties.check_permutation(entries, out, tol)]
+    assert not bad, failures(bad)
+
+
+def _permuted_hyper_parameters(name, claims, t, dtype, entries, out):
+    """The outputs with the permuted cases recomputed by a method whose per-task
+    hyper-parameters are permuted along with the tasks."""
+    p = properties.dims(t)
+    perm = properties.permutation(t)
+    kwargs = claims.kwargs(t, p, dtype)
+    for k in claims.per_task:
+        kwargs[k] = [kwargs[k][i] for i in perm]
+    method = mtl.methods.get(name, **kwargs)
+    idx = [i for i, e in enumerate(entries) if e.tag == "perm"]
+    sub = properties.run_entries(method, claims, [entries[i] for i in idx], dtype)
+    directions = out.directions.copy()
+    directions[idx] = sub.directions
+    return out._replace(directions=directions)
+
+
+@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+def test_scaling(name, claims):
+    """``d(cJ) = c^k d(J)``; the claimed behaviour under row scaling (linear, invariant, same
+    direction or line) and under scaling rows and losses together."""
+    claims = claimed(name, claims)
+    bad = []
+    for t, dtype in RUNS:
+        entries, out = properties.batch(name, claims.label, t, dtype)
+        tol = properties.PROPERTY_TOL[dtype]
+        msgs = properties.check_global_scaling(entries, out, claims.global_degree, tol)
+        if claims.row_scaling:
+            msgs += properties.check_row_scaling(entries, out, claims.row_scaling, tol)
+        if claims.loss_scaling:
+            msgs += properties.check_loss_scaling(entries, out, tol)
+        bad += [f"T={t} {dtype}: {m}" for m in msgs]
+    assert not bad, failures(bad)
+
+
+@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+def test_non_conflicting(name, claims):
+    """``gᵢ·d ≥ 0`` for every task, on the whole batch (``"always"``) or wherever the
+    gradients are linearly independent."""
+    claims = claimed(name, claims)
+    if claims.non_conflicting is None:
+        pytest.skip(f"{name} does not claim to be non-conflicting")
+    bad = []
+    for t, dtype in RUNS:
+        entries, out = properties.batch(name, claims.label, t, dtype)
+        tol = properties.PROPERTY_TOL[dtype]
+        msgs = properties.check_non_conflicting(entries, out, claims.non_conflicting, dtype, tol)
+        bad += [f"T={t} {dtype}: {m}" for m in msgs]
+    assert not bad, failures(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Accuracy against the float64 references
+
+
+@pytest.mark.parametrize(("t", "dtype"), RUNS, ids=[f"T{t}-{d}" for t, d in RUNS])
+@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+def test_matches_reference(name, claims, t, dtype):
+    """Every case of the adversarial corpus: the method's output against the reference on the
+    input it received; a step fails when its error exceeds both the tolerance and 10× the
+    change that rounding the input alone causes in the reference (``references.judge``)."""
+    claims = claimed(name, claims)
+    entries, out = properties.batch(name, claims.label, t, dtype)
+    kwargs = claims.kwargs(t, properties.dims(t), dtype)
+    verdicts = []
+    for i, e in enumerate(entries):
+        if e.role != "corpus":
+            continue
+        outputs = out.weights[i] if out.weights is not None else out.directions[i]
+        verdicts += references.judge(
+            name, e.case.name, e.case.jacobians, e.case.losses, outputs, kwargs, dtype, seed=i
+        )
+    bad = [
+        f"{v.case} step {v.step}: {v.outcome}, error {v.error:.2e} > allowed {v.allowed:.2e} "
+        f"(sensitivity {v.sensitivity:.2e})"
+        for v in verdicts
+        if v.outcome in ("fail", "nonfinite")
+    ]
+    judged = [v for v in verdicts if v.outcome != "undefined"]
+    assert judged, "no case has a reference answer"
+    assert not bad, f"{len(bad)}/{len(verdicts)} steps fail:\n" + failures(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Solver reporting
+
+
+@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+def test_solver_report_in_the_state(name, claims):
+    """A method that runs an iterative solver keeps its last solve's ``SolverInfo`` in its
+    state at every step; one that runs none keeps none."""
+    claims = claimed(name, claims)
+    bad = []
+    for t, dtype in RUNS:
+        entries, out = properties.batch(name, claims.label, t, dtype)
+        bad += [
+            f"T={t} {dtype}: {m}"
+            for m in properties.check_solver_report(entries, out, claims, dtype)
+        ]
+    assert not bad, failures(bad)
+
+
+@pytest.mark.parametrize(
+    ("name", "claims"), SOLVER_CONFIGS, ids=[properties.config_id(*c) for c in SOLVER_CONFIGS]
+)
+def test_train_step_reports_solver_metrics(name, claims):
+    """The train step's metrics hold ``solver_iterations`` (int32), ``solver_converged`` (bool)
+    and ``solver_residual`` (float32) for every method that runs a solver."""
+    model, params = helpers.tiny_model(3)
+    batch = helpers.tiny_batch(3)
+    method = properties.build(name, claims, 3, 1, "float32")
+    opt = optax.sgd(1e-2)
+    state = mtl.init_train_state(model, params, method, opt, jax.random.key(0))
+    step = mtl.make_train_step(model, method, opt)
+    _, metrics = jax.eval_shape(step.jitted, state, batch)
+    expected = {
+        "solver_iterations": jnp.int32,
+        "solver_converged": jnp.bool_,
+        "solver_residual": jnp.float32,
+    }
+    for key, dtype in expected.items():
+        assert key in metrics, f"{name}: the train step's metrics lack {key}"
+        assert metrics[key].shape == () and metrics[key].dtype == dtype, (key, metrics[key])
+
+
+def test_train_step_solver_metrics_are_the_states():
+    """One real step (MGDA): the reported figures are those of the method's new state."""
+    model, params = helpers.tiny_model(3)
+    method = mtl.methods.mgda()
+    opt = optax.sgd(1e-2)
+    state = mtl.init_train_state(model, params, method, opt, jax.random.key(0))
+    state, metrics = mtl.make_train_step(model, method, opt)(state, helpers.tiny_batch(3))
+    info = mtl.solver_info(state.method_state)
+    assert info is not None, "mgda keeps no SolverInfo in its state"
+    assert int(metrics["solver_iterations"]) == int(info.iterations) >= 1
+    assert bool(metrics["solver_converged"]) == bool(info.converged) is True
+    assert float(metrics["solver_residual"]) == float(info.residual)
+    assert float(info.residual) <= properties.RESIDUAL_BOUND["float32"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The references themselves: their defining conditions on the corpus
+
+
+@functools.cache
+def reference_cases():
+    out = []
+    for t in (2, 5):
+        for case in corpus.jacobian_corpus(0, t, properties.dims(t)):
+            out += [(case.name, j) for j in case.jacobians]
+    return out
+
+
+def _scale_free(j: np.ndarray) -> np.ndarray:
+    return j / np.linalg.norm(j, axis=1, keepdims=True)
+
+
+def test_reference_min_norm_point():
+    """MGDA's reference: ``α ∈ Δ`` and ``gᵢ·d ≥ ‖d‖²`` (equality where ``αᵢ > 0``), measured in
+    units of ``‖gᵢ‖·Σⱼαⱼ‖gⱼ‖`` (the size of the terms of ``gᵢ·Jᵀα``)."""
+    for label, j in reference_cases():
+        g = j @ j.T
+        a = references.min_norm_weights(g)
+        n = np.linalg.norm(j, axis=1)
+        d = j.T @ a
+        size = n * (a @ n)
+        assert abs(a.sum() - 1) < 1e-12 and a.min() >= 0, label
+        slack = (j @ d - d @ d) / size
+        assert slack.min() >= -1e-10, (label, slack)
+        assert np.all(np.abs(slack[a > 1e-9]) <= 1e-9), (label, slack, a)
+
+
+def test_reference_dual_cone_projection():
+    """UPGrad's and DualProj's reference: ``v ≥ u``, ``J Jᵀv ≥ 0`` and complementarity
+    ``(vᵢ − uᵢ)(gᵢ·Jᵀv) = 0`` (the projection's KKT conditions)."""
+    for label, j in reference_cases():
+        g = j @ j.T
+        t = len(g)
+        n = np.linalg.norm(j, axis=1)
+        for u in [*np.eye(t), np.full(t, 1.0 / t)]:
+            v = references.dual_cone_weights(g, u)
+            margin = (j @ (j.T @ v)) / (n * (np.abs(v) @ n))
+            assert np.all(v - u >= 0), label
+            assert margin.min() >= -1e-10, (label, margin)
+            assert np.all(np.abs(margin[(v - u) > 1e-9 * np.abs(v).max()]) <= 1e-9), (label, margin)
+
+
+def test_reference_cagrad_is_the_max_min_in_the_ball():
+    """CAGrad's reference: ``d`` lies on the ball ``‖d − g₀‖ = c‖g₀‖`` and is ``g₀ + r·Jᵀλ/‖Jᵀλ‖``
+    with ``λ ≥ 0`` on the tasks attaining ``minᵢ gᵢ·d`` only (the KKT conditions of the
+    max-min over the ball); no random point of the ball does better."""
+    rng = np.random.default_rng(0)
+    c = 0.4
+    for label, j in reference_cases():
+        g = j @ j.T
+        t = len(g)
+        w = references.cagrad_weights(g, c)
+        g0 = j.mean(0)
+        r = c * np.linalg.norm(g0)
+        d = j.T @ w
+        lam = w - 1.0 / t
+        value = (j @ d).min()
+        scale = np.linalg.norm(j, axis=1).max() * (np.linalg.norm(g0) + r)
+        # The reference works on G: its float64 rounding moves the result by up to ε·cond(K),
+        # 1e-9 relative on the nearly opposite pairs; 1e-7 leaves room for that.
+        assert abs(np.linalg.norm(d - g0) - r) <= 1e-7 * r, label
+        assert lam.min() >= -1e-12 * np.abs(lam).max(), label
+        active = lam > 1e-9 * lam.max()
+        assert np.all((j @ d)[active] - value <= 1e-7 * scale), label
+        z = rng.normal(size=(200, j.shape[1]))
+        z = g0 + r * z / np.linalg.norm(z, axis=1, keepdims=True)
+        assert (z @ j.T).min(axis=1).max() <= value + 1e-7 * scale, label
+
+
+@pytest.mark.parametrize("p", [1.0, 0.5])
+def test_reference_potential_equations(p):
+    """Nash-MTL's (``p = 1``) and FairGrad's (``p = 1/α``) reference: ``wᵢ^p (Gw)ᵢ = 1``,
+    evaluated on the unit gradients (``yᵢ = ‖gᵢ‖wᵢ``: ``yᵢ^p (Ky)ᵢ = ‖gᵢ‖^{p−1}``), and ``None``
+    only where 0 is in the convex hull of the unit gradients (to rounding)."""
+    for label, j in reference_cases():
+        g = j @ j.T
+        w = references.potential_weights(g, p)
+        if w is None:
+            u = _scale_free(j)
+            a = references.min_norm_weights(u @ u.T)
+            assert np.linalg.norm(u.T @ a) <= 1e-7, label
+            continue
+        n, k = references.cosines(g)
+        y = n * w
+        ky = k @ y
+        size = np.abs(k) @ y
+        resid = (y**p * ky - n ** (p - 1)) / (y**p * size)
+        assert np.all(w > 0) and np.abs(resid).max() <= 1e-12, (label, resid)
+
+
+def test_reference_impartial_weights():
+    """IMTL-G's reference: ``Σα = 1`` and equal projections ``uᵢ·Jᵀα`` (in the units of the
+    terms of each projection), wherever it is defined."""
+    for label, j in reference_cases():
+        a = references.impartial_weights(j @ j.T)
+        if a is None:
+            continue
+        u = _scale_free(j)
+        proj = u @ (j.T @ a)
+        size = np.abs(u @ j.T) @ np.abs(a)
+        assert abs(a.sum() - 1) <= 1e-12 * np.abs(a).sum(), label
+        assert np.ptp(proj) <= 1e-9 * size.max(), (label, proj)
+
+
+def test_reference_config_equal_cosines():
+    """ConFIG's reference on linearly independent gradients: equal positive cosines with every
+    gradient, and length ``Σᵢ gᵢ·g_u``."""
+    for label, j in reference_cases():
+        g = j @ j.T
+        if not properties.independent(g, "float64"):
+            continue
+        d = j.T @ references.config_weights(g)
+        u = _scale_free(j)
+        cos = u @ d / np.linalg.norm(d)
+        assert cos.min() > 0 and np.ptp(cos) <= 1e-8, (label, cos)
+        assert abs(np.linalg.norm(d) - (j @ d).sum() / np.linalg.norm(d)) <= 1e-8 * np.linalg.norm(
+            d
+        )
+
+
+def test_reference_aligned_components():
+    """Aligned-MTL's reference: ``B`` makes the rows of ``BJ`` orthogonal with norm ``σ_min``
+    (on the full-rank cases): ``BGB = σ_min² I``."""
+    for label, j in reference_cases():
+        g = j @ j.T
+        s = np.linalg.svd(_scale_free(j), compute_uv=False)
+        if s.min() < 1e-3 * s.max():
+            continue
+        t = len(g)
+        b = np.stack([references.aligned_weights(g, e) for e in np.eye(t)], axis=1)
+        bgb = b @ g @ b
+        sigma2 = bgb[0, 0]
+        assert np.abs(bgb - sigma2 * np.eye(t)).max() <= 1e-8 * sigma2, label
+
+
+def test_reference_surgery_matches_the_vectors():
+    """PCGrad's reference on ``J' = diag(n)F`` gives the weights that Algorithm 1 run on the
+    gradient vectors themselves gives (the Gramian determines the result)."""
+    for label, j in reference_cases():
+        t = len(j)
+        w = references.surgery_weights(j @ j.T)
+        rows = j.copy()
+        for i in range(t):
+            gi = j[i].copy()
+            for k in range(t):
+                if k != i and gi @ j[k] < 0:
+                    gi = gi - (gi @ j[k]) / (j[k] @ j[k]) * j[k]
+            rows[i] = gi
+        want = rows.sum(0)
+        size = np.abs(w) @ np.linalg.norm(j, axis=1)
+        assert np.linalg.norm(j.T @ w - want) <= 1e-9 * size, label
+
+
+def test_rlw_default_weights_follow_a_softmax_of_a_standard_normal():
+    """RLW's default distribution (Lin et al. 2022: ``softmax(λ̃)``, ``λ̃ ~ N(0, I)``): the
+    first weight's distribution matches draws from numpy (Kolmogorov–Smirnov, 4000 samples)."""
+    method = mtl.methods.rlw()
+    t = 3
+    keys = jax.random.split(jax.random.key(5), 4000)
+    fn = jax.jit(jax.vmap(lambda k: method.weights(jnp.ones(t), None, (), k)[0]))
+    ws = np.asarray(fn(keys), np.float64)
+    draws = np.random.default_rng(5).normal(size=(4000, t))
+    ref = np.exp(draws) / np.exp(draws).sum(1, keepdims=True)
+    for i in range(t):
+        assert stats.ks_2samp(ws[:, i], ref[:, i]).pvalue > 1e-3, i
+    np.testing.assert_allclose(ws.sum(1), 1.0, rtol=1e-5)
