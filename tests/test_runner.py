@@ -37,6 +37,22 @@ def test_train_result_and_determinism():
     assert line.startswith("30 of 30 steps were skipped") and "--nonfinite raise" in line
 
 
+def test_solver_report_and_the_unconverged_flag():
+    r = runner.run_training("toy2d", "mgda", steps=20, unconverged="raise", progress=False)
+    assert r["solver"] == {
+        "unconverged_steps": 0,
+        "max_iterations": r["solver"]["max_iterations"],
+        "unconverged": "raise",
+    }
+    assert r["solver"]["max_iterations"] >= 1
+    assert "converge" not in runner.summary_table(r)
+    failed = dict(r, solver=dict(r["solver"], unconverged_steps=3, unconverged="skip"))
+    line = runner.summary_table(failed).splitlines()[-1]
+    assert line.startswith("3 steps' solves did not converge (skipped;") and "raise" in line
+    ew = runner.run_training("toy2d", "ew", steps=3, progress=False)
+    assert "solver" not in ew  # no solver, no report
+
+
 def test_gradnorm_weights_ordered_inversely_to_sigma():
     r = runner.run_training(
         "gradnorm_toy", "gradnorm", steps=800, problem_args=SMALL_TOY, progress=False

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mtljax import bench
@@ -220,6 +221,7 @@ def run_training(
     devices: int | None = None,
     fsdp: bool = False,
     nonfinite: str = "skip",
+    unconverged: str = "report",
     compute_dtype: str | None = None,
     gramian_chunk_size: int | None = None,
 ) -> dict[str, Any]:
@@ -236,7 +238,10 @@ def run_training(
     checkpoint, ``overwrite`` replaces its checkpoints, and a folder that holds checkpoints
     is refused otherwise.
     A method whose factory takes ``steps_per_epoch`` (``dwa``) gets the problem's unless
-    ``method_args`` sets it.
+    ``method_args`` sets it. ``nonfinite`` and ``unconverged`` are
+    :func:`mtljax.make_train_step`'s: what a non-finite step or a solver that did not
+    converge does (``unconverged="raise"`` stops with a :class:`mtljax.SolverError` naming
+    the step).
     """
     from mtljax._src import sharding
     from mtljax._src.checkpoint import (
@@ -320,6 +325,7 @@ def run_training(
             mode=mode,
             chunk_size=chunk_size,
             nonfinite=nonfinite,
+            unconverged=unconverged,
             compute_dtype=compute_dtype,
             gramian_chunk_size=gramian_chunk_size,
         )
@@ -386,10 +392,19 @@ def run_training(
         bar = Progress(steps, f"{problem_name}/{method_name}", progress and main_process)
         t_compile = 0.0
         metrics: dict[str, Any] = {}
+        solves = None  # (unconverged solves, most iterations) over this run's steps, on device
         for i in range(start, steps):
             batch = sample(data_key, np.int32(i))
             t0 = time.perf_counter()
             state, metrics = step(state, batch)
+            if "solver_converged" in metrics:
+                failed = jnp.sum(~metrics["solver_converged"], dtype=jnp.int32)
+                iters = jnp.max(metrics["solver_iterations"])
+                solves = (
+                    (failed, iters)
+                    if solves is None
+                    else (solves[0] + failed, jnp.maximum(solves[1], iters))
+                )
             jax.block_until_ready(state.params)
             dt = time.perf_counter() - t0
             if i == start:
@@ -447,6 +462,13 @@ def run_training(
         "resumed_from": start,
         "jax_version": jax.__version__,
     }
+    if solves is not None:
+        # Steps of this run (since the resume, when resumed) whose solve did not converge.
+        result["solver"] = {
+            "unconverged_steps": int(sharding.to_host(solves[0])),
+            "max_iterations": int(sharding.to_host(solves[1])),
+            "unconverged": unconverged,
+        }
     if compute_dtype is not None:
         result["compute_dtype"] = str(np.dtype(compute_dtype))
     if "weights" in last_metrics:
@@ -526,6 +548,13 @@ def summary_table(result: dict[str, Any]) -> str:
             f"\n{skipped} of {result['steps']} steps were skipped (a non-finite loss, gradient "
             "or update left the state untouched); --nonfinite raise names the first such step "
             "and task"
+        )
+    solver = result.get("solver", {})
+    if solver.get("unconverged_steps"):
+        what = "skipped" if solver["unconverged"] == "skip" else "applied as they were"
+        text += (
+            f"\n{solver['unconverged_steps']} steps' solves did not converge ({what}; at most "
+            f"{solver['max_iterations']} iterations); --unconverged raise names the first"
         )
     return text
 
@@ -634,6 +663,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="skip",
         help="a non-finite loss or gradient: skip the step (counted), or stop with an error "
         "naming the task and step",
+    )
+    t.add_argument(
+        "--unconverged",
+        choices=("report", "skip", "raise"),
+        default="report",
+        help="a method's solver that did not converge (MGDA, CAGrad, Nash-MTL, UPGrad…): apply "
+        "the step and report it (solver_converged), skip the step, or stop with an error naming "
+        "the step",
     )
     t.add_argument("--out", default=None, help="write the JSON result here")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -804,6 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 devices=args.devices,
                 fsdp=args.fsdp,
                 nonfinite=args.nonfinite,
+                unconverged=args.unconverged,
                 compute_dtype=args.compute_dtype,
                 gramian_chunk_size=args.gramian_chunk_size,
             )
