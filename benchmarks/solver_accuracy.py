@@ -53,8 +53,9 @@ def _load(name: str):
 corpus = _load("corpus")
 references = _load("references")
 
-# The methods that receive the Gramian and have a float64 reference, with the hyper-parameters
-# given to both (the conformance suite's).
+# The methods that run a solver or a factorisation, with a float64 reference and the
+# hyper-parameters given to both (the conformance suite's); ConFIG receives the Jacobian, the
+# others the Gramian.
 METHODS: dict[str, dict] = {
     "mgda": {},
     "upgrad": {},
@@ -73,37 +74,52 @@ def dims(t: int) -> int:
     return 2 * t + 2
 
 
-def run_corpus(name: str, kwargs: dict, cases, t: int, dtype: str):
-    """The method's weights and solver figures on every case (one jitted, vmapped call)."""
-    method = mtl.methods.get(name, **kwargs)
-    grams = np.stack([references.gramians(c.jacobians[0]) for c in cases])
-    losses = np.stack([c.losses[0] for c in cases])
+def _call(method):
+    """``(g_or_j, loss, state) -> (output, state)``: a weighting method's weights from the
+    Gramian, or a Jacobian method's direction from the Jacobian (ConFIG)."""
+    if method.weights is not None:
+        return lambda g, loss, s: mtl.weights_from_gramian(method, g, loss, s)
+    return lambda j, loss, s: mtl.aggregate(method, j, loss, s)
 
-    def one(g, loss):
-        w, state = mtl.weights_from_gramian(method, g, loss, method.init(t))
-        return w, mtl.solver_info(state)
+
+def _inputs(method, case) -> np.ndarray:
+    j = case.jacobians[0]
+    return references.gramians(j) if method.weights is not None else j
+
+
+def run_corpus(name: str, kwargs: dict, cases, t: int, dtype: str):
+    """The method's weights (or direction) and solver figures on every case (one jitted,
+    vmapped call)."""
+    method = mtl.methods.get(name, **kwargs)
+    inputs = np.stack([_inputs(method, c) for c in cases])
+    losses = np.stack([c.losses[0] for c in cases])
+    call = _call(method)
+
+    def one(x, loss):
+        out, state = call(x, loss, method.init(t))
+        return out, mtl.solver_info(state)
 
     with jax.enable_x64(dtype == "float64"):
-        w, info = jax.jit(jax.vmap(one))(jnp.asarray(grams, dtype), jnp.asarray(losses, dtype))
+        w, info = jax.jit(jax.vmap(one))(jnp.asarray(inputs, dtype), jnp.asarray(losses, dtype))
         w = np.asarray(w, np.float64)
         info = None if info is None else tuple(np.asarray(a) for a in info)
     return w, info
 
 
 def time_call(name: str, kwargs: dict, case, t: int, dtype: str, reps: int) -> float:
-    """Median milliseconds of one jitted call on one Gramian, after two warm-up calls."""
+    """Median milliseconds of one jitted call on one case, after two warm-up calls."""
     method = mtl.methods.get(name, **kwargs)
     with jax.enable_x64(dtype == "float64"):
-        fn = jax.jit(lambda g, loss, s: mtl.weights_from_gramian(method, g, loss, s))
-        g = jnp.asarray(references.gramians(case.jacobians[0]), dtype)
+        fn = jax.jit(_call(method))
+        x = jnp.asarray(_inputs(method, case), dtype)
         loss = jnp.asarray(case.losses[0], dtype)
         state = method.init(t)
         for _ in range(2):
-            jax.block_until_ready(fn(g, loss, state))
+            jax.block_until_ready(fn(x, loss, state))
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(g, loss, state))
+            jax.block_until_ready(fn(x, loss, state))
             times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
