@@ -34,6 +34,11 @@ def imtl(
       optimizer: an optax optimizer for ``s``.
       init_log_scale: the initial ``sᵢ``.
 
+    State: ``s`` and its optimizer's state in the default float dtype (float64 under
+    ``jax_enable_x64``, float32 otherwise); ``s``'s step is IMTL-L's
+    (:func:`~mtljax._src.methods.imtl_l.scale_update`, its gradient clipped so that it stays
+    finite for any finite losses).
+
     Scale: ``wᵢ = αᵢ e^{sᵢ}`` with ``Σα = 1``. Task-specific parameters get ``∇Lᵢ``
     (``head_grads="unit"``); the paper gives them ``e^{sᵢ}∇Lᵢ``, which neither rule of the
     train step expresses (``"weighted"`` would give ``αᵢ e^{sᵢ}∇Lᵢ``, with ``αᵢ`` possibly
@@ -44,7 +49,7 @@ def imtl(
     s0 = float(init_log_scale)
 
     def init(num_tasks: int) -> IMTLLState:
-        s = jnp.full((num_tasks,), s0, jnp.float32)
+        s = jnp.full((num_tasks,), s0, _common.float_dtype())
         return IMTLLState(s, opt.init(s))
 
     def weights(losses, gramian, state: IMTLLState, key):
