@@ -559,9 +559,9 @@ def after_update_losses(losses_seq: np.ndarray) -> np.ndarray:
     and the next step's, ``½(ℓₛ + ℓₛ₊₁)``; at the last step the step's own losses (no change).
     They differ from the next step's losses, so a method that used those instead (the
     next-batch rule) would not match; they follow the tasks when these are permuted and scale
-    with the losses."""
-    after = losses_seq.astype(np.float64)
-    after[:-1] = 0.5 * (after[:-1] + after[1:])
+    with the losses. ``losses_seq``: ``(…, S, T)``."""
+    after = np.array(losses_seq, np.float64)
+    after[..., :-1, :] = 0.5 * (after[..., :-1, :] + after[..., 1:, :])
     return after
 
 
