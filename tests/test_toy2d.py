@@ -168,7 +168,7 @@ OUTCOMES = {
     "dwa": "LF-FF",
     "rlw": "LF-FF",
     "graddrop": "LF-FF",
-    "gradnorm": "LE-FF",
+    "gradnorm": "FFFFF",
     "aligned_mtl": "LF?FF",
     "uw": "-F-FF",
     "imtl_l": "-F-FF",

@@ -10,7 +10,9 @@ case of the adversarial corpus, a few well-conditioned problems and their transf
 degenerate inputs, all through one jitted, vmapped ``lax.scan`` over the steps of each case
 (one compilation). A weighting receives the Gramian (``mtljax.weights_from_gramian``) and its
 direction is ``Jᵀw`` with the case's float64 ``J``; a Jacobian method receives the Jacobian
-(``mtljax.aggregate``).
+(``mtljax.aggregate``). A method with an ``after_update`` hook (FAMO) is then given the losses
+of the same step's batch after its update, as the train step does
+(``references.after_update_losses``).
 """
 
 from __future__ import annotations
@@ -100,8 +102,8 @@ CLAIMS: dict[str, tuple[Claims, ...]] = {
     "uw": (
         Claims(kwargs=lambda t, p, d: {"kinds": "regression", "learning_rate": 1e-2}, **_LOSSES),
     ),
-    # Liu et al. 2019, eq. 5 (T softmax of the loss ratios).
-    "dwa": (Claims(kwargs=lambda t, p, d: {"temperature": 2.0, "period": 1}, **_LOSSES),),
+    # Liu et al. 2019, eq. 5 (T softmax of the loss ratios), one step per epoch.
+    "dwa": (Claims(kwargs=lambda t, p, d: {"temperature": 2.0, "steps_per_epoch": 1}, **_LOSSES),),
     # Lin et al. 2022: random weights, exchangeable only in distribution.
     "rlw": (Claims(kwargs=lambda t, p, d: {}, key=True, permutation=None, **_LOSSES),),
     # Chennupati et al. 2019: the geometric mean is invariant to the scale of any one loss.
@@ -114,7 +116,7 @@ CLAIMS: dict[str, tuple[Claims, ...]] = {
             **_LOSSES,
         ),
     ),
-    # Lin et al. 2024, eq. (8) with λ = 1, z* = 0.
+    # Lin et al. 2024, eq. (8) with λ = 1, z* = 0, times T (the authors' multi-task scale).
     "stch": (
         Claims(
             kwargs=lambda t, p, d: {"mu": 1.0, "log_losses": False, "warmup_steps": 0}, **_LOSSES
@@ -178,6 +180,7 @@ CLAIMS: dict[str, tuple[Claims, ...]] = {
     "dualproj": (Claims(non_conflicting="always", solver=True),),
     # Liu, Chu & Thuerey 2024, Sec. 3: positive, equal cosines when the gradients are linearly
     # independent; d = (Σ kᵢgᵢ·g_u) g_u is linear in the row scales (Quinton & Rey, Table 1).
+    # A Jacobian method (it computes U⁺𝟙 from J, not from the Gramian alone).
     "config": (Claims(non_conflicting="independent", row_scaling="linear"),),
     # Ban & Ji 2024: gᵢ·d = wᵢ^{−1/α} > 0 where the solution exists; w ∝ ‖g‖^{−2α/(1+α)}, so
     # d(cJ) = c^{(1−α)/(1+α)} d(J); α = 1 is Nash-MTL's equation (invariant to row scales).
@@ -372,20 +375,30 @@ class Outputs(NamedTuple):
 def _batched_fn(method: mtl.Method, use_key: bool):
     is_weighting = method.weights is not None
 
-    def one(x, losses, keys, state):
+    def one(x, losses, after, keys, state):
         def step(state, inp):
-            xi, li, ki = inp
+            xi, li, ai, ki = inp
             key = ki if use_key else None
             if is_weighting:
                 out, state = mtl.weights_from_gramian(method, xi, li, state, key=key)
             else:
                 out, state = mtl.aggregate(method, xi, li, state, key=key)
-            return state, (out, mtl.solver_info(state))
+            info = mtl.solver_info(state)
+            if method.after_update is not None:
+                # As the train step: after the update, the same batch's new losses.
+                state = method.after_update(li, ai, state)
+            return state, (out, info)
 
-        state, (outs, infos) = jax.lax.scan(step, state, (x, losses, keys))
+        state, (outs, infos) = jax.lax.scan(step, state, (x, losses, after, keys))
         return outs, infos, state
 
     return jax.jit(jax.vmap(one))
+
+
+def after_losses(losses: np.ndarray, dtype: str) -> np.ndarray:
+    """The losses after each step's update (``references.after_update_losses``) of the
+    losses the method receives in ``dtype``, as float64 numpy (to be cast to ``dtype``)."""
+    return references.after_update_losses(references.rounded(losses, dtype))
 
 
 def batch_inputs(entries: list[Entry], method: mtl.Method, dtype: str):
@@ -416,7 +429,11 @@ def run_entries(method: mtl.Method, claims: Claims, entries: list[Entry], dtype:
         init = method.init(t)
         states = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), init)
         outs, infos, final = fn(
-            jnp.asarray(x, dtype), jnp.asarray(ls, dtype), keys_for(entries, steps), states
+            jnp.asarray(x, dtype),
+            jnp.asarray(ls, dtype),
+            jnp.asarray(after_losses(ls, dtype), dtype),
+            keys_for(entries, steps),
+            states,
         )
         outs = np.asarray(outs, np.float64)
         solver = None
@@ -549,21 +566,33 @@ def independent(gram: np.ndarray, dtype: str) -> bool:
 
 
 def check_non_conflicting(entries, out: Outputs, kind: str, dtype: str, tol: float) -> list[str]:
-    """``gᵢ·d ≥ −tol·‖gᵢ‖·Σⱼ|wⱼ|‖gⱼ‖`` on the Gramian the method received (every step), for
-    every case (``"always"``) or where the gradients are linearly independent."""
+    """For every case (``"always"``) or where the gradients are linearly independent, at every
+    step: a weighting's ``gᵢ·d ≥ −tol·‖gᵢ‖·Σⱼ|wⱼ|‖gⱼ‖`` on the Gramian it received; a Jacobian
+    method's ``gᵢ·d ≥ −tol·‖gᵢ‖·‖d‖`` on the Jacobian it received (its direction has no
+    weights; ``‖d‖ ≤ Σⱼ|wⱼ|‖gⱼ‖`` for any ``w`` with ``d = Jᵀw``, so the bound is no looser)."""
     bad = []
     for i, e in enumerate(entries):
-        grams = references.rounded(references.gramians(e.case.jacobians), dtype)
+        jacs = references.rounded(e.case.jacobians, dtype)
+        if out.weights is None:
+            grams = references.gramians(jacs)
+        else:
+            grams = references.rounded(references.gramians(e.case.jacobians), dtype)
+        unit = "‖gᵢ‖‖d‖" if out.weights is None else "‖gᵢ‖Σ|wⱼ|‖gⱼ‖"
         for s, g in enumerate(grams):
             if kind == "independent" and not independent(g, dtype):
                 continue
-            w = out.weights[i, s]
             n = np.sqrt(np.clip(np.diagonal(g), 0.0, None))
-            size = n * (np.abs(w) @ n)
-            margin = g @ w
+            if out.weights is None:
+                d = out.directions[i, s]
+                margin = jacs[s] @ d
+                size = np.linalg.norm(jacs[s], axis=1) * np.linalg.norm(d)
+            else:
+                w = out.weights[i, s]
+                size = n * (np.abs(w) @ n)
+                margin = g @ w
             if np.any(margin < -tol * size):
                 worst = np.min(margin / np.where(size > 0, size, 1.0))
-                bad.append(f"{e.case.name} step {s}: gᵢ·d = {worst:.2e} × ‖gᵢ‖Σ|wⱼ|‖gⱼ‖")
+                bad.append(f"{e.case.name} step {s}: gᵢ·d = {worst:.2e} × {unit}")
     return bad
 
 

@@ -14,7 +14,7 @@ What a method is given, and so what rounding is charged to it (:data:`REFERENCES
   references work on ``G`` alone (through any factor ``J'`` with ``J'J'ᵀ = G``); the weights are
   compared through the directions ``Jᵀw`` they give with the case's float64 ``J``, which is
   well defined where ``w`` is not (the null space of ``G`` is that of ``Jᵀ``);
-* ``"jacobian"``: GradDrop and DB-MTL get the Jacobian.
+* ``"jacobian"``: GradDrop, DB-MTL and ConFIG get the Jacobian.
 
 The judge (:func:`judge`): in a given dtype the method receives the input rounded to that dtype;
 its output is compared with the reference *on that rounded input*, and the sensitivity of the
@@ -368,28 +368,30 @@ def imtl(grams, losses, *, learning_rate: float, init_log_scale: float = 0.0):
     return out
 
 
-def config_weights(g: np.ndarray) -> np.ndarray:
-    """ConFIG (Liu, Chu & Thuerey 2024): ``g_u = U⁺𝟙/‖U⁺𝟙‖`` (``U``: the unit gradients),
-    ``g = (Σᵢ gᵢ·g_u) g_u``. Computed on the factor ``F`` of the cosine matrix (the unit
-    gradients' coordinates; ``U⁺𝟙`` by least squares) and written back as weights
-    (``Fᵀ(n∘w) = g``, least squares)."""
-    n, f = cosine_factor(g)
+def config_direction(j: np.ndarray) -> np.ndarray:
+    """ConFIG (Liu, Chu & Thuerey, ICLR 2025, Sec. 3), from the Jacobian: with ``U`` the unit
+    gradients ``uᵢ = gᵢ/‖gᵢ‖`` (zero gradients take no part), ``g_c = U⁺𝟙``,
+    ``g_u = g_c/‖g_c‖`` and ``g = (Σᵢ gᵢ·g_u) g_u``.
+
+    ``U⁺`` from the SVD of ``U`` in float64, singular values at or below
+    ``max(T, P)·ε₆₄·σ_max`` counting as zero (``numpy.linalg.matrix_rank``'s convention)."""
+    n = np.linalg.norm(j, axis=1)
     nz = n > 0
-    w = np.zeros(len(g))
     if not nz.any():
-        return w
-    unit = f[nz]
-    g_c = linalg.lstsq(unit, np.ones(int(nz.sum())))[0]
-    if np.linalg.norm(g_c) == 0:
-        return w
-    g_u = g_c / np.linalg.norm(g_c)
-    target = (n[nz] @ (unit @ g_u)) * g_u
-    w[nz] = linalg.lstsq(unit.T, target)[0] / n[nz]
-    return w
+        return np.zeros(j.shape[1])
+    u = j[nz] / n[nz, None]
+    left, sigma, right = np.linalg.svd(u, full_matrices=False)
+    keep = sigma > max(u.shape) * np.finfo(np.float64).eps * sigma[0]
+    g_c = right[keep].T @ ((left[:, keep].T @ np.ones(len(u))) / sigma[keep])
+    size = np.linalg.norm(g_c)
+    if size == 0:
+        return np.zeros(j.shape[1])
+    g_u = g_c / size
+    return (j @ g_u).sum() * g_u
 
 
-def config(grams, losses, **_):
-    return [config_weights(g) for g in grams]
+def config(jacs, losses, **_):
+    return [config_direction(j) for j in jacs]
 
 
 def aligned_weights(g: np.ndarray, omega: np.ndarray) -> np.ndarray:
@@ -474,7 +476,8 @@ def gradvac(grams, losses, *, beta: float):
 def gradnorm(grams, losses, *, alpha: float, learning_rate: float, params: str = "all"):
     """GradNorm (Chen et al. 2018, Sec. 3.2): the step uses the weights it starts with; then
     ``w`` takes one Adam step on ``Σᵢ |wᵢ‖gᵢ‖ − Ḡ rᵢ^α|`` (target held constant), with
-    ``rᵢ = L̃ᵢ/mean L̃``, ``L̃ᵢ = Lᵢ/Lᵢ(0)``, and is renormalised to ``Σw = T``."""
+    ``rᵢ = L̃ᵢ/mean L̃``, ``L̃ᵢ = Lᵢ/Lᵢ(0)``, and is renormalised to ``Σw = T``. (The corpus'
+    losses are positive, the paper's domain.)"""
     t = len(grams[0])
     w = np.ones(t)
     opt = Adam(learning_rate, t)
@@ -521,16 +524,20 @@ def uw(losses_seq, *, learning_rate: float, kinds: str = "regression", init_log_
     return out
 
 
-def dwa(losses_seq, *, temperature: float, period: int = 1):
-    """Liu, Johns & Davison 2019, eq. 5 (one step per period): ``wᵢ = 1`` for the first two
-    steps, then ``T softmax(r/τ)`` with ``rᵢ = Lᵢ(t−1)/Lᵢ(t−2)``."""
+def dwa(losses_seq, *, temperature: float, steps_per_epoch: int = 1):
+    """Liu, Johns & Davison 2019, eq. 5: ``Lᵢ(e)`` the mean loss of epoch ``e`` (``steps_per_epoch``
+    consecutive steps); ``wᵢ = 1`` in the first two epochs, then ``T softmax(r/τ)`` with
+    ``rᵢ = Lᵢ(e−1)/Lᵢ(e−2)`` for every step of epoch ``e``."""
     t = losses_seq.shape[1]
+    k = steps_per_epoch
+    means = [losses_seq[e * k : (e + 1) * k].mean(axis=0) for e in range(len(losses_seq) // k)]
     out = []
     for step in range(len(losses_seq)):
-        if step < 2:
+        e = step // k
+        if e < 2:
             out.append(np.ones(t))
         else:
-            r = losses_seq[step - 1] / losses_seq[step - 2]
+            r = means[e - 1] / means[e - 2]
             out.append(t * softmax(r / temperature))
     return out
 
@@ -546,34 +553,59 @@ def gls(losses_seq, *, eps: float):
     return out
 
 
+def after_update_losses(losses_seq: np.ndarray) -> np.ndarray:
+    """The losses on each step's batch after that step's update, for the methods that observe
+    them (``Method.after_update``: FAMO's same-batch rule): halfway between the step's losses
+    and the next step's, ``½(ℓₛ + ℓₛ₊₁)``; at the last step the step's own losses (no change).
+    They differ from the next step's losses, so a method that used those instead (the
+    next-batch rule) would not match; they follow the tasks when these are permuted and scale
+    with the losses. ``losses_seq``: ``(…, S, T)``."""
+    after = np.array(losses_seq, np.float64)
+    after[..., :-1, :] = 0.5 * (after[..., :-1, :] + after[..., 1:, :])
+    return after
+
+
+def log_decrease(before, after, floor, eps: float) -> np.ndarray:
+    """``log ℓ̃(before) − log ℓ̃(after)``, ``ℓ̃ = max(ℓ − ℓ*, 0) + ε``, to float64's accuracy:
+    ``log1p`` of the relative change where the two are within a factor 1.5 (the logarithms'
+    difference would cancel: losses of 1e-20 beside ``ε = 1e-8`` change ``ℓ̃`` by 1e-12)."""
+    a = np.maximum(before - floor, 0.0)
+    b = np.maximum(after - floor, 0.0)
+    den = b + eps
+    near = np.abs(a - b) <= 0.5 * den
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(near, np.log1p((a - b) / den), np.log(a + eps) - np.log(den))
+
+
 def famo(losses_seq, *, learning_rate: float, gamma: float, eps: float, min_losses=0.0):
-    """FAMO (Liu et al. 2023, Algorithm 1): ``w ∝ zᵢ/ℓ̃ᵢ`` with ``z = softmax(ξ)``,
-    ``ℓ̃ = max(ℓ − ℓ*, 0) + ε``; after each model update ``ξ`` takes an Adam step along
-    ``(∂z/∂ξ)ᵀδ + γξ``, ``δ = log ℓ̃(before) − log ℓ̃(after)``."""
+    """FAMO (Liu, Feng, Stone & Liu, NeurIPS 2023, Algorithm 1): ``w ∝ zᵢ/ℓ̃ᵢ`` with
+    ``z = softmax(ξ)``, ``ℓ̃ = max(ℓ − ℓ*, 0) + ε``; after the model update
+    ``θₜ → θₜ₊₁`` on batch ``bₜ``, ``ξ`` takes an Adam step along ``(∂z/∂ξ)ᵀδ + γξ`` with
+    ``δ = log ℓ̃(θₜ; bₜ) − log ℓ̃(θₜ₊₁; bₜ)``, the same batch's losses after the update
+    (:func:`after_update_losses`)."""
     t = losses_seq.shape[1]
     xi = np.zeros(t)
     opt = Adam(learning_rate, t)
-    prev = None
     out = []
-    for loss in losses_seq:
+    for loss, after in zip(losses_seq, after_update_losses(losses_seq), strict=True):
         shifted = np.maximum(loss - min_losses, 0.0) + eps
-        if prev is not None:
-            delta = np.log(prev) - np.log(shifted)
-            z = softmax(xi)
-            jac = np.diag(z) - np.outer(z, z)
-            xi = opt.step(xi, jac.T @ delta + gamma * xi)
         w = softmax(xi) / shifted
         out.append(w / w.sum())
-        prev = shifted
+        delta = log_decrease(loss, after, min_losses, eps)
+        z = softmax(xi)
+        jac = np.diag(z) - np.outer(z, z)
+        xi = opt.step(xi, jac.T @ delta + gamma * xi)
     return out
 
 
 def stch(losses_seq, *, mu: float, log_losses: bool = False, warmup_steps: int = 0):
-    """Lin et al. 2024: the gradient of ``μ log Σᵢ exp(λᵢ(fᵢ − zᵢ*)/μ)`` with ``λ = 1``,
-    ``z* = 0``, ``f = L``: ``w = softmax(L/μ)``."""
+    """Lin et al. 2024, eq. (8): the gradient of ``T·μ log Σᵢ exp(λᵢ(fᵢ − zᵢ*)/μ)`` with
+    ``λ = 1``, ``z* = 0``, ``f = L``: ``w = T softmax(L/μ)``. The factor ``T`` is the scale of
+    the authors' multi-task code, which multiplies the smooth Tchebycheff loss by the number
+    of tasks (the method's documented scale: weights summing to ``T``, as ``ew()``'s)."""
     if log_losses or warmup_steps:
         raise NotImplementedError("the reference covers f = L, z* = 0")
-    return [softmax(loss / mu) for loss in losses_seq]
+    return [len(loss) * softmax(loss / mu) for loss in losses_seq]
 
 
 def imtl_l(losses_seq, *, learning_rate: float, init_log_scale: float = 0.0):
@@ -664,7 +696,7 @@ REFERENCES: dict[str, Reference] = {
     "aligned_mtl": Reference("gramian", aligned_mtl),
     "upgrad": Reference("gramian", upgrad),
     "dualproj": Reference("gramian", dualproj),
-    "config": Reference("gramian", config),
+    "config": Reference("jacobian", config),
     "fairgrad": Reference("gramian", fairgrad),
     "db_mtl": Reference("jacobian", db_mtl),
 }

@@ -77,23 +77,32 @@ def test_jit_once_and_vmap(name, claims):
     p = properties.dims(t)
     method = properties.build(name, claims, t, p, dtype)
     x, ls = properties.batch_inputs(entries, method, dtype)
+    after = properties.after_losses(ls, dtype)
     steps = ls.shape[1]
     keys = properties.keys_for(entries, steps)
-    out.fn(jnp.asarray(0.5 * x, dtype), jnp.asarray(ls[:, ::-1], dtype), keys, out.states)
+    out.fn(
+        jnp.asarray(0.5 * x, dtype),
+        jnp.asarray(ls[:, ::-1], dtype),
+        jnp.asarray(after[:, ::-1], dtype),
+        keys,
+        out.states,
+    )
     assert out.fn._cache_size() == 1
 
     weighting = method.weights is not None
     call = mtl.weights_from_gramian if weighting else mtl.aggregate
     fn = jax.jit(functools.partial(call, method))
+    observe = None if method.after_update is None else jax.jit(method.after_update)
     for i, e in enumerate(entries):
         if e.role != "property" or e.tag != "base":
             continue
         state = method.init(t)
         for s in range(steps):
             key = keys[i, s] if claims.key else None
-            single, state = fn(
-                jnp.asarray(x[i, s], dtype), jnp.asarray(ls[i, s], dtype), state, key=key
-            )
+            loss = jnp.asarray(ls[i, s], dtype)
+            single, state = fn(jnp.asarray(x[i, s], dtype), loss, state, key=key)
+            if observe is not None:
+                state = observe(loss, jnp.asarray(after[i, s], dtype), state)
             single = np.asarray(single, np.float64)
             if weighting:
                 single = e.case.jacobians[s].T @ single
@@ -403,7 +412,7 @@ def test_reference_config_equal_cosines():
         g = j @ j.T
         if not properties.independent(g, "float64"):
             continue
-        d = j.T @ references.config_weights(g)
+        d = references.config_direction(j)
         u = _scale_free(j)
         cos = u @ d / np.linalg.norm(d)
         assert cos.min() > 0 and np.ptp(cos) <= 1e-8, (label, cos)

@@ -101,6 +101,25 @@ def init_joint(
         ) from e
 
 
+def float_dtype() -> jnp.dtype:
+    """The default float dtype, ``jnp.result_type(float)``: float64 under ``jax_enable_x64``,
+    float32 otherwise. Methods keep their learned parameters and running statistics in it
+    (read when ``init`` runs), so that a float64 computation keeps them in float64 and a
+    state's types never change from one step to the next."""
+    return jnp.dtype(jnp.result_type(float))
+
+
+def bounded_gradient(grad: jax.Array) -> jax.Array:
+    """``grad`` clipped to ``±2⁻¹⁰√M`` (``M``: the largest finite number of its dtype; 1.8e16 in
+    float32, 1.3e151 in float64), so that the squares an optimizer takes of it (Adam's second
+    moment; a global norm over up to 2²⁰ entries) stay finite. An infinite gradient becomes the
+    bound. Adam's step depends on the gradient's scale only through ``m̂/(√v̂ + ε)``: on a
+    gradient at the bound it takes the step (``±`` its learning rate at the first step) that is
+    the limit of its steps as the gradient grows."""
+    bound = math.sqrt(float(jnp.finfo(grad.dtype).max)) * 2.0**-10
+    return jnp.clip(grad, -bound, bound)
+
+
 def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
     """``num / den`` where ``den != 0``, else 0."""
     nonzero = den != 0

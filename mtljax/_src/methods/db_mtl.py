@@ -105,18 +105,18 @@ def db_mtl(
                 f"but the jacobian has {jax.tree_util.tree_structure(jacobian)}"
             )
         step = state.step + 1
-        beta_t = beta / step.astype(jnp.float32) ** sigma
-        inv = 1.0 / (jax.lax.stop_gradient(losses).astype(jnp.float32) + eps)
+        losses = jax.lax.stop_gradient(losses)
 
         def update(e, leaf):
             if e.shape != leaf.shape:
                 raise ValueError(
                     f"{name}: an EMA leaf has shape {e.shape} but the jacobian's has {leaf.shape}"
                 )
-            log_grad = leaf.astype(e.dtype) * inv.astype(e.dtype).reshape(
-                (t,) + (1,) * (e.ndim - 1)
-            )
-            return beta_t.astype(e.dtype) * e + (1.0 - beta_t).astype(e.dtype) * log_grad
+            # βₜ and 1/(L + ε) in the EMA's dtype (float64 for a float64 EMA).
+            beta_t = beta / step.astype(e.dtype) ** sigma
+            inv = 1.0 / (losses.astype(e.dtype) + eps)
+            log_grad = leaf.astype(e.dtype) * inv.reshape((t,) + (1,) * (e.ndim - 1))
+            return beta_t * e + (1.0 - beta_t) * log_grad
 
         ema = jax.tree_util.tree_map(update, ema, jacobian)
         norms = _task_norms(ema, t)

@@ -12,10 +12,10 @@ from mtljax._src.methods import _common
 
 
 class DWAState(NamedTuple):
-    last: jax.Array  # Lᵢ(t−1): the mean loss of the last completed epoch, f32[T]
-    before_last: jax.Array  # Lᵢ(t−2), f32[T]
+    last: jax.Array  # Lᵢ(t−1): the mean loss of the last completed epoch, [T]
+    before_last: jax.Array  # Lᵢ(t−2), [T]
     completed: jax.Array  # number of completed epochs (saturates at 2), i32
-    window_sum: jax.Array  # Σ of the losses seen in the current epoch, f32[T]
+    window_sum: jax.Array  # Σ of the losses seen in the current epoch, [T]
     window_count: jax.Array  # steps seen in the current epoch, i32
 
 
@@ -45,6 +45,9 @@ def dwa(temperature: float = 2.0, *, steps_per_epoch: int = 1) -> Method:
       temperature: the softmax temperature ``τ > 0`` (paper: 2).
       steps_per_epoch: train steps per epoch (≥ 1); 1 (default) is the per-step rule.
 
+    State: the last two epochs' mean losses and the current epoch's running sum in the default
+    float dtype (float64 under ``jax_enable_x64``, float32 otherwise), and two counters.
+
     Scale: ``Σᵢ wᵢ = T`` (equal weights are all 1, as for ``ew()``), as in the paper.
     Task-specific parameters get ``wᵢ∇Lᵢ``.
     """
@@ -55,7 +58,7 @@ def dwa(temperature: float = 2.0, *, steps_per_epoch: int = 1) -> Method:
         raise ValueError(f"{name}: steps_per_epoch must be an int ≥ 1, got {period!r}")
 
     def init(num_tasks: int) -> DWAState:
-        zeros = jnp.zeros((num_tasks,), jnp.float32)
+        zeros = jnp.zeros((num_tasks,), _common.float_dtype())
         zero = jnp.zeros((), jnp.int32)
         return DWAState(zeros, zeros, zero, zeros, zero)
 

@@ -17,9 +17,9 @@ _UPDATES = ("same_batch", "next_batch")
 
 
 class FAMOState(NamedTuple):
-    logits: jax.Array  # ξ, f32[T]; the task weights are z = softmax(ξ)
+    logits: jax.Array  # ξ, [T] in the default float dtype; the task weights are z = softmax(ξ)
     opt_state: optax.OptState
-    prev_losses: jax.Array  # ℓ(θ_t): the losses the last weights were computed from, f32[T]
+    prev_losses: jax.Array  # ℓ(θ_t): the losses the last weights were computed from, [T]
     count: jax.Array  # steps taken (calls of weights), i32
     awaiting: jax.Array  # bool: the last update's effect has not been observed yet
 
@@ -27,6 +27,31 @@ class FAMOState(NamedTuple):
 def _shifted(losses: jax.Array, min_losses: jax.Array, eps: float) -> jax.Array:
     """``max(ℓ − ℓ*, 0) + ε``: the losses above their floor, kept positive."""
     return jnp.maximum(losses - min_losses, 0.0) + eps
+
+
+def log_decrease(
+    before: jax.Array, after: jax.Array, min_losses: jax.Array, eps: float
+) -> jax.Array:
+    """``δ = log ℓ̃(before) − log ℓ̃(after)`` with ``ℓ̃ = max(ℓ − ℓ*, 0) + ε``, without
+    cancellation.
+
+    Where the two shifted losses are within a factor 1.5 of each other,
+    ``δ = log1p((a − b)/(b + ε))`` with ``a``, ``b`` the losses above their floor: their
+    difference is formed before ``ε`` is added, so a change far below ``ε`` (losses of 1e-20
+    with ``ε = 1e-8``) or below the rounding of ``ℓ̃`` keeps its relative accuracy, where the
+    difference of the two rounded logarithms would be 0 or a rounding error. Elsewhere the
+    logarithms differ by more than ``log 1.5`` and are subtracted directly.
+    """
+    a = jnp.maximum(before - min_losses, 0.0)
+    b = jnp.maximum(after - min_losses, 0.0)
+    den = b + eps
+    diff = a - b
+    near = jnp.abs(diff) <= 0.5 * den
+    return jnp.where(
+        near,
+        jnp.log1p(jnp.where(near, diff / den, 0.0)),
+        jnp.log(a + eps) - jnp.log(den),
+    )
 
 
 def logit_gradient(logits: jax.Array, delta: jax.Array, gamma: float) -> jax.Array:
@@ -94,6 +119,11 @@ def famo(
     the previous call whose result was not observed), or a loop can call
     ``method.after_update(losses, losses_after_update, state)`` itself after its update.
 
+    ``δ`` is computed without cancellation (:func:`log_decrease`), so that changes of the
+    losses far below ``ε`` or below the rounding of ``ℓ̃`` are not lost. The state (``ξ``, its
+    optimizer's state and the last losses) is kept in the default float dtype (float64 under
+    ``jax_enable_x64``, float32 otherwise).
+
     Args:
       learning_rate: ``β``, the step size of the logits (paper: 0.025).
       gamma: ``γ ≥ 0``, the decay of the logits (paper's default 1e-3; its toy example uses 0).
@@ -138,13 +168,18 @@ def famo(
         x = jax.lax.stop_gradient(losses).astype(dtype)
         return jnp.log(_shifted(x, floors(x.shape[0]).astype(dtype), eps))
 
+    def decrease(before: jax.Array, after: jax.Array, dtype) -> jax.Array:
+        before = jax.lax.stop_gradient(before).astype(dtype)
+        after = jax.lax.stop_gradient(after).astype(dtype)
+        return log_decrease(before, after, floors(before.shape[0]).astype(dtype), eps)
+
     def init(num_tasks: int) -> FAMOState:
         floors(num_tasks)
-        logits = jnp.zeros((num_tasks,), jnp.float32)
+        logits = jnp.zeros((num_tasks,), _common.float_dtype())
         return FAMOState(
             logits=logits,
             opt_state=opt.init(logits),
-            prev_losses=jnp.zeros((num_tasks,), jnp.float32),
+            prev_losses=jnp.zeros_like(logits),
             count=jnp.zeros((), jnp.int32),
             awaiting=jnp.zeros((), bool),
         )
@@ -155,7 +190,7 @@ def famo(
         log_cur = log_shifted(x, x.dtype)
 
         # The previous update's effect, if not observed on its own batch: from this batch.
-        delta = log_shifted(state.prev_losses, x.dtype) - log_cur
+        delta = decrease(state.prev_losses, x, x.dtype)
         stepped, stepped_opt = _logit_step(opt, state, delta, gamma)
         logits = jnp.where(state.awaiting, stepped, state.logits)
         opt_state = jax.tree_util.tree_map(
@@ -169,7 +204,7 @@ def famo(
 
     def after_update(losses_before, losses_after, state: FAMOState) -> FAMOState:
         dtype = state.logits.dtype
-        delta = log_shifted(losses_before, dtype) - log_shifted(losses_after, dtype)
+        delta = decrease(losses_before, losses_after, dtype)
         logits, opt_state = _logit_step(opt, state, delta, gamma)
         return state._replace(logits=logits, opt_state=opt_state, awaiting=jnp.zeros((), bool))
 

@@ -13,8 +13,8 @@ from mtljax._src.methods import _common
 
 
 class GradNormState(NamedTuple):
-    weights: jax.Array  # wᵢ, f32[T], Σ wᵢ = T
-    initial_losses: jax.Array  # Lᵢ(0), set at the first step
+    weights: jax.Array  # wᵢ, [T] in the default float dtype, Σ wᵢ = T
+    initial_losses: jax.Array  # Lᵢ(0), set at the first step (same dtype)
     opt_state: optax.OptState
     count: jax.Array  # steps taken
 
@@ -41,6 +41,13 @@ def gradnorm(
     * ``w`` takes one step of the method's own optimizer (Adam, ``learning_rate``), is clipped
       at 0 and renormalized so that ``Σᵢ wᵢ = T``.
 
+    The loss ratio ``Lᵢ(t)/Lᵢ(0)`` measures training progress only for ``Lᵢ(0) > 0`` and
+    ``Lᵢ(t) ≥ 0`` (the paper's losses are positive). Outside that domain (a negative loss, a
+    zero first loss) it is undefined, and the task counts as having trained at the average
+    rate: ``L̃ᵢ = 1``, i.e. the ratio of a loss that has not changed. Ratios are capped at
+    ``M/2T`` (``M``: the dtype's largest number) so that their mean stays finite. The
+    weights and the state then stay finite for any finite losses.
+
     The model's update in a step uses the weights held at its start, ``∇ Σᵢ wᵢ Lᵢ``; task-specific
     parameters get ``wᵢ∇Lᵢ``. Only the Gramian of ``∇_W L`` is needed (``‖gᵢ‖² = Gᵢᵢ``), so
     with ``params="last"`` the per-task backward passes stop at the last shared layer.
@@ -50,6 +57,9 @@ def gradnorm(
       learning_rate: Adam's learning rate for ``w`` (ignored when ``optimizer`` is given).
       optimizer: an optax optimizer for ``w``.
       params: ``"last"`` (the model's ``last_shared`` layer) or ``"all"`` shared parameters.
+
+    State: ``w``, ``L(0)`` and the optimizer's state in the default float dtype (float64 under
+    ``jax_enable_x64``, float32 otherwise), and the step count.
     """
     name = "gradnorm"
     alpha = _common.check_positive(name, "alpha", alpha, allow_zero=True)
@@ -57,19 +67,20 @@ def gradnorm(
     _common.check_choice(name, "params", params, ("last", "all"))
 
     def init(num_tasks: int) -> GradNormState:
-        w = jnp.ones((num_tasks,), jnp.float32)
-        return GradNormState(
-            w, jnp.ones((num_tasks,), jnp.float32), opt.init(w), jnp.zeros((), jnp.int32)
-        )
+        w = jnp.ones((num_tasks,), _common.float_dtype())
+        return GradNormState(w, jnp.ones_like(w), opt.init(w), jnp.zeros((), jnp.int32))
 
     def weights(losses, gramian, state: GradNormState, key):
-        t = losses.shape[0]
+        t, dtype = losses.shape[0], losses.dtype
         w = state.weights
         losses = jax.lax.stop_gradient(losses).astype(w.dtype)
         l0 = jnp.where(state.count == 0, losses, state.initial_losses)
         norms = jnp.sqrt(jnp.clip(jnp.diagonal(gramian), 0.0)).astype(w.dtype)
         g = w * norms
-        ratio = _common.safe_div(losses, l0)
+        # L̃ᵢ = Lᵢ/Lᵢ(0) where defined, else 1 (see above); capped so that the mean is finite.
+        defined = (l0 > 0) & (losses >= 0)
+        ratio = jnp.where(defined, losses / jnp.where(defined, l0, 1.0), 1.0)
+        ratio = jnp.minimum(ratio, jnp.finfo(w.dtype).max / (2 * t))
         r = _common.safe_div(ratio, jnp.mean(ratio))
         target = jnp.mean(g) * r**alpha
         grad_w = jnp.sign(g - target) * norms
@@ -78,6 +89,6 @@ def gradnorm(
         total = jnp.sum(new_w)
         new_w = jnp.where(total > 0, t * new_w / jnp.where(total > 0, total, 1.0), jnp.ones_like(w))
         new_state = GradNormState(new_w, l0, opt_state, state.count + 1)
-        return w.astype(losses.dtype), new_state
+        return w.astype(dtype), new_state
 
     return make_method(name, init, needs="gramian", weights=weights, params=params, min_tasks=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -9,6 +10,41 @@ from mtljax._src.base import Method, make_method
 from mtljax._src.methods import _common
 from mtljax._src.methods.imtl_g import impartial_weights
 from mtljax._src.methods.imtl_l import IMTLLState, scale_update
+
+
+def scaled_impartial_weights(gramian: jax.Array, scales: jax.Array) -> jax.Array:
+    """``w = α̃ ∘ c``: IMTL-G's ``α̃`` (``Σα̃ = 1``) for the gradients ``cᵢgᵢ`` (``c > 0``).
+
+    The unit gradients of ``cᵢgᵢ`` are those of ``gᵢ``, so the equal-projection direction is
+    the same line: with ``α`` IMTL-G's weights for ``G``, ``α̃ ∘ c = α / Σⱼ(αⱼ/cⱼ)``. That
+    form is used: it rounds ``G`` no further, where forming ``DGD`` (``D = diag(c)``) rounds
+    every entry again, an error that near-opposite gradients amplify as much as the rounding
+    of ``G`` itself. Where it does not apply, IMTL-G runs on ``DGD`` as the paper writes it:
+    when IMTL-G on ``G`` returns its fallback (uniform weights over the non-zero tasks: no
+    ``α`` with ``Σα = 1`` exists for ``G``, which may exist for ``DGD``) or when ``Σⱼ αⱼ/cⱼ``
+    vanishes (to ``10·T·ε`` relative).
+    """
+    t = gramian.shape[0]
+    eps = jnp.finfo(gramian.dtype).eps
+    alpha = impartial_weights(gramian)
+    ratio = alpha / scales
+    total = jnp.sum(ratio)
+    nonzero = jnp.diagonal(gramian) > 0
+    m = nonzero.astype(alpha.dtype)
+    count = jnp.sum(m)
+    uniform = jnp.where(count > 0, m / jnp.maximum(count, 1.0), jnp.full_like(m, 1.0 / t))
+    direct = (jnp.abs(total) > 10.0 * t * eps * jnp.sum(jnp.abs(ratio))) & ~jnp.all(
+        alpha == uniform
+    )
+
+    def on_scaled(_):
+        scaled = scales[:, None] * gramian * scales[None, :]
+        return impartial_weights(scaled) * scales
+
+    def rescaled(_):
+        return alpha / jnp.where(direct, total, 1.0)
+
+    return jax.lax.cond(direct, rescaled, on_scaled, None)
 
 
 def imtl(
@@ -34,6 +70,11 @@ def imtl(
       optimizer: an optax optimizer for ``s``.
       init_log_scale: the initial ``sᵢ``.
 
+    State: ``s`` and its optimizer's state in the default float dtype (float64 under
+    ``jax_enable_x64``, float32 otherwise); ``s``'s step is IMTL-L's
+    (:func:`~mtljax._src.methods.imtl_l.scale_update`, its gradient clipped so that it stays
+    finite for any finite losses).
+
     Scale: ``wᵢ = αᵢ e^{sᵢ}`` with ``Σα = 1``. Task-specific parameters get ``∇Lᵢ``
     (``head_grads="unit"``); the paper gives them ``e^{sᵢ}∇Lᵢ``, which neither rule of the
     train step expresses (``"weighted"`` would give ``αᵢ e^{sᵢ}∇Lᵢ``, with ``αᵢ`` possibly
@@ -44,14 +85,14 @@ def imtl(
     s0 = float(init_log_scale)
 
     def init(num_tasks: int) -> IMTLLState:
-        s = jnp.full((num_tasks,), s0, jnp.float32)
+        s = jnp.full((num_tasks,), s0, _common.float_dtype())
         return IMTLLState(s, opt.init(s))
 
     def weights(losses, gramian, state: IMTLLState, key):
         c = jnp.exp(state.log_scales)
         g = gramian.astype(jnp.promote_types(gramian.dtype, jnp.float32))
-        scaled = c[:, None] * g * c[None, :]
-        w = impartial_weights(scaled) * c
+        c = c.astype(jnp.promote_types(c.dtype, g.dtype))
+        w = scaled_impartial_weights(g.astype(c.dtype), c)
         s, opt_state = scale_update(opt, state.log_scales, state.opt_state, losses)
         return w.astype(losses.dtype), IMTLLState(s, opt_state)
 

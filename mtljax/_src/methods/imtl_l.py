@@ -13,16 +13,24 @@ from mtljax._src.methods import _common
 
 
 class IMTLLState(NamedTuple):
-    log_scales: jax.Array  # sᵢ, f32[T]; the loss scale is e^{sᵢ}
+    log_scales: jax.Array  # sᵢ, [T] in the default float dtype; the loss scale is e^{sᵢ}
     opt_state: optax.OptState
 
 
 def scale_update(
     opt: optax.GradientTransformation, log_scales: jax.Array, opt_state, losses: jax.Array
 ) -> tuple[jax.Array, optax.OptState]:
-    """One step of ``opt`` on ``s`` for the objective ``Σᵢ e^{sᵢ} Lᵢ − sᵢ``."""
+    """One step of ``opt`` on ``s`` for the objective ``Σᵢ e^{sᵢ} Lᵢ − sᵢ``, in ``s``'s dtype.
+
+    The gradient ``e^{sᵢ} Lᵢ − 1`` is clipped to ``±2⁻¹⁰√M`` (``M``: the dtype's largest number;
+    :func:`~mtljax._src.methods._common.bounded_gradient`): for a loss far above ``e^{−sᵢ}``
+    (1e30 at ``s = 0``) its square, which Adam keeps, would overflow float32, and for a loss
+    near the largest number the product itself would. Adam's step on the clipped gradient is
+    the limit of its steps for ever larger losses (``s`` moves by the learning rate towards
+    ``−log Lᵢ``), so the state stays finite for any finite losses.
+    """
     losses = jax.lax.stop_gradient(losses).astype(log_scales.dtype)
-    grad_s = jnp.exp(log_scales) * losses - 1.0
+    grad_s = _common.bounded_gradient(jnp.exp(log_scales) * losses - 1.0)
     updates, opt_state = opt.update(grad_s, opt_state, log_scales)
     return optax.apply_updates(log_scales, updates), opt_state
 
@@ -58,6 +66,10 @@ def imtl_l(
         optimizer.
       init_log_scale: the initial ``sᵢ`` (default 0: every scale starts at 1).
 
+    State: ``s`` and its optimizer's state, in the default float dtype (float64 under
+    ``jax_enable_x64``, float32 otherwise). For losses far from ``e^{−sᵢ}`` the gradient of
+    ``s`` is clipped (see :func:`scale_update`) so that it stays finite.
+
     Scale: ``wᵢ = e^{sᵢ}`` (1 at initialisation). Task-specific parameters get ``wᵢ∇Lᵢ``, the
     gradient of the scaled loss, as in the paper.
     """
@@ -67,7 +79,7 @@ def imtl_l(
 
     def make(opt: optax.GradientTransformation, shared: bool):
         def init(num_tasks: int) -> IMTLLState:
-            s = jnp.full((num_tasks,), s0, jnp.float32)
+            s = jnp.full((num_tasks,), s0, _common.float_dtype())
             return IMTLLState(s, _common.init_joint(name, opt, s, shared))
 
         def weights(losses, gramian, state: IMTLLState, key):

@@ -17,7 +17,7 @@ _TINY = 1e-20  # floor of a loss before its logarithm (log_losses=True)
 
 class STCHState(NamedTuple):
     count: jax.Array  # steps taken, i32
-    warmup_sum: jax.Array  # Σ of the losses seen during the warm-up, f32[T]
+    warmup_sum: jax.Array  # Σ of the losses seen during the warm-up, [T], default float dtype
 
 
 def smooth_tchebycheff(
@@ -76,6 +76,9 @@ def stch(
         logarithm; the authors add 1e-20).
       warmup_steps: length of the warm-up that estimates ``z*`` (0: no warm-up).
 
+    State: the step count and the warm-up's sum of the losses, in the default float dtype
+    (float64 under ``jax_enable_x64``, float32 otherwise).
+
     Scale: with the default unit preference the weights ``T λᵢ pᵢ`` sum to ``T``, like
     ``ew()``'s unit weights and like the warm-up's; with ``log_losses`` each is further divided
     by ``Lᵢ``. Task-specific parameters get ``wᵢ∇Lᵢ``.
@@ -129,7 +132,7 @@ def stch(
     def init(num_tasks: int) -> STCHState:
         preference_vector(num_tasks)
         ideal_vector(num_tasks)
-        return STCHState(jnp.zeros((), jnp.int32), jnp.zeros((num_tasks,), jnp.float32))
+        return STCHState(jnp.zeros((), jnp.int32), jnp.zeros((num_tasks,), _common.float_dtype()))
 
     def weights(losses, gramian, state: STCHState, key):
         dtype = losses.dtype
@@ -153,7 +156,9 @@ def stch(
         w = jnp.where(in_warmup, lam, t * lam * p) * df
         new_state = STCHState(
             state.count + 1,
-            jnp.where(in_warmup, state.warmup_sum + x, state.warmup_sum),
+            jnp.where(in_warmup, state.warmup_sum + x, state.warmup_sum).astype(
+                state.warmup_sum.dtype
+            ),
         )
         return w.astype(dtype), new_state
 

@@ -16,7 +16,7 @@ _KINDS = ("regression", "classification")
 
 
 class UWState(NamedTuple):
-    log_vars: jax.Array  # sᵢ = log σᵢ², f32[T]
+    log_vars: jax.Array  # sᵢ = log σᵢ², [T] in the default float dtype
     opt_state: optax.OptState
 
 
@@ -42,6 +42,12 @@ def uw(
     point, ``∂/∂sᵢ = ½ − cᵢ e^{-sᵢ} Lᵢ`` (``cᵢ`` = ½ or 1). At stationarity ``e^{sᵢ} = Lᵢ`` for
     a regression task and ``e^{sᵢ} = 2Lᵢ`` for a classification task.
 
+    Far from that point (a loss of 1e30 at ``s = 0``) the gradient's size is that of the loss,
+    and its square, which Adam keeps, overflows float32; the gradient is clipped to
+    ``±2⁻¹⁰√M`` (``M`` the dtype's largest number, 1.8e16 in float32), which leaves Adam's
+    step the limit of its steps for ever larger losses (``s`` moves by the learning rate
+    towards ``log Lᵢ``) and keeps the state finite for any finite losses.
+
     Optimizer of ``s``: by default the model's own (``make_train_step``'s ``optimizer``, with
     its own state for ``s``), so that training equals the paper's joint training of ``(θ, s)``
     for any optimizer that treats parameters coordinate-wise (SGD, momentum, Adam, AdamW…; a
@@ -55,6 +61,9 @@ def uw(
       learning_rate: give ``s`` its own Adam with this learning rate instead of the model's
         optimizer.
       init_log_var: the initial ``sᵢ`` (default 0: ``σᵢ² = 1``).
+
+    State: ``s`` and its optimizer's state, in the default float dtype (float64 under
+    ``jax_enable_x64``, float32 otherwise).
 
     Scale: weights are ``½e^{-s}`` or ``e^{-s}`` (1/2 or 1 at initialisation). Task-specific
     parameters get ``wᵢ∇Lᵢ``, the gradient of the objective above.
@@ -79,13 +88,15 @@ def uw(
     def make(opt: optax.GradientTransformation, shared: bool):
         def init(num_tasks: int) -> UWState:
             coefficients(num_tasks)
-            log_vars = jnp.full((num_tasks,), s0, jnp.float32)
+            log_vars = jnp.full((num_tasks,), s0, _common.float_dtype())
             return UWState(log_vars, _common.init_joint(name, opt, log_vars, shared))
 
         def weights(losses, gramian, state: UWState, key):
             c = coefficients(losses.shape[0]).astype(state.log_vars.dtype)
             w = c * jnp.exp(-state.log_vars)
-            grad_s = 0.5 - w * jax.lax.stop_gradient(losses).astype(w.dtype)
+            grad_s = _common.bounded_gradient(
+                0.5 - w * jax.lax.stop_gradient(losses).astype(w.dtype)
+            )
             updates, opt_state = opt.update(grad_s, state.opt_state, state.log_vars)
             new_state = UWState(optax.apply_updates(state.log_vars, updates), opt_state)
             return w.astype(losses.dtype), new_state
