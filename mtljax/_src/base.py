@@ -49,7 +49,11 @@ class SolverInfo(NamedTuple):
     whose solve did not converge (``make_train_step(..., unconverged=...)``).
 
     Attributes:
-      iterations: int32, the iterations taken (the most over a batch of solves).
+      iterations: int32, the iterations taken (the most over a batch of solves). An iteration
+        evaluates the solver's stopping test and, unless it is met, takes a step (a pivot, a
+        Newton step, ...), so a solve that ran counts at least 1, also when its starting point
+        already meets the test; 0 only before any solve (:meth:`initial`) or where the answer
+        has a closed form and no solver runs (e.g. a single task).
       converged: bool, whether every solve met its stopping test.
       residual: float32, the final optimality residual, relative to the scale of its terms (the
         largest over a batch); each solver's docstring says what it measures.

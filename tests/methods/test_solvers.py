@@ -16,7 +16,7 @@ from scipy import optimize
 from mtljax._src import solvers
 from mtljax._src.solvers import cagrad as solvers_cagrad
 from mtljax._src.solvers.cagrad import cagrad_solve
-from mtljax._src.solvers.potential import RESIDUAL_TOL_FACTOR
+from mtljax._src.solvers.potential import POTENTIAL_RIDGE, RESIDUAL_TOL_FACTOR
 
 T, P = 5, 12
 C_VALUES = (0.0, 0.4, 0.9)
@@ -470,7 +470,7 @@ def test_potential_corpus_converges_at_rounding_level(dtype, p):
     # lay below rounding did), and the reported residual is the equations' relative residual,
     # at rounding level.
     eps = float(np.finfo(dtype).eps)
-    ridge = solvers.default_ridge(dtype)
+    ridge = solvers.rounding_ridge(dtype, POTENTIAL_RIDGE)
     for t, seed in ((2, 11), (6, 12)):
         js = _potential_corpus(t, 8, seed).astype(dtype)
         gs = np.einsum("bip,bjp->bij", js, js)
@@ -563,7 +563,7 @@ def test_potential_graded_norms_match_reference(dtype, p):
     # FairGrad (α = 2, 0.5) and Nash-MTL with gradient norms 10⁸ apart, against float64
     # references. A weight may miss the tolerance only where the rounding of the input
     # Gramian to the dtype alone moves the reference by a tenth of that error.
-    ridge = solvers.default_ridge(dtype)
+    ridge = solvers.rounding_ridge(dtype, POTENTIAL_RIDGE)
     fn = jax.jit(lambda g: solvers.solve_potential(g, p, return_info=True))
     for j in _graded_jacobians():
         g = j @ j.T
@@ -590,7 +590,8 @@ def test_potential_reports_unconverged_solves():
     assert np.all(np.asarray(info.iterations) == 1)
     assert not np.any(np.asarray(info.converged))
     for g, wk, reported in zip(gs, w, np.asarray(info.residual), strict=True):
-        res = _relative_residual(g.astype(np.float64), wk, 0.5, solvers.default_ridge("float32"))
+        ridge = solvers.rounding_ridge("float32", POTENTIAL_RIDGE)
+        res = _relative_residual(g.astype(np.float64), wk, 0.5, ridge)
         assert res > 1e-4
         np.testing.assert_allclose(reported, res, rtol=1e-3)
     # One task: the closed form, no iteration.

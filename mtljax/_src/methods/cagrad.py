@@ -22,9 +22,11 @@ def cagrad(c: float = 0.4, *, rescale: bool = False) -> Method:
     :func:`mtljax._src.solvers.cagrad.cagrad_solve`: a barrier method whose Newton steps are
     globalised by a line search, with ``‖g_w‖`` replaced along the way by the barrier's
     ``s ≥ ‖g_w‖`` (so the direction stays in the ball and is defined when ``g_w`` vanishes).
-    Its residual is the duality gap between ``F(w)`` and the worst-task progress
-    ``minᵢ gᵢ·d`` of the returned direction, relative to ``‖g₀‖·maxᵢ‖gᵢ‖``: it certifies how
-    far ``d`` is from the best in the ball. ``c = 0`` gives the mean gradient; a large ``c``
+    It stops on the duality gap between ``F(w)`` and the worst-task progress ``minᵢ gᵢ·d`` of
+    the returned direction (relative to ``‖g₀‖·maxᵢ‖gᵢ‖``), which certifies how far ``d`` is
+    from the best in the ball; the reported residual is that gap relative to the magnitude of
+    the terms of its evaluation (about ``ε`` at the rounding level). ``c = 0`` gives the mean
+    gradient; a large ``c``
     approaches MGDA's direction; the paper's convergence guarantee to a minimum of the average
     loss needs ``0 ≤ c < 1``.
 

@@ -25,9 +25,9 @@ def dualproj(pref_vector: Sequence[float] | None = None) -> Method:
     (``Jd ≥ 0``) and linear under scaling of ``J``; unlike UPGrad it is not invariant to the
     relative scales of the rows.
 
-    Regularisation: as for :func:`mtljax.methods.upgrad`, the relative ridge of
-    :func:`mtljax._src.solvers.regularize` (``10⁻⁶`` in float32, ``10⁻¹⁰`` in float64) instead
-    of the trace normalisation and ``10⁻⁴ I`` of the authors' library.
+    Regularisation: as for :func:`mtljax.methods.upgrad`, a ridge at the rounding level of the
+    correlation matrix (the dtype's eps) instead of the trace normalisation and ``10⁻⁴ I`` of
+    the authors' library.
 
     State: ``SolverState`` holding the :class:`~mtljax.SolverInfo` of the last projection,
     reported by the train step. Task-specific parameters get their own gradients ``∇Lᵢ``
@@ -58,7 +58,7 @@ def _dualproj(
         t = losses.shape[0]
         g = jnp.asarray(gramian)
         dtype = solvers.compute_dtype(g)
-        u = pref_weights(name, pref, t).astype(dtype)
+        u = pref_weights(name, pref, t, dtype)
         v, info = project(g.astype(dtype), u, return_info=True)
         return v, SolverState(info)
 

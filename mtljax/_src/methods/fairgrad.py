@@ -23,8 +23,8 @@ def fairgrad(alpha: float = 1.0) -> Method:
     least-squares solver on the equations). ``α = 1`` is proportional fairness, Nash-MTL's
     equation; ``α → ∞`` tends to max-min fairness (equal loss decreases); small ``α`` favours the
     total decrease. Where no solution exists (some convex combination of the gradients
-    vanishes) the solver's relative ridge (``10⁻⁶`` in float32) keeps the weights finite; a task
-    with an exactly zero gradient gets ``wᵢ = 0``.
+    vanishes) the solver's relative ridge (``4·eps``, at the rounding level) keeps the weights
+    finite; a task with an exactly zero gradient gets ``wᵢ = 0``.
 
     Args:
       alpha: the fairness parameter ``α > 0`` (1.0, the default of the authors' code; their

@@ -45,8 +45,9 @@ def nash_mtl(update_weights_every: int = 1) -> Method:
 
     The solution exists iff no convex combination of the gradients vanishes (the paper assumes
     linearly independent gradients). Otherwise, e.g. for two opposite gradients, the relative
-    ridge of the solver (``10⁻⁶`` in float32) gives large but finite weights to the tasks
-    involved (about ``10³`` times their well-posed scale) while the direction stays the
+    ridge of the solver (at the rounding level, ``4·eps``: ``4.8·10⁻⁷`` in float32) gives large
+    but finite weights to the tasks involved (about ``1.4·10³`` times their well-posed scale in
+    float32, ``3·10⁷`` in float64) while the direction stays the
     bargaining solution of the others; a task with an exactly zero gradient gets ``αᵢ = 0``.
     The weights are invariant to the scale of each task's gradient: ``gᵢ → kgᵢ`` gives
     ``αᵢ → αᵢ/k`` and the same ``d``.

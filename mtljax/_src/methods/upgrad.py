@@ -31,11 +31,15 @@ def check_pref_vector(name: str, pref_vector: Sequence[float] | None) -> tuple[f
     return values
 
 
-def pref_weights(name: str, pref: tuple[float, ...] | None, num_tasks: int) -> jnp.ndarray:
-    """The preference vector ``u`` (``1/T`` by default)."""
+def pref_weights(
+    name: str, pref: tuple[float, ...] | None, num_tasks: int, dtype=jnp.float32
+) -> jnp.ndarray:
+    """The preference vector ``u`` (``1/T`` by default), rounded once to ``dtype`` (never
+    through float32 on the way to float64)."""
     if pref is None:
-        return jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)
-    return _common.per_task_vector(name, "pref_vector", pref, num_tasks)
+        return jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
+    _common.per_task_vector(name, "pref_vector", pref, num_tasks)  # validates the length
+    return jnp.asarray(pref, dtype)
 
 
 def upgrad(pref_vector: Sequence[float] | None = None) -> Method:
@@ -57,9 +61,10 @@ def upgrad(pref_vector: Sequence[float] | None = None) -> Method:
     weighted (``d = Jᵀw``).
 
     Regularisation: the paper projects exactly; its authors' library (torchjd) normalises ``G``
-    by its trace and adds ``10⁻⁴ I`` before calling a QP solver. Here ``G`` is rescaled and
-    given the much smaller relative ridge of :func:`mtljax._src.solvers.regularize` (``10⁻⁶``
-    in float32, ``10⁻¹⁰`` in float64), so ``Jd ≥ 0`` holds to that relative precision.
+    by its trace and adds ``10⁻⁴ I`` before calling a QP solver. Here ``G`` is brought to the
+    correlation matrix and given a ridge at its rounding level, the dtype's eps
+    (:func:`mtljax._src.solvers.rounding_ridge`: ``1.2·10⁻⁷`` in float32, ``2.2·10⁻¹⁶`` in
+    float64), so the projection is exact to about the precision of its input.
 
     State: ``SolverState`` holding the :class:`~mtljax.SolverInfo` of the last batch of
     projections (the most iterations, all converged, the largest residual), reported by the
@@ -91,7 +96,7 @@ def _upgrad(
         t = losses.shape[0]
         g = jnp.asarray(gramian)
         dtype = solvers.compute_dtype(g)
-        u = pref_weights(name, pref, t).astype(dtype)
+        u = pref_weights(name, pref, t, dtype)
         v, info = project(g.astype(dtype), jnp.eye(t, dtype=dtype), return_info=True)
         return jnp.sum(u[:, None] * v, axis=0), SolverState(info)
 

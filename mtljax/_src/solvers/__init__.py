@@ -20,9 +20,13 @@ equations, brought to the :func:`correlation` matrix of the unit gradients, whos
 whatever the gradients' scales. A ridge proportional to each task's own squared gradient norm
 is added, ``G + ε·diag(G)`` (:func:`regularize`; ``ε = 10⁻⁶`` in float32 and ``10⁻¹⁰`` in
 float64, :func:`default_ridge`): each gradient gets a private component of relative squared norm
-``ε``. The problems are then strongly convex with unique, finite solutions, also for identical or
-opposite gradients; per-task scale invariances stay exact; well-conditioned solutions move by
-``O(ε)``. Zero gradients are handled explicitly by each solver (see their docstrings).
+``ε``. The projections onto the dual cone and the potential equations use instead the ridge
+``εI`` on the correlation matrix with ``ε`` at its rounding level (:func:`rounding_ridge`:
+``eps`` and ``4·eps``), so that their solutions move no more than rounding the input moves
+them, also where the gradients nearly conflict. The problems are then strongly convex with
+unique, finite solutions, also for identical or opposite gradients; per-task scale invariances
+stay exact; well-conditioned solutions move by ``O(ε)``. Zero gradients are handled explicitly
+by each solver (see their docstrings).
 
 Algorithms. The min-norm QP and CAGrad's problem are solved by a primal-dual interior-point
 method with Mehrotra's predictor-corrector: one Cholesky factorisation of a ``T×T`` matrix per
@@ -52,6 +56,7 @@ from mtljax._src.solvers._linalg import (
     default_tol,
     normalize_gramian,
     regularize,
+    rounding_ridge,
 )
 from mtljax._src.solvers.cagrad import cagrad_simplex
 from mtljax._src.solvers.dual_cone import project_dual_cone
@@ -71,5 +76,6 @@ __all__ = [
     "normalize_gramian",
     "project_dual_cone",
     "regularize",
+    "rounding_ridge",
     "solve_potential",
 ]

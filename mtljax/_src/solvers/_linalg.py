@@ -94,3 +94,11 @@ def _chol_solver(m: jax.Array) -> Callable[[jax.Array], jax.Array]:
         return x[:, 0] if b.ndim == 1 else x
 
     return solve
+
+
+def rounding_ridge(dtype, multiple: float = 1.0) -> float:
+    """``multiple·eps`` of ``dtype``: a relative ridge at the rounding level of a correlation
+    matrix (its unit diagonal is resolved to ``eps``, its entries are rounded to ``eps/2``), which
+    moves a solution about as much as rounding the input does, unlike :func:`default_ridge`
+    where nearly conflicting gradients make the problem ill-conditioned."""
+    return multiple * float(jnp.finfo(dtype).eps)

@@ -33,8 +33,9 @@ _PASS_ITER = 40  # iterations after which an unconverged pass near the tip is re
 def cagrad_tol(dtype) -> float:
     """The duality-gap tolerance of :func:`cagrad_solve`, relative to ``‖g₀‖·maxᵢ‖gᵢ‖``:
     ``1e-7`` (float32: about its ε, so that the solve goes on until rounding stops it) and
-    ``1e-12`` (float64)."""
-    return 1e-12 if _is_f64(dtype) else 1e-7
+    ``8e-13`` (float64): below ``4·10³ε``, so that a converged solve's residual (the gap
+    relative to the magnitude of its terms, at least 4) is at most ``10³ε``."""
+    return 8e-13 if _is_f64(dtype) else 1e-7
 
 
 class CAGradSolution(NamedTuple):
@@ -43,7 +44,9 @@ class CAGradSolution(NamedTuple):
     Attributes:
       w: the dual weights ``w ∈ Δ``.
       lam: the weights of the direction, ``d = Jᵀλ``.
-      info: how the solve ended (:class:`mtljax.SolverInfo`); its residual is the duality gap.
+      info: how the solve ended (:class:`mtljax.SolverInfo`); its residual is the duality
+        gap relative to the magnitude of the terms of its evaluation (see
+        :func:`cagrad_solve`).
     """
 
     w: jax.Array
@@ -342,11 +345,15 @@ def cagrad_solve(
     excess of the dual value ``F(w)`` over the optimum and the shortfall of ``d``'s worst-task
     progress ``minᵢ gᵢ·d`` from the best in the ball, relative to ``‖g₀‖·maxᵢ‖gᵢ‖``. Two
     directions are tried, ``s = s_μ(w)`` and the full step ``s = ‖g_w‖``, and the better
-    kept. The iterate that meets the stopping test (or else has the smallest gap) is returned;
-    ``info.residual`` is its gap, and ``info.converged`` says whether the gap is below ``tol``
-    (:func:`cagrad_tol`) plus the rounding level of its evaluation: ``4ε(1 + c s)``, and
-    ``ε(c/s)(dᵀw) maxᵢ dᵢ`` (``dᵢ = ‖gᵢ‖/maxⱼ‖gⱼ‖``) for the last digit of ``w`` and of the
-    weights ``λ``, of size ``r/s``. The solve stops when the gap is below ``tol``, when the
+    kept. The iterate that meets the stopping test (or else has the smallest gap) is returned.
+    The stopping test, ``info.converged``: the gap is below ``tol`` (:func:`cagrad_tol`) plus
+    the rounding level ``εM`` of its evaluation, with ``M = 4(1 + c s) + (c/s)(dᵀw) maxᵢ dᵢ``
+    (``dᵢ = ‖gᵢ‖/maxⱼ‖gⱼ‖``; the second term for the last digit of ``w`` and of the weights
+    ``λ``, of size ``r/s``), plus the ridge's share below. ``info.residual`` is the gap
+    relative to that magnitude of its terms, ``gap/M``: about ``ε`` for a gap at the rounding
+    level of its evaluation, at most ``tol/4 + ε`` when converged (near the cone's tip, where
+    ``M`` is large, the gap itself can be up to about ``c√ε``). The solve stops when the gap is
+    below ``tol``, when the
     path has been followed down to ``μ = tol/(10(T + 2))``, or after ``max_iter`` iterations
     (typically 10 to 25; up to about 60 near the cone's tip).
 
@@ -391,7 +398,7 @@ def cagrad_solve(
     info = SolverInfo.of(
         jnp.where(trivial, 0, iters),
         trivial | (gap <= tol + rounding),
-        jnp.where(trivial, 0.0, jnp.maximum(gap, 0.0)),
+        jnp.where(trivial, 0.0, jnp.maximum(gap, 0.0) * (eps / rounding)),
     )
     return CAGradSolution(jnp.where(trivial, b, w), jnp.where(trivial, b, lam), info)
 

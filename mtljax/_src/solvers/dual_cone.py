@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mtljax._src.base import SolverInfo
-from mtljax._src.solvers._linalg import _dot, _mm, correlation, default_ridge
+from mtljax._src.solvers._linalg import _dot, _mm, correlation, rounding_ridge
 from mtljax._src.solvers.interior_point import (
     IPM_MAX_ITER,
     _kkt_certified,
@@ -36,7 +36,9 @@ def project_dual_cone(
     ``min ‖x − Jᵀu‖²`` s.t. ``Jx ≥ 0``.) ``u`` has shape ``(T,)`` or ``(K, T)`` (``K``
     projections, solved as one batch). The QP is solved in the variables ``yᵢ = rᵢvᵢ``
     (``rᵢ = ‖gᵢ‖/maxⱼ‖gⱼ‖``), where its matrix is the :func:`correlation` matrix plus ``εI``
-    (the relative ridge of :func:`regularize`) whatever the gradients' scales. ``v`` does not
+    whatever the gradients' scales; the default ``ε`` is the dtype's eps
+    (:func:`rounding_ridge`), the resolution of the matrix's unit diagonal, so that the ridge
+    moves ``v`` about as much as rounding the Gramian does. ``v`` does not
     depend on the scale of ``G``, so ``Jᵀv`` is linear in ``J``. The coordinate of a zero
     gradient is free; it is set to ``vᵢ = uᵢ``.
 
@@ -62,8 +64,10 @@ def project_dual_cone(
     earlier solution; each stage runs only when some projection needs it.
 
     With ``return_info`` returns ``(v, SolverInfo)``, summarised over the batch with
-    :meth:`SolverInfo.of`: ``iterations`` counts the pivots plus the interior-point
-    iterations of a projection that needed them; ``converged`` when the solution was
+    :meth:`SolverInfo.of`: ``iterations`` counts the pivots, plus one for the pass that
+    tests and certifies the tableau's solution (so at least 1, also when ``v = u`` needs no
+    pivot), plus the interior-point iterations of a projection that needed them;
+    ``converged`` when the solution was
     certified, the interior point met its stopping test, or the residual is at most
     ``10³ ε_dtype``; ``residual`` is
     :func:`~mtljax._src.solvers.interior_point.qp_residual` of ``x`` for the problem solved
@@ -80,7 +84,7 @@ def project_dual_cone(
     if n == 1:
         v = jnp.where(d[0] > 0, jnp.maximum(u, 0.0), u)
         return (v, SolverInfo.initial()) if return_info else v
-    eps = default_ridge(dtype) if ridge is None else float(ridge)
+    eps = rounding_ridge(dtype) if ridge is None else float(ridge)
     nz = d > 0
     dmax = jnp.max(d)
     r = jnp.where(nz, d / jnp.where(dmax > 0, dmax, 1.0), 0.0)
@@ -155,7 +159,8 @@ def _pivoting(
     matrix are P-matrices), ``T ← T − a bᵀ``. The most negative basic value is pivoted for
     the first ``T`` pivots, the least-index negative one after. The tableau's values ``x_F``
     get one step of iterative refinement with its block ``T_FF = Q_FF⁻¹``. Returns
-    ``(x, free, pivots, certified)``, ``certified`` by :func:`_kkt_certified`.
+    ``(x, free, iterations, certified)``: the iterations are the pivots plus the final pass
+    (feasibility test, refinement and certification); ``certified`` by :func:`_kkt_certified`.
     """
     n = c.shape[0]
     dtype = c.dtype
@@ -192,4 +197,5 @@ def _pivoting(
     inv = jnp.where(free[:, None] & free[None, :], tab[:, :n], 0.0)
     x = x - _mm(inv, jnp.where(free, _mm(q, x) + c, 0.0))
     certified = _kkt_certified(q, c, x, free, simplex=False)
-    return jnp.maximum(x, 0.0), free, pivots, certified
+    # The iterations: the pivots, plus the final pass that tests and certifies the tableau.
+    return jnp.maximum(x, 0.0), free, pivots + 1, certified

@@ -16,10 +16,15 @@ from mtljax._src.solvers._linalg import (
     _max_step,
     _mm,
     correlation,
-    default_ridge,
+    rounding_ridge,
 )
 
 NEWTON_MAX_ITER = 100
+# The default ridge, in eps of the dtype: the correlation matrix's rounding moves its
+# eigenvalues by about T·eps/2; with 4 eps the regularised matrix stays safely positive
+# definite, and Newton's steps on an ill-posed problem (whose solution the ridge bounds at
+# about ε^{-1/(1+p)}) do not meet an almost singular Hessian.
+POTENTIAL_RIDGE = 4.0
 # The stopping test: every equation holds to RESIDUAL_TOL_FACTOR·eps relative to the sum of the
 # magnitudes of its terms (see :func:`solve_potential`).
 RESIDUAL_TOL_FACTOR = 16.0
@@ -172,8 +177,10 @@ def _newton_potential(q, coef, p: float, y0, *, max_iter: int, tol: float):
     not merely under ``tol``); or, not converged unless that test holds, when no step makes
     progress (``∇Φ·Δ ≥ 0`` or no step size decreases ``Φ``, the step moves no ``yᵢ`` by more
     than rounding, or, below ``_FLOOR_FACTOR·eps``, ``_STALLS`` steps in a row do not halve
-    the best residual), or after ``max_iter`` iterations. Returns the best iterate seen, by
-    residual: ``(y, iterations, converged, residual)``.
+    the best residual), or after ``max_iter`` iterations. An iteration evaluates the stopping
+    test and then steps unless the solve ends: a solve counts at least one, also when its start
+    already meets the test. Returns the best iterate seen, by residual:
+    ``(y, iterations, converged, residual)``.
     """
     dtype = q.dtype
     eps = float(jnp.finfo(dtype).eps)
@@ -218,7 +225,7 @@ def _newton_potential(q, coef, p: float, y0, *, max_iter: int, tol: float):
         floor = stalls >= _STALLS
         stuck = ~(full | searched) | ~ok | ~moved | floor
         y_next = jnp.where(met | floor | ~ok, y, y_new)
-        steps = it + jnp.where(met | floor, 0, 1).astype(it.dtype)
+        steps = it + 1  # an iteration tests the residual, then steps unless it stops
         improved = residual < best
         y_best = jnp.where(improved, y, y_best)
         best = jnp.where(improved, residual, best)
@@ -282,8 +289,10 @@ def solve_potential(
     ``h_p(a) = −a^{1−p}/(1−p)`` otherwise (``h_p' = −a^{-p}``, ``h_p'' > 0``). The problem is
     solved in the variables ``yᵢ = rᵢ s^{1/(1+p)} αᵢ`` (``rᵢ = ‖gᵢ‖/√s``) where it reads
     ``((C + εI)y)ᵢ = cᵢ yᵢ^{-p}``, ``cᵢ = rᵢ^{p−1}``, with ``C`` the :func:`correlation`
-    matrix: unit diagonal, whatever the gradients' scales. The ridge ``ε``
-    (:func:`default_ridge`) is the relative one of :func:`regularize`; for ``p = 1`` the
+    matrix: unit diagonal, whatever the gradients' scales. The ridge ``ε`` is
+    relative (as in :func:`regularize`), by default at the rounding level of ``C``
+    (:data:`POTENTIAL_RIDGE` eps, :func:`rounding_ridge`), so that it moves the solution of a
+    nearly ill-posed problem about as much as rounding the Gramian does; for ``p = 1`` the
     solution is exactly invariant to the scale of each gradient (``gᵢ → kgᵢ`` gives
     ``αᵢ → αᵢ/k``).
 
@@ -293,9 +302,10 @@ def solve_potential(
     times a well-posed weight). A task whose gradient is exactly zero plays no part and gets
     ``αᵢ = 0``.
 
-    Algorithm: damped Newton on ``Φ`` (one ``T×T`` Cholesky factorisation per iteration, at
-    most ``max_iter``; typically 3 to 15, up to about 20 on nearly ill-posed inputs in
-    float64), started from the best multiple of the solution for orthogonal gradients
+    Algorithm: damped Newton on ``Φ`` (one residual test and ``T×T`` Cholesky factorisation
+    per iteration, at most ``max_iter``; typically 3 to 15, up to about 25 on nearly
+    ill-posed inputs in float64; the iteration that meets the test counts too), started from
+    the best multiple of the solution for orthogonal gradients
     (``yᵢ ∝ cᵢ^{1/(1+p)}``, which spans the orders of magnitude of the ``cᵢ``), or from the
     warm start ``x0`` where that has the lower potential. The line search compares potentials
     through their difference expanded without cancellation, so it keeps working down to
@@ -340,7 +350,7 @@ def solve_potential(
         alpha = jnp.where(nz, jnp.where(nz, d, 1.0) ** (-2.0 / (1.0 + p)), 0.0)
         info = SolverInfo.of(0, True, 0.0)
         return (alpha, info) if return_info else alpha
-    eps = default_ridge(dtype) if ridge is None else float(ridge)
+    eps = rounding_ridge(dtype, POTENTIAL_RIDGE) if ridge is None else float(ridge)
     tol = RESIDUAL_TOL_FACTOR * float(jnp.finfo(dtype).eps) if tol is None else float(tol)
     # Zero gradients are decoupled (a unit private gradient) and get weight 0 at the end.
     corr = corr + jnp.diag(jnp.where(nz, 0.0, 1.0))
