@@ -2,33 +2,115 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from mtljax._src.base import Method, make_method
 from mtljax._src.methods import _common
 from mtljax._src.methods import _gramian_tools as gt
+
+_MAX_SWEEPS = 30
+# Rank cut on the cosine matrix, in units of T·ε·λ_max (see _rank_cut).
+_CUT = {"float32": 0.1, "float64": 10.0}
+_dot = functools.partial(jnp.dot, precision=lax.Precision.HIGHEST)
+
+
+def _jacobi_rotations(y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One-sided Jacobi (Hestenes): an orthogonal ``V`` such that the columns of ``YV`` are
+    mutually orthogonal, by plane rotations of pairs of columns, cyclic sweeps until every pair
+    is orthogonal to the dtype's ε relative to the product of their norms (at most
+    :data:`_MAX_SWEEPS` sweeps). Returns ``(YV, V, sweeps)``. With ``YᵀY = G`` the columns of
+    ``V`` are eigenvectors of ``G`` and the squared column norms of ``YV`` its eigenvalues, to
+    a relative accuracy set by the conditioning of ``Y`` with its columns scaled to unit norm
+    (Demmel & Veselić, SIAM J. Matrix Anal. Appl. 1992), whatever the columns' scales."""
+    t = y.shape[1]
+    dtype = y.dtype
+    eps = float(jnp.finfo(dtype).eps)
+    tiny = float(jnp.finfo(dtype).tiny)
+    pairs = np.array([(p, q) for p in range(t) for q in range(p + 1, t)], np.int32).reshape(-1, 2)
+    if len(pairs) == 0:
+        return y, jnp.eye(t, dtype=dtype), jnp.zeros((), jnp.int32)
+    ps, qs = jnp.asarray(pairs[:, 0]), jnp.asarray(pairs[:, 1])
+
+    def rotate(k, carry):
+        y, v, rotated = carry
+        p, q = ps[k], qs[k]
+        yp, yq = y[:, p], y[:, q]
+        a, b, c = _dot(yp, yp), _dot(yq, yq), _dot(yp, yq)
+        act = jnp.abs(c) > eps * jnp.sqrt(a) * jnp.sqrt(b) + tiny
+        # tan θ of the rotation that makes the pair orthogonal: t = sgn(ζ)/(|ζ| + √(1 + ζ²)),
+        # ζ = (b − a)/(2c), written so that a large |ζ| cannot overflow.
+        zeta = (b - a) / (2.0 * jnp.where(act, c, 1.0))
+        r = jnp.abs(zeta)
+        root = jnp.where(
+            r > 1.0, r * jnp.sqrt(1.0 + (1.0 / jnp.maximum(r, 1.0)) ** 2), jnp.sqrt(1.0 + r * r)
+        )
+        tan = jnp.where(zeta >= 0, 1.0, -1.0) / (r + root)
+        tan = jnp.where(act, tan, 0.0)
+        cs = 1.0 / jnp.sqrt(1.0 + tan * tan)
+        sn = cs * tan
+        y = y.at[:, p].set(cs * yp - sn * yq).at[:, q].set(sn * yp + cs * yq)
+        vp, vq = v[:, p], v[:, q]
+        v = v.at[:, p].set(cs * vp - sn * vq).at[:, q].set(sn * vp + cs * vq)
+        return y, v, rotated | act
+
+    def sweep(state):
+        y, v, _, n = state
+        y, v, rotated = lax.fori_loop(0, len(pairs), rotate, (y, v, jnp.zeros((), bool)))
+        return y, v, rotated, n + 1
+
+    def cond(state):
+        return state[2] & (state[3] < _MAX_SWEEPS)
+
+    init = (y, jnp.eye(t, dtype=dtype), jnp.asarray(len(pairs) > 0), jnp.zeros((), jnp.int32))
+    y, v, _, sweeps = lax.while_loop(cond, sweep, init)
+    return y, v, sweeps
 
 
 @jax.jit
 def alignment_matrix(gramian: jax.Array) -> jax.Array:
     """``B = σ_min V Σ⁻¹ Vᵀ`` from ``G = V Σ² Vᵀ`` (zero eigenvalues dropped), so that
     ``(BJ)(BJ)ᵀ = σ_min² V_r V_rᵀ``: the rows of ``BJ`` are orthogonal with norm ``σ_min``
-    (``σ_min² I`` when ``G`` has full rank)."""
-    g = jnp.asarray(gramian)
-    g = g.astype(gt.compute_dtype(g))
-    g = 0.5 * (g + g.T)
-    # B does not change when G is scaled; normalizing first keeps eigh in range.
-    top = jnp.max(jnp.abs(jnp.diagonal(g)))
-    g = _common.safe_div(g, top)
-    lam, vec = jnp.linalg.eigh(g)
-    keep = lam > gt.rank_tolerance(lam)
-    sigma_min = jnp.sqrt(jnp.min(jnp.where(keep, lam, jnp.inf)))
-    inv_sigma = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
-    b = sigma_min * (vec * inv_sigma) @ vec.T
-    return jnp.where(jnp.any(keep), b, jnp.zeros_like(b))
+    (``σ_min² I`` when ``G`` has full rank).
+
+    Computed to relative accuracy also when the gradients' norms differ by many orders of
+    magnitude: with ``G = DKD`` (``D = diag(‖gᵢ‖)``, ``K`` the cosine matrix) and ``K = FFᵀ``
+    (``eigh``; eigenvalues of ``K`` at or below :func:`_rank_cut` count as zero and set the
+    rank ``r``), ``G = YᵀY`` with ``Y = FᵀD``; one-sided Jacobi rotations give ``V`` and
+    ``Σ`` (:func:`_jacobi_rotations`), and the ``r`` largest singular values are kept."""
+    norms, k = gt.unit_gramian(gramian)
+    dtype = k.dtype
+    lam, vec = jnp.linalg.eigh(k)
+    keep = lam > _rank_cut(lam)
+    rank = jnp.sum(keep)
+    f = vec * jnp.sqrt(jnp.where(keep, lam, 0.0))
+    # B does not change when G is scaled: the norms relative to the largest keep Y in range.
+    d = _common.safe_div(norms, jnp.max(norms))
+    y = f.T * d[None, :]
+    yv, v, _ = _jacobi_rotations(y)
+    sigma = jnp.sqrt(jnp.sum(yv * yv, axis=0))
+    position = jnp.argsort(jnp.argsort(-sigma))
+    kept = (position < rank) & (sigma > 0)
+    sigma_min = jnp.min(jnp.where(kept, sigma, jnp.inf))
+    inv = jnp.where(kept, sigma_min / jnp.where(kept, sigma, 1.0), 0.0)
+    b = (v * inv) @ v.T
+    return jnp.where(jnp.any(kept), b, jnp.zeros_like(b)).astype(dtype)
+
+
+def _rank_cut(lam: jax.Array) -> jax.Array:
+    """Eigenvalues of the cosine matrix ``K`` at or below ``c · T · ε · λ_max(K)`` count as zero
+    (ε of the dtype): the rank tolerance ``T·ε·λ_max`` of Senushkin et al.'s code, applied to
+    ``K`` (scale free) instead of ``G``. ``c = 10`` in float64; ``c = 0.1`` in float32, the
+    size by which storing the cosines in float32 alone moves an eigenvalue of ``K``
+    (``≈ 10⁻⁷``): a larger cut drops directions the float32 Gramian still determines."""
+    t = lam.shape[-1]
+    c = _CUT["float64" if lam.dtype == jnp.float64 else "float32"]
+    return c * t * float(jnp.finfo(lam.dtype).eps) * jnp.maximum(jnp.max(lam), 0.0)
 
 
 def aligned_mtl(importance: Sequence[float] | None = None) -> Method:
@@ -43,9 +125,11 @@ def aligned_mtl(importance: Sequence[float] | None = None) -> Method:
     has orthogonal rows of equal norm ``σ_min`` (condition number 1), the smallest singular
     value setting the scale as in the paper. The update is ``Ĵᵀω = Jᵀ(Bω)``: the weights are
     ``w = B ω`` with the task importances ``ω``. A rank-deficient ``G`` keeps its non-zero
-    eigenvalues only (those above ``λ_max · T · ε`` ×10, ε of the dtype): ``σ_min`` is the
-    smallest non-zero singular value and ``Ĵ`` spans the same space as ``J``. ``G = 0`` gives
-    ``w = 0``.
+    eigenvalues only (rank from the cosine matrix, see :func:`alignment_matrix`): ``σ_min`` is
+    the smallest non-zero singular value and ``Ĵ`` spans the same space as ``J``. ``G = 0``
+    gives ``w = 0``. The eigen-decomposition is computed by one-sided Jacobi rotations on a
+    factor of ``G`` scaled by the gradients' norms, which keeps ``σ_min`` and its direction
+    accurate when the norms differ by many orders of magnitude.
 
     Only the Gramian is needed; on the Jacobian w.r.t. the shared representation
     (``mode="feature"``) this is the paper's Aligned-MTL-UB.

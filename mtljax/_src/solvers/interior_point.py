@@ -208,6 +208,74 @@ def _polish_qp(
     return (out, ok) if return_ok else out
 
 
+def _scaled_active_set_solve(
+    q: jax.Array, c: jax.Array, free: jax.Array, *, simplex: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The KKT system of :func:`_solve_on_active_set` solved on the free block scaled to unit
+    diagonal (``Q_FF = D M D``, ``D = diag(√Qᵢᵢ)``): one Cholesky factorisation of ``M``, so
+    that graded blocks (gradients of very different norms) keep their relative accuracy, plus
+    one step of iterative refinement. Returns ``(x, ν, ok)`` with ``x`` unclipped and ``ok``
+    from :func:`_kkt_certified`."""
+    dtype = c.dtype
+    ind = jnp.where(free, 1.0, 0.0).astype(dtype)
+    diag = jnp.diagonal(q)
+    d = jnp.where(free & (diag > 0), jnp.sqrt(jnp.where(diag > 0, diag, 1.0)), 1.0)
+    m = q / (d[:, None] * d[None, :])
+    ff = free[:, None] & free[None, :]
+    m = jnp.where(ff, m, 0.0) + jnp.diag(jnp.where(free, jnp.finfo(dtype).eps, 1.0))
+    solve = _chol_solver(m)
+    inv_d = ind / d
+
+    def kkt(rhs, total):
+        # Q_FF x − ν1 = rhs_F, 1ᵀx = total (simplex), else ν = 0.
+        if simplex:
+            both = solve(jnp.stack([rhs * inv_d, inv_d], axis=1))
+            a, e = both[:, 0] * inv_d, both[:, 1] * inv_d
+            nu = (total - jnp.sum(a)) / jnp.sum(e)
+            return a + nu * e, nu
+        return solve(rhs * inv_d) * inv_d, jnp.zeros((), dtype)
+
+    x, nu = kkt(-c, 1.0)
+    dx, dnu = kkt(-(_mm(q, x) + c - nu), 1.0 - jnp.sum(x))
+    x, nu = x + dx, nu + dnu
+    ok = _kkt_certified(q, c, x, free, nu, simplex=simplex)
+    return x, nu, ok
+
+
+def _refine_active_set(
+    q: jax.Array,
+    c: jax.Array,
+    free: jax.Array,
+    *,
+    simplex: bool,
+    correct: jax.Array | bool = True,
+    steps: int = 3,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`_scaled_active_set_solve` on ``free``, then (where ``correct``) up to ``steps``
+    corrections of the set while the result is not certified: coordinates that come out
+    negative leave it, inactive ones whose reduced gradient is negative join it (steps of a
+    primal-dual active-set method, for a set guessed from a nearby, regularised problem).
+    Returns ``(x, ok)``, ``x`` clipped at 0."""
+    k = certify_tol(c.dtype)
+
+    def body(i, carry):
+        free, x, ok = carry
+        xp, nu, okp = _scaled_active_set_solve(q, c, free, simplex=simplex)
+        grad = _mm(q, xp) + c - nu
+        mag = _mm(jnp.abs(q), jnp.abs(xp)) + jnp.abs(c) + jnp.abs(nu)
+        new_free = (free & (xp > 0)) | (~free & (grad < -k * mag))
+        take = ~ok & ((i == 0) | correct)
+        return (
+            jnp.where(take, new_free, free),
+            jnp.where(take, xp, x),
+            ok | (take & okp),
+        )
+
+    x0 = jnp.zeros_like(c)
+    _, x, ok = lax.fori_loop(0, steps + 1, body, (free, x0, jnp.zeros((), bool)))
+    return jnp.maximum(x, 0.0), ok
+
+
 def qp_residual(q: jax.Array, c: jax.Array, x: jax.Array, *, simplex: bool) -> jax.Array:
     """The KKT residual of ``x`` for ``min ½xᵀQx + cᵀx`` over ``x ≥ 0`` (and ``1ᵀx = 1``).
 
@@ -243,6 +311,7 @@ def _qp(
     max_iter: int,
     const=0.0,
     return_info: bool = False,
+    exact_q=None,
 ):
     """``min ½xᵀQx + cᵀx`` over ``x ≥ 0`` (and ``1ᵀx = 1``): interior point, then polish.
 
@@ -250,6 +319,13 @@ def _qp(
     interior point met its stopping test, the polish certified the exact solution, or the
     returned ``x`` satisfies the KKT conditions to rounding (:func:`qp_residual` at most
     :func:`certify_tol`); the residual is :func:`qp_residual` of the returned ``x``.
+
+    ``exact_q``: when given (``q`` being a regularised ``exact_q``), the problem to solve is
+    ``min ½xᵀ(exact_q)x + cᵀx``: the active set found on ``q`` is solved on it and refined
+    (:func:`_refine_active_set`), the candidate (that one, or the solution on ``q``) with the
+    smaller :func:`qp_residual` for ``exact_q`` is returned, and the solve counts as converged
+    only when that residual is at most :func:`certify_tol` (the interior point's stopping
+    test on ``q`` does not bound it: the ridge moves the solution).
     """
     n = q.shape[0]
     dtype = q.dtype
@@ -260,6 +336,24 @@ def _qp(
         oracle, x0, simplex=simplex, tol=tol, max_iter=max_iter, return_converged=True
     )
     x, polished = _polish_qp(q, c, x, z, simplex=simplex, return_ok=True)
+    if exact_q is not None:
+        # The active set found on the regularised ``q``, solved on the unregularised problem
+        # (no ridge bias); of the two candidates the one with the smaller residual for the
+        # unregularised problem is kept, and only that residual decides convergence.
+        xe, exact = _refine_active_set(exact_q, c, x > z, simplex=simplex, correct=done)
+        cands = jnp.stack([xe, x])
+        if simplex:
+            cands = jnp.maximum(cands, 0.0)
+            cands = cands / jnp.sum(cands, axis=1, keepdims=True)
+        res = jax.vmap(lambda v: qp_residual(exact_q, c, v, simplex=simplex))(cands)
+        res = res.at[0].set(jnp.where(exact, res[0], jnp.inf))
+        pick = jnp.argmin(res)
+        x = cands[pick]
+        residual = res[pick]
+        if not return_info:
+            return x, iters
+        converged = residual <= certify_tol(dtype)
+        return x, SolverInfo(iters, converged, residual.astype(jnp.float32))
     if simplex:
         x = jnp.maximum(x, 0.0)
         x = x / jnp.sum(x)

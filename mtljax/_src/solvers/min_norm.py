@@ -46,7 +46,13 @@ def min_norm_simplex(
     has_zero = jnp.any(zero)
     q = jnp.where(has_zero, jnp.eye(n, dtype=g.dtype), regularize(g, ridge))
     alpha, info = _qp(
-        q, jnp.zeros((n,), g.dtype), simplex=True, tol=tol, max_iter=max_iter, return_info=True
+        q,
+        jnp.zeros((n,), g.dtype),
+        simplex=True,
+        tol=tol,
+        max_iter=max_iter,
+        return_info=True,
+        exact_q=jnp.where(has_zero, q, g),
     )
     zero = zero.astype(g.dtype)
     alpha = jnp.where(has_zero, zero / jnp.maximum(jnp.sum(zero), 1.0), alpha)
