@@ -147,7 +147,8 @@ def test_run_records_trajectories():
 #   L  late: still off the front after 25 000 steps, on it after LATE_STEPS[name]; whether it
 #      is there at step 35 000 depends on float rounding (arrivals spread over 27.5k-65k steps
 #      between XLA optimisation levels and starts moved by 10⁻³)
-#   ?  depends on float rounding; not asserted
+#   ?  not asserted: depends on float rounding, or (MGDA from (0, 0)) crosses |x₁| = 6.5 near
+#      step 35 000 while sliding along the front
 # Only outcomes that agree at XLA optimisation levels 0 and default and from starts moved by
 # 10⁻⁴ and 10⁻³ are asserted.
 
@@ -157,7 +158,7 @@ OUTCOMES = {
     "famo": "FFFFF",
     "fairgrad": "FFFFF",
     "imtl_g": "LFFFF",
-    "mgda": "LEEFE",
+    "mgda": "F?EFE",
     "pcgrad": "FF-FF",
     "upgrad": "FF-FF",
     "dualproj": "FF-FF",
@@ -169,7 +170,7 @@ OUTCOMES = {
     "rlw": "LF-FF",
     "graddrop": "LF-FF",
     "gradnorm": "FFFFF",
-    "aligned_mtl": "LF?FF",
+    "aligned_mtl": "FFFFF",
     "uw": "-F-FF",
     "imtl_l": "-F-FF",
     "config": "-F-FF",
@@ -186,7 +187,7 @@ LATE_STEPS_DEFAULT = 80_000
 
 @functools.cache
 def reproduction(name: str) -> toy2d.ToyRun:
-    late = "L" in OUTCOMES[name]
+    late = "L" in OUTCOMES[name] or name in LATE_STEPS  # MGDA: its slide from (0, 0)
     steps = LATE_STEPS.get(name, LATE_STEPS_DEFAULT) if late else toy2d.STEPS
     return toy2d.run(toy2d.build_method(name), steps=steps, every=EVERY)
 
@@ -263,17 +264,3 @@ def test_stalls_in_the_valley_of_l1_from_the_upper_left(name):
     assert x2 > 1 and abs(-(x1 + 7) / 2 + math.tanh(x2)) < 0.05, (x1, x2)
     moved = np.linalg.norm(path[toy2d.STEPS // EVERY] - path[(toy2d.STEPS - 5000) // EVERY])
     assert moved < 0.2, moved
-
-
-def test_aligned_mtl_update_vanishes_on_the_axis_right_of_the_front():
-    """Where Aligned-MTL can stall from (9, 9), on the x₁ axis right of x₁ = 7 (a point it
-    stopped at): the task gradients point in opposite directions, the Gramian is singular, and
-    its update (scaled by the smallest singular value) vanishes while equal weighting's does not."""
-    x = jnp.asarray([7.5921, -1.5e-3])
-    jac = jax.jacobian(toy2d.losses)(x)
-    g1, g2 = np.asarray(jac, np.float64)
-    assert np.dot(g1, g2) / (np.linalg.norm(g1) * np.linalg.norm(g2)) < -0.9999
-    method = mtl.methods.aligned_mtl()
-    d, _ = mtl.aggregate(method, jac, toy2d.losses(x), method.init(2))
-    assert np.linalg.norm(d) < 1e-4 * np.linalg.norm(g2)
-    assert np.linalg.norm(np.asarray(jac).sum(0)) > 1e-3 * np.linalg.norm(g2)
