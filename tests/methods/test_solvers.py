@@ -909,3 +909,23 @@ def test_degenerate_gramians_give_finite_sensible_outputs():
     # Collinear rows scaled from 1e-10 to 1e10: MGDA picks the smallest.
     k = cases["collinear_scaled"]
     np.testing.assert_allclose(mgda[k], np.eye(T)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_min_norm_norms_spanning_twenty_decades(dtype):
+    # Gradient norms from 1e-10 to 1e10: Gᵢᵢ/max G reaches 1e-40, below float32's normal
+    # range, yet no gradient is zero. The KKT conditions of min_{α ∈ Δ} αᵀGα, checked in
+    # float64 on the exact Gramian relative to the magnitudes of the terms, and gᵢ·d ≥ 0.
+    rng = np.random.default_rng(31)
+    rows = rng.normal(size=(5, 12))
+    j = np.logspace(-10, 10, 5)[:, None] * rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    g = j @ j.T
+    with jax.enable_x64(dtype == "float64"):
+        a = np.asarray(solvers.min_norm_simplex(jnp.asarray(g, dtype)), np.float64)
+    assert np.all(np.isfinite(a)) and np.all(a >= 0) and abs(a.sum() - 1) < 1e-6
+    ga, val = g @ a, a @ g @ a
+    mag = np.abs(g) @ a + val
+    assert np.all(ga >= val - TOL[dtype] * mag), (ga - val) / mag
+    np.testing.assert_allclose(ga[a > 1e-4], val, atol=TOL[dtype] * val)
+    # The vertex of the smallest gradient is feasible: ‖d‖² ≤ ‖g₀‖².
+    assert val <= g[0, 0] * (1 + TOL[dtype])
