@@ -25,7 +25,10 @@ def cagrad(c: float = 0.4, *, rescale: bool = False) -> Method:
     It stops on the duality gap between ``F(w)`` and the worst-task progress ``minᵢ gᵢ·d`` of
     the returned direction (relative to ``‖g₀‖·maxᵢ‖gᵢ‖``), which certifies how far ``d`` is
     from the best in the ball; the reported residual is that gap relative to the magnitude of
-    the terms of its evaluation (about ``ε`` at the rounding level). ``c = 0`` gives the mean
+    the terms of its evaluation (about ``ε`` at the rounding level). A converged answer is then
+    solved exactly on its support (in variables scaled by the gradients' norms) and replaced
+    when the KKT conditions certify that solution, so that gradients whose norms differ by many
+    orders of magnitude get the exact direction. ``c = 0`` gives the mean
     gradient; a large ``c``
     approaches MGDA's direction; the paper's convergence guarantee to a minimum of the average
     loss needs ``0 ≤ c < 1``.
