@@ -120,11 +120,11 @@ class ResNet(nnx.Module):
     drawn from ``N(0, 2/fan_in)`` (He et al. 2015, the paper's initialisation) and BN's
     ``γ = 1, β = 0``. A shortcut is the identity when a block keeps the shape and a 1×1
     projection of the block's stride followed by BN when it changes the width or the
-    resolution: the paper's option B (§3.3; its CIFAR networks use option A, zero-padded
-    identities, which have no parameters and would leave a stride-1 width change without a
-    sensible identity; option B is what the ImageNet ResNets and torchvision's, used as MTL
-    encoders by LibMTL, do). 3×3 convolutions pad by 1 on each side, so a stride-2 stage maps
-    ``H`` to ``⌈H/2⌉``.
+    resolution: the paper's option B (§3.3). Its CIFAR networks use option A instead
+    (subsampled identities zero-padded to the new width); option B also handles a stage
+    narrower than the previous one, which zero-padding cannot, and is what torchvision's
+    ResNets, which LibMTL uses as MTL encoders, do. 3×3 convolutions pad by 1 on each side,
+    so a stride-2 stage maps ``H`` to ``⌈H/2⌉``.
 
     Defaults: ``widths=(16, 32, 64)``, 3 blocks per stage and strides ``(1, 2, 2)`` are the
     paper's CIFAR ResNet-20 (``n = 3``; filters {16, 32, 64}; subsampling at the start of the
