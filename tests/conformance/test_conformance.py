@@ -203,9 +203,6 @@ def test_non_conflicting(name, claims):
         entries, out = properties.batch(name, claims.label, t, dtype)
         tol = properties.PROPERTY_TOL[dtype]
         msgs = properties.check_non_conflicting(entries, out, claims.non_conflicting, dtype, tol)
-        # Known: MGDA's G/max G underflows for norms 1e-10…1e10 in float32 (open defect).
-        known = "degenerate[scales]" if (name, t, dtype) == ("mgda", 5, "float32") else None
-        msgs = [m for m in msgs if known is None or not m.startswith(known)]
         bad += [f"T={t} {dtype}: {m}" for m in msgs]
     assert not bad, failures(bad)
 
@@ -218,7 +215,6 @@ def test_non_conflicting(name, claims):
 # of the verdict below, each with the measured reason. They are listed in the README's solver
 # accuracy section; a case not listed here fails the test, and an entry whose case no longer
 # fails is reported by test_known_failures_still_fail (so the list cannot go stale).
-_SCALES = "row norms 10^±4–10^±8: open defect (see the README's solver accuracy section)"
 KNOWN_FAILURES: dict[tuple[str, int, str], dict[str, str]] = {
     ("aligned_mtl", 5, "float32"): {
         "collinear[s=0.0001]": "float32 limit: K's smallest eigenvalue (2.4e-9 in float64, "
@@ -234,11 +230,8 @@ KNOWN_FAILURES: dict[tuple[str, int, str], dict[str, str]] = {
         "1/ε₃₂; the same solver in float64 on the same rounded input is exact to 7e-12",
     },
     ("mgda", 5, "float32"): {
-        "condition[1e+12]": "float32 limit: the Gramian's condition 1e12 exceeds 1/ε₃₂",
-        "scales[1e±8]": _SCALES,
-    },
-    ("mgda-l2", 2, "float32"): {
-        "condition[1e+08]": "1.24× the tolerance 1e-4 on a condition-1e8 Gramian in float32",
+        "condition[1e+12]": "float32 limit: the Gramian's condition 1e12 (its cosine "
+        "matrix's ≈2e11–1e12, the matrix solved) exceeds 1/ε₃₂",
     },
     ("config", 2, "float32"): {
         "collinear[s=0.0001]": "float32 limit: normalising the rows rounds their norms by ε, "
