@@ -4,29 +4,18 @@ model selection, leaderboards and plots. ``python -m mtljax bench --suite quick`
 See :mod:`mtljax._src.bench` for the protocol.
 """
 
-from mtljax._src.bench import (
-    MAIN_ONLY,
-    SINGLE_TASK,
-    SUITES,
-    ProblemSpec,
-    Suite,
+from mtljax._src.bench.plots import figures, plot_delta_m, plot_problem, plot_report
+from mtljax._src.bench.report import leaderboard_text, problem_table, to_json, write_json
+from mtljax._src.bench.run import (
     auxiliary_report,
-    delta_m,
-    figures,
-    format_table,
-    get_suite,
-    leaderboard_text,
-    mean_se,
-    plot_delta_m,
-    plot_problem,
-    plot_report,
-    problem_table,
+    epoch_args,
     run_problem,
     run_suite,
     single_task_method,
-    to_json,
-    write_json,
 )
+from mtljax._src.bench.stats import delta_m, mean_se
+from mtljax._src.bench.suites import MAIN_ONLY, SINGLE_TASK, SUITES, ProblemSpec, Suite, get_suite
+from mtljax._src.display import format_table
 
 __all__ = [
     "MAIN_ONLY",
@@ -36,6 +25,7 @@ __all__ = [
     "Suite",
     "auxiliary_report",
     "delta_m",
+    "epoch_args",
     "figures",
     "format_table",
     "get_suite",

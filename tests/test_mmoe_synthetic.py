@@ -194,7 +194,7 @@ def test_benchmark_runner_accepts_the_problem():
     """The problem declares what fair model selection needs, so ``bench.run_problem`` (and the
     ``full`` suite) runs it: validation-selected test MSE per method and Δm% against the
     single-task baselines."""
-    from mtljax._src import bench
+    from mtljax import bench
 
     prob = ms.mmoe_synthetic(0, num_features=8, num_validation=64, num_test=64, batch_size=32)
     out = bench.run_problem(prob, ["ew", "pcgrad"], steps=20, eval_every=10, seeds=1)

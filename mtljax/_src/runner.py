@@ -6,7 +6,6 @@ import argparse
 import ast
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -21,8 +20,8 @@ import numpy as np
 from mtljax import bench
 from mtljax import methods as methods_lib
 from mtljax import problems as problems_lib
-from mtljax._src import bench as bench_lib
 from mtljax._src import paths
+from mtljax._src.display import Progress, format_table
 from mtljax._src.train import init_train_state, make_train_step
 
 PyTree = Any
@@ -55,30 +54,6 @@ def parse_method_args(items: Sequence[str] | None) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             out[k.strip()] = v
     return out
-
-
-class Progress:
-    """A minimal progress bar on stderr (silent when ``enabled`` is False)."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.start = time.perf_counter()
-        self.last = 0.0
-
-    def update(self, done: int, extra: str = "") -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if done < self.total and now - self.last < 0.2:
-            return
-        self.last = now
-        frac = done / max(self.total, 1)
-        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-        rate = done / max(now - self.start, 1e-9)
-        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{self.total} {rate:7.1f} it/s {extra}")
-        if done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 def _tolist(x: Any) -> Any:
@@ -279,7 +254,7 @@ def run_training(
     method = methods_lib.get(
         method_name,
         like=problem.params.shared,
-        **bench_lib.epoch_args(method_name, problem, method_args or {}),
+        **bench.epoch_args(method_name, problem, method_args or {}),
     )
     steps = problem.steps if steps is None else int(steps)
     if steps < 1:
@@ -430,6 +405,7 @@ def run_training(
                         "devices": num_devices,
                     },
                 )
+        bar.close()
     except BaseException:
         if ckpt is not None:
             _close_after_error(ckpt)
@@ -498,24 +474,6 @@ def method_state_summary(name: str, state: PyTree, names: Sequence[str]) -> dict
 
 # ----------------------------------------------------------------------------------------------
 # Tables
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            if math.isnan(v):
-                return "-"
-            return f"{v:.4g}"
-        return str(v)
-
-    cells = [[fmt(v) for v in row] for row in rows]
-    widths = [
-        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
-    ]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join([line, sep, *body])
 
 
 def summary_table(result: dict[str, Any]) -> str:

@@ -366,7 +366,8 @@ def test_stch_scale_is_continuous_at_the_end_of_the_warm_up(log_losses):
 
 
 def test_runner_and_bench_pass_the_problems_steps_per_epoch(monkeypatch):
-    from mtljax._src import bench, runner
+    from mtljax._src import runner
+    from mtljax._src.bench import run as bench
 
     problem = mtl.problems.get("uw_noise", num_train=1000, batch_size=64, num_test=100)
     assert problem.steps_per_epoch == 16  # ⌈1000 / 64⌉
