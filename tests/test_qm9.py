@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import mtljax as mtl
 from mtljax._src.model import to_nnx
@@ -201,13 +202,36 @@ def test_segment_softmax_and_mean_ignore_the_padding():
     np.testing.assert_allclose(m, [[2.0, 3.0], [9.0, 10.0], [0.0, 0.0]])
 
 
-@needs_qm9
-def test_batches_pack_complete_graphs_and_padding_changes_no_output(problem, data):
+# One node/edge budget that holds any SLOTS molecules: the tests' forward passes share it
+# (one compilation).
+SLOTS = 7
+BUDGET = {"max_nodes": SLOTS * qd.MAX_ATOMS, "max_edges": SLOTS * qd.MAX_ATOMS * (qd.MAX_ATOMS - 1)}
+
+
+@pytest.fixture(scope="module")
+def tools(problem, data):
+    """Raw (unscaled) device arrays, a jitted batch builder and a jitted forward pass."""
     mols = Q.device_arrays(data, qd.Scaler(np.zeros(11), np.ones(11)))
-    idx = jnp.array([0, 3, 17, 250, 599])  # CH4, C#C, …
-    n = data.num_atoms[np.asarray(idx)]
+    build = jax.jit(Q.build_batch, static_argnames=("max_nodes", "max_edges"))
+    fwd = jax.jit(lambda params, graph: to_nnx(problem.model, params)(graph)[..., 0])
+    return mols, build, fwd
+
+
+def _slots(rows):
+    """``rows`` in the first slots of SLOTS, the others empty."""
+    idx = np.zeros(SLOTS, np.int32)
+    idx[: len(rows)] = rows
+    return jnp.asarray(idx), jnp.arange(SLOTS) < len(rows)
+
+
+@needs_qm9
+def test_batches_pack_complete_graphs_and_padding_changes_no_output(problem, data, tools):
+    mols, build, fwd = tools
+    rows = [0, 3, 17, 250, 599]  # CH4, C#C, …
+    idx = jnp.asarray(rows)
+    n = data.num_atoms[rows]
     nodes, edges = int(n.sum()), int((n * (n - 1)).sum())
-    tight = Q.build_batch(mols, idx, max_nodes=nodes, max_edges=edges)
+    tight = build(mols, idx, max_nodes=nodes, max_edges=edges)
     g = tight["graph"]
     assert bool(g.node_mask.all()) and bool(g.edge_mask.all())
     src, dst = np.asarray(g.edge_src), np.asarray(g.edge_dst)
@@ -219,35 +243,36 @@ def test_batches_pack_complete_graphs_and_padding_changes_no_output(problem, dat
     for e in (0, 7, edges - 1):
         k = gid[src[e]]
         i, j = src[e] - offs[k], dst[e] - offs[k]
-        row = int(idx[k])
+        row = rows[k]
         d = np.linalg.norm(data.positions[row, i] - data.positions[row, j])
         np.testing.assert_allclose(g.edge_attr[e, 4], d, rtol=1e-6)
         b = data.bonds[row, i, j]
         np.testing.assert_array_equal(g.edge_attr[e, :4], [b == 1, b == 2, b == 3, 0])
-    module = to_nnx(problem.model, problem.params)
-    ref = np.asarray(jax.jit(module)(g))  # (T, 5, 1)
-    # More node/edge slots and empty graph slots around the same molecules.
-    idx2 = jnp.array([0, 3, 17, 250, 599, 0, 0])
-    valid = jnp.array([True] * 5 + [False] * 2)
-    loose = Q.build_batch(mols, idx2, valid, max_nodes=nodes + 70, max_edges=edges + 999)
-    fwd = jax.jit(module)
-    out = np.asarray(fwd(loose["graph"]))
-    np.testing.assert_allclose(out[:, :5], ref, rtol=1e-5, atol=1e-6)
-    # Each molecule alone (in the first slot, the others empty) gives its output in the batch.
-    for k in range(5):
-        alone = idx2.at[0].set(idx[k])
-        one = Q.build_batch(
-            mols, alone, valid.at[1:].set(False), max_nodes=nodes + 70, max_edges=edges + 999
+    ref = np.asarray(fwd(problem.params, g))  # (T, 5)
+    # Many more node and edge slots, and empty graph slots, around the same molecules.
+    loose = build(mols, *_slots(rows), **BUDGET)
+    assert int(loose["graph"].edge_mask.sum()) == edges
+    np.testing.assert_allclose(
+        fwd(problem.params, loose["graph"])[:, :5], ref, rtol=1e-5, atol=1e-6
+    )
+    # Each molecule alone gives its output in the batch.
+    for k, r in enumerate(rows):
+        one = build(mols, *_slots([r]), **BUDGET)
+        np.testing.assert_allclose(
+            fwd(problem.params, one["graph"])[:, 0], ref[:, k], rtol=1e-5, atol=1e-6
         )
-        np.testing.assert_allclose(fwd(one["graph"])[:, 0], ref[:, k], rtol=1e-5, atol=1e-6)
-    # The losses mask the empty slots as well.
-    l_tight = problem.model.losses(problem.params, tight)
-    l_loose = problem.model.losses(problem.params, loose)
-    np.testing.assert_allclose(l_loose, l_tight, rtol=1e-5)
+    # The losses ignore empty slots whatever the predictions there.
+    pred = jnp.asarray(np.random.default_rng(0).normal(size=(11, SLOTS, 1)), jnp.float32)
+    y = jnp.asarray(np.random.default_rng(1).normal(size=(SLOTS, 11)), jnp.float32)
+    mask = jnp.arange(SLOTS) < 5
+    expect = ((np.asarray(pred)[:, :5, 0] - np.asarray(y)[:5].T) ** 2).mean(1)
+    np.testing.assert_allclose(Q._task_losses(pred, y, mask), expect, rtol=1e-6)
+    garbage = pred.at[:, 5:].set(1e6)
+    np.testing.assert_allclose(Q._task_losses(garbage, y, mask), expect, rtol=1e-6)
 
 
 @needs_qm9
-def test_problem_shapes_split_metrics_and_jit(problem, data):
+def test_problem_shapes_split_metrics_and_jit(problem, data, tools):
     p = problem
     assert p.task_names == qd.TARGETS and p.metrics["U0"] == ("mae", False)
     assert p.info["molecules"] == {"test": 100, "validation": 100, "train": 400}
@@ -257,31 +282,29 @@ def test_problem_shapes_split_metrics_and_jit(problem, data):
     batch = jax.jit(p.sample)(jax.random.key(0))
     assert batch["y"].shape == (24, 11) and batch["graph"].graph_mask.shape == (24,)
     budget = p.info["batch_budget"]
-    assert batch["graph"].nodes.shape == (budget["max_nodes"], 11)
-    assert batch["graph"].edge_attr.shape == (budget["max_edges"], Q.EDGE_FEATURES)
     g = batch["graph"]
+    assert g.nodes.shape == (budget["max_nodes"], 11)
+    assert g.edge_attr.shape == (budget["max_edges"], Q.EDGE_FEATURES)
     per_graph = np.bincount(np.asarray(g.node_graph)[np.asarray(g.node_mask)], minlength=24)
     assert np.all(per_graph >= 3)  # every slot holds a molecule (QM9's smallest has 3 atoms)
     assert int(g.edge_mask.sum()) == int((per_graph * (per_graph - 1)).sum())
-    losses = jax.jit(p.model.losses)(p.params, batch)
-    assert losses.shape == (11,) and bool(jnp.all(jnp.isfinite(losses)))
-    # Shared = the MPNN encoder, task-specific = the stacked linear heads (11 × hidden × 1).
+    # Shared = the MPNN encoder up to ReLU(W₁ Set2Set(h)); task-specific = 11 linear heads.
     (head,) = [x for x in jax.tree_util.tree_leaves(p.params.specific) if x.ndim == 3]
     assert head.shape == (11, Q.MODELS["mpnn-light"]["hidden"], 1)
     assert p.model.has_features and p.model.last_shared == "encoder/lin1"
-    z = jax.jit(p.model.encode_fn)(p.params.shared, batch)
-    assert z.shape == (24, Q.MODELS["mpnn-light"]["hidden"])
-    # MAE in the reported units: recomputed from the predictions of each chunk.
+    # MAE in the reported units, recomputed from the model's predictions in the original units.
     ev = p.evaluate_split(p.params, "validation")
-    mols = Q.device_arrays(data, qd.Scaler(np.zeros(11), np.ones(11)))
-    v = jnp.asarray(splits["validation"])
-    nv = data.num_atoms[splits["validation"]]
-    b = Q.build_batch(mols, v, max_nodes=int(nv.sum()), max_edges=int((nv * (nv - 1)).sum()))
-    std = np.asarray(p.info["target_std"])
-    mean = np.asarray(p.info["target_mean"])
-    pred = np.asarray(to_nnx(p.model, p.params)(b["graph"]))[..., 0].T * std + mean
+    assert ev["mae"].shape == ev["loss"].shape == (11,)
+    mols, build, fwd = tools
+    std, mean = np.asarray(p.info["target_std"]), np.asarray(p.info["target_mean"])
+    val = splits["validation"]
+    pred = []
+    for k in range(0, len(val), SLOTS):
+        chunk = build(mols, *_slots(val[k : k + SLOTS]), **BUDGET)
+        pred.append(np.asarray(fwd(p.params, chunk["graph"]))[:, : len(val[k : k + SLOTS])])
+    pred = np.concatenate(pred, axis=1).T * std + mean
     scale = np.array([Q.REPORT_SCALE[t] for t in qd.TARGETS])
-    mae = np.abs(pred - data.targets[splits["validation"]]).mean(0) * scale
+    mae = np.abs(pred - data.targets[val]).mean(0) * scale
     np.testing.assert_allclose(ev["mae"], mae, rtol=2e-4)
     with pytest.raises(ValueError, match="split"):
         p.evaluate_split(p.params, "holdout")
@@ -299,3 +322,67 @@ def test_short_training_lowers_every_target_loss(problem):
         state, _ = step(state, sample(jax.random.key(i)))
     after = np.asarray(p.evaluate_split(state.params, "train")["loss"])
     assert np.all(after < 0.9 * before), (before, after)
+
+
+def _sigmoid(v):
+    return 1.0 / (1.0 + np.exp(-v))
+
+
+def _mpnn_reference(p, x, pos, bonds, steps, s2s_steps):
+    """float64 MPNN forward of one molecule from the definitions (Gilmer et al. 2017: edge
+    network with mean aggregation and root weight, GRU, Set2Set, ReLU(W₁ ·))."""
+    lin = lambda v, layer: v @ layer["kernel"] + layer.get("bias", 0.0)
+    relu = lambda v: np.maximum(v, 0.0)
+    n, d = x.shape[0], p["lin0"]["kernel"].shape[1]
+    h = relu(lin(x, p["lin0"]))
+    w = {}
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                e = np.concatenate([[bonds[i, j] == k for k in (1, 2, 3, 4)], [0.0]])
+                e[4] = np.linalg.norm(pos[i] - pos[j])
+                w[j, i] = lin(relu(lin(e, p["conv"]["edge_in"])), p["conv"]["edge_out"])
+                w[j, i] = w[j, i].reshape(d, d)
+    for _ in range(steps):
+        agg = np.stack([np.mean([h[j] @ w[j, i] for j in range(n) if j != i], 0) for i in range(n)])
+        m = relu(lin(h, p["conv"]["root"]) + agg)
+        xr, xz, xn = np.split(lin(m, p["gru"]["dense_i"]), 3, axis=-1)
+        hr, hz, hn = np.split(lin(h, p["gru"]["dense_h"]), 3, axis=-1)
+        r, z = _sigmoid(xr + hr), _sigmoid(xz + hz)
+        h = (1 - z) * np.tanh(xn + r * hn) + z * h
+    s = p["set2set"]["lstm"]
+    c, q, q_star = np.zeros(d), np.zeros(d), np.zeros(2 * d)
+    for _ in range(s2s_steps):
+        i_ = _sigmoid(lin(q_star, s["ii"]) + lin(q, s["hi"]))
+        f_ = _sigmoid(lin(q_star, s["if_"]) + lin(q, s["hf"]))
+        g_ = np.tanh(lin(q_star, s["ig"]) + lin(q, s["hg"]))
+        o_ = _sigmoid(lin(q_star, s["io"]) + lin(q, s["ho"]))
+        c = f_ * c + i_ * g_
+        q = o_ * np.tanh(c)
+        a = np.exp(h @ q - (h @ q).max())
+        a /= a.sum()
+        q_star = np.concatenate([q, a @ h])
+    return relu(lin(q_star, p["lin1"]))
+
+
+@needs_qm9
+def test_mpnn_matches_a_float64_reference(problem, data, tools):
+    mols, build, fwd = tools
+    leaves, treedef = jax.tree_util.tree_flatten(problem.params)
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    noisy = [0.4 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    params = jax.tree_util.tree_unflatten(treedef, noisy)  # biases off zero too
+    state = nnx.state(to_nnx(problem.model, params), nnx.Param)
+    pure = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), nnx.to_pure_dict(state))
+    enc = pure["encoder"]
+    rows = [0, 5, 321]
+    out = np.asarray(fwd(params, build(mols, *_slots(rows), **BUDGET)["graph"]))  # (T, SLOTS)
+    head_w, head_b = pure["heads"]["kernel"][..., 0], pure["heads"]["bias"][..., 0]
+    cfg = Q.MODELS["mpnn-light"]
+    x = data.node_features()
+    for k, r in enumerate(rows):
+        n = data.num_atoms[r]
+        ref = _mpnn_reference(
+            enc, x[r, :n], data.positions[r, :n], data.bonds[r], cfg["steps"], cfg["set2set_steps"]
+        )
+        np.testing.assert_allclose(out[:, k], head_w @ ref + head_b, rtol=1e-4, atol=1e-5)
