@@ -148,7 +148,7 @@ def test_cache_is_keyed_checked_and_rebuilt_atomically(tmp_path, monkeypatch, da
     np.testing.assert_array_equal(rebuilt.bonds, first.bonds)
     assert path.read_bytes() == blob
     # A readable file under the right name but with another key (stale) is rebuilt too.
-    np.savez(path, key=np.asarray("0" * 64), **first._asdict())
+    np.savez(path, key=np.asarray("0" * 64), **qd._compact(first))
     qd.load(max_molecules=40, folder=folder)
     assert calls == [1, 1] and path.read_bytes() == blob
     # Only the cache file and the foreign file remain (no temporary files); ours untouched.
