@@ -272,6 +272,28 @@ def test_batches_pack_complete_graphs_and_padding_changes_no_output(problem, dat
 
 
 @needs_qm9
+def test_sampler_redraws_batches_over_budget(data, tools):
+    mols, _, _ = tools
+    pool = np.arange(600)
+    n = data.num_atoms.astype(np.int64)
+    # A budget that 4 molecules of the pool fit only when they are small: most draws are redrawn.
+    max_nodes, max_edges = 4 * 10, 4 * 10 * 9
+    sample = jax.jit(Q.make_sampler(mols, pool, 4, max_nodes, max_edges))
+    counts = []
+    for i in range(30):
+        g = sample(jax.random.key(i))["graph"]
+        per_graph = np.bincount(np.asarray(g.node_graph)[np.asarray(g.node_mask)], minlength=4)
+        assert per_graph.sum() <= max_nodes and (per_graph * (per_graph - 1)).sum() <= max_edges
+        assert int(g.edge_mask.sum()) == int((per_graph * (per_graph - 1)).sum())
+        counts.append(per_graph)
+    # Without the budget a batch is this large on average: the redraws did happen.
+    assert 4 * n.mean() > max_nodes and np.mean(np.sum(counts, 1)) <= max_nodes
+    lo, hi = Q.sampling_budget(n, 120)
+    assert lo >= 120 * n.mean() and lo <= 120 * n.max()
+    assert hi >= 120 * (n * (n - 1)).mean() and hi <= 120 * (n * (n - 1)).max()
+
+
+@needs_qm9
 def test_problem_shapes_split_metrics_and_jit(problem, data, tools):
     p = problem
     assert p.task_names == qd.TARGETS and p.metrics["U0"] == ("mae", False)

@@ -163,6 +163,32 @@ def sampling_budget(num_atoms: np.ndarray, batch_size: int, margin: float = 7.0)
     return tuple(out)
 
 
+def make_sampler(
+    mols: dict[str, jax.Array], pool: np.ndarray, batch_size: int, max_nodes: int, max_edges: int
+):
+    """``key -> batch`` (jittable): ``batch_size`` molecules of ``pool`` drawn uniformly with
+    replacement, redrawn (``lax.while_loop``) until they fit the budgets."""
+    pool = jnp.asarray(pool, jnp.int32)
+
+    def draw(k):
+        return pool[jax.random.randint(k, (batch_size,), 0, pool.shape[0])]
+
+    def redraw(carry):
+        k, _ = carry
+        k, sub = jax.random.split(k)
+        return k, draw(sub)
+
+    def over(carry):
+        return ~batch_fits(mols["num_atoms"][carry[1]], max_nodes, max_edges)
+
+    def sample(key):
+        k, sub = jax.random.split(key)
+        _, idx = jax.lax.while_loop(over, redraw, (k, draw(sub)))
+        return build_batch(mols, idx, max_nodes=max_nodes, max_edges=max_edges)
+
+    return sample
+
+
 def exact_budget(num_atoms: np.ndarray, chunks: np.ndarray, valid: np.ndarray):
     """``(max_nodes, max_edges)`` that fit every chunk of the fixed ``chunks`` (i[C, B])."""
     n = np.where(valid, num_atoms[chunks], 0).astype(np.int64)
@@ -267,25 +293,10 @@ def qm9(
     def init_params(key: jax.Array) -> Params:
         return build_model(key, model=model)[1]
 
-    train_idx = jnp.asarray(splits["train"], jnp.int32)
     n_train = len(splits["train"])
     max_nodes, max_edges = sampling_budget(data.num_atoms[splits["train"]], batch_size)
 
-    def sample(key):
-        def draw(k):
-            return train_idx[jax.random.randint(k, (batch_size,), 0, n_train)]
-
-        def redraw(carry):
-            k, _ = carry
-            k, sub = jax.random.split(k)
-            return k, draw(sub)
-
-        def over(carry):
-            return ~batch_fits(mols["num_atoms"][carry[1]], max_nodes, max_edges)
-
-        k, sub = jax.random.split(key)
-        _, idx = jax.lax.while_loop(over, redraw, (k, draw(sub)))
-        return build_batch(mols, idx, max_nodes=max_nodes, max_edges=max_edges)
+    sample = make_sampler(mols, splits["train"], batch_size, max_nodes, max_edges)
 
     # Evaluation: fixed chunks of ``eval_batch_size`` molecules, one node/edge budget that
     # fits every chunk of every split (one compiled function for all of them).
