@@ -330,6 +330,12 @@ def test_problem_shapes_split_metrics_and_jit(problem, data, tools):
     np.testing.assert_allclose(ev["mae"], mae, rtol=2e-4)
     with pytest.raises(ValueError, match="split"):
         p.evaluate_split(p.params, "holdout")
+    # Unscaled targets (the FAMO code's default): batches carry the targets in their units.
+    raw = mtl.problems.get("qm9", batch_size=24, standardize=False, **SLICE)
+    y = np.asarray(jax.jit(raw.sample)(jax.random.key(0))["y"])
+    assert raw.info["target_mean"] == p.info["target_mean"]
+    u0, cv = y[:, qd.TARGETS.index("U0")], y[:, qd.TARGETS.index("cv")]
+    assert np.all(u0 < -5.0) and np.all(cv > 5.0)  # eV and cal/(mol K), not standardised
 
 
 @needs_qm9

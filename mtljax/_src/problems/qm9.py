@@ -13,7 +13,8 @@ FAMO (Liu et al., NeurIPS 2023) and FairGrad (Ban & Ji, ICML 2024):
 * targets standardised per task, ``z = (y − mean) / std``, with training-set statistics (their
   code reads them from ``train_dataset.data.y``, which for a PyG in-memory slice is the whole
   dataset's storage, so theirs are, in effect, statistics of all 130 831 molecules); each
-  task's loss is the mean squared error on ``z``;
+  task's loss is the mean squared error on ``z``; the FAMO code's copy of the trainer
+  defaults to unscaled targets (option ``standardize=False``);
 * metric: the mean absolute error in the original units, reported in the units of the papers'
   tables (:data:`REPORT_UNITS`: meV for the energies ε_HOMO, ε_LUMO, ZPVE, U₀, U, H, G, as the
   Nash-MTL code's ``multiply_indx``);
@@ -247,6 +248,7 @@ def qm9(
     eval_batch_size: int = 500,
     learning_rate: float = 1e-3,
     epochs: int = 300,
+    standardize: bool = True,
 ) -> Problem:
     """QM9's 11 targets (:data:`TARGETS`) from the molecular graph; see the module docstring.
 
@@ -264,6 +266,11 @@ def qm9(
       learning_rate: Adam's (1e-3, the papers'; their plateau schedule is not part of the
         problem).
       epochs: ``steps = epochs × steps_per_epoch`` (300 in the papers).
+      standardize: train on standardised targets (Nash-MTL's ``--scale-y`` default, true);
+        ``False`` trains on the targets in their units (eV, D, …), the default of the FAMO
+        code's copy of the same trainer (``experiments/quantum_chemistry/trainer.py`` of
+        github.com/Cranial-XIX/FAMO, whose ``run.sh`` does not set it). The MAE is in the
+        original units either way.
 
     ``seed`` sets the initial parameters only; ``data_seed`` the split.
     """
@@ -284,7 +291,8 @@ def qm9(
         num_validation=num_validation,
         num_train=num_train,
     )
-    scaler = qd.Scaler.fit(data.targets[splits["train"]])
+    stats = qd.Scaler.fit(data.targets[splits["train"]])
+    scaler = stats if standardize else qd.Scaler(np.zeros(len(TARGETS)), np.ones(len(TARGETS)))
     mols = device_arrays(data, scaler)
     std = jnp.asarray(scaler.std * np.array([REPORT_SCALE[t] for t in TARGETS]), jnp.float32)
 
@@ -354,11 +362,12 @@ def qm9(
         info={
             "model": model,
             "model_config": dict(MODELS[model]),
+            "standardize": bool(standardize),
             "molecules": {s: int(len(v)) for s, v in splits.items()},
             "data_seed": int(data_seed),
             "units": dict(REPORT_UNITS),
-            "target_mean": [float(v) for v in scaler.mean],
-            "target_std": [float(v) for v in scaler.std],
+            "target_mean": [float(v) for v in stats.mean],
+            "target_std": [float(v) for v in stats.std],
             "published_stl_mae": dict(PUBLISHED_STL_MAE),
             "batch_budget": {"max_nodes": max_nodes, "max_edges": max_edges},
         },
