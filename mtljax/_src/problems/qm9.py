@@ -4,8 +4,9 @@ literature's QM9 benchmark).
 Data, targets, units and the geometry-inferred graph: :mod:`mtljax._src.problems.qm9_data`
 (needs the optional extra ``pip install -e ".[qm9]"``). The protocol follows the QM9
 experiments of Nash-MTL (Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022;
-``experiments/quantum_chemistry/trainer.py`` of github.com/AvivNavon/nash-mtl), also used by
-FAMO (Liu et al., NeurIPS 2023) and FairGrad (Ban & Ji, ICML 2024):
+``experiments/quantum_chemistry/trainer.py`` of github.com/AvivNavon/nash-mtl), whose trainer
+FAMO reuses (Liu et al., NeurIPS 2023; github.com/Cranial-XIX/FAMO); FairGrad (Ban & Ji,
+ICML 2024) reports on the same benchmark:
 
 * splits: one seeded shuffle; the first 10 000 molecules are the test set, the next 10 000
   the validation set, the remaining 110 831 the training set (see
@@ -261,7 +262,9 @@ def qm9(
         same shuffled sets.
       max_molecules: read only the first molecules of the source (lowest QM9 indices) before
         splitting: for tests; not a random subset.
-      batch_size: training batch (120, the papers'), drawn uniformly with replacement.
+      batch_size: training batch (120, the papers'), drawn uniformly with replacement (the
+        papers shuffle once per epoch); a draw over the batch's node/edge budget is redrawn
+        (:func:`sampling_budget`: about one draw in 10¹¹).
       eval_batch_size: molecules per evaluation chunk.
       learning_rate: Adam's (1e-3, the papers'; their plateau schedule is not part of the
         problem).
@@ -272,7 +275,8 @@ def qm9(
         github.com/Cranial-XIX/FAMO, whose ``run.sh`` does not set it). The MAE is in the
         original units either way.
 
-    ``seed`` sets the initial parameters only; ``data_seed`` the split.
+    ``seed`` sets the initial parameters only; ``data_seed`` the split (the papers' single
+    seed sets both, so their runs over seeds also vary the split).
     """
     for name, v in (
         ("batch_size", batch_size),
