@@ -23,6 +23,7 @@ from mtljax._src.nn.hard_sharing import HardSharing
 from mtljax._src.nn.low_level import LowLevelSupervision
 from mtljax._src.nn.mlp import MLP
 from mtljax._src.nn.mmoe import MMoE, OMoE
+from mtljax._src.nn.mpnn import MPNN, EdgeNetworkConv, GraphBatch, Set2Set
 from mtljax._src.nn.mtan import MTAN
 from mtljax._src.nn.ple import CGC, PLE, ExtractionLayer
 from mtljax._src.nn.resnet import BasicBlock, ResNet
@@ -42,6 +43,7 @@ __all__ = [
     "CGC",
     "MLP",
     "MMoE",
+    "MPNN",
     "MTAN",
     "OMoE",
     "PLE",
@@ -51,12 +53,15 @@ __all__ = [
     "CrossStitch",
     "CrossStitchUnit",
     "DSelectK",
+    "EdgeNetworkConv",
     "ExtractionLayer",
+    "GraphBatch",
     "HardSharing",
     "HybridSharing",
     "LowLevelSupervision",
     "PathPrefixes",
     "ResNet",
+    "Set2Set",
     "SoftSharing",
     "SplitReport",
     "StackedLinear",

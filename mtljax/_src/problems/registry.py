@@ -21,7 +21,7 @@ def register(name: str) -> Callable:
 
 def names() -> tuple[str, ...]:
     """The built-in problems' names (``toy2d``, ``gradnorm_toy``, ``uw_noise``,
-    ``mmoe_synthetic``, ``multidigits``)."""
+    ``mmoe_synthetic``, ``multidigits``, ``qm9``)."""
     _load_all()
     return tuple(_PROBLEMS)
 
@@ -42,6 +42,7 @@ def _load_all() -> None:
         gradnorm_toy,
         mmoe_synthetic,
         multidigits,
+        qm9,
         toy2d,
         uw_noise,
     )
