@@ -27,7 +27,7 @@ from mtljax._src.checkpoint import (
     DamagedCheckpointWarning,
     Restored,
 )
-from mtljax._src.engine import feature_jacobian, jacobian, task_jacobian
+from mtljax._src.engine import feature_jacobian, gramian_by_chunks, jacobian, task_jacobian
 from mtljax._src.model import (
     BatchField,
     Model,
@@ -56,7 +56,6 @@ from mtljax._src.train import (
     TrainState,
     TrainStep,
     gradients,
-    gramian_by_chunks,
     init_train_state,
     make_train_step,
     mixed_precision,

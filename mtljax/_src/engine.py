@@ -19,16 +19,19 @@ gradients from the VJP.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from mtljax._src import base
 from mtljax._src import tree as tree_lib
 from mtljax._src.model import Batch, Model, Params
 
 PyTree = Any
+Mode = Literal["parameter", "feature"]
 
 
 def map_cotangents(vjp_fn: Callable, num_tasks: int, chunk_size: int | None, dtype: Any) -> Any:
@@ -140,3 +143,187 @@ def task_jacobian(
     """``(losses, J)``: the Jacobian of the task losses w.r.t. all shared parameters."""
     losses, jac, _ = jacobian(model, params, batch, chunk_size=chunk_size)
     return losses, jac
+
+
+def rows_finite(jac: PyTree, num_tasks: int) -> jax.Array:
+    """``bool[T]``: whether every entry of each task's row of a Jacobian pytree is finite."""
+    ok = jnp.ones((num_tasks,), bool)
+    for leaf in jax.tree_util.tree_leaves(jac):
+        ok = ok & jnp.all(jnp.isfinite(leaf.reshape(num_tasks, -1)), axis=1)
+    return ok
+
+
+def gramian_by_chunks(
+    f: Callable[[PyTree], jax.Array],
+    primal: PyTree,
+    num_tasks: int,
+    chunk_size: int,
+    *,
+    constraint: Callable[[PyTree], PyTree] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(f(primal), G)`` with ``G = J Jᵀ`` for ``J = ∂f/∂primal``, never holding all of ``J``.
+
+    ``f`` is linearized once (one forward pass); then, ``chunk_size`` tasks at a time, the rows
+    ``J_c`` of a chunk come from mapped VJPs and the Gramian's columns ``J J_cᵀ`` from mapped
+    JVPs along those rows (``J v`` is the directional derivative of the losses along ``v``).
+    Memory holds ``chunk_size`` rows of ``J`` at a time instead of ``T``.
+
+    The trade-off: on top of the ``T`` VJPs that forming ``J`` costs, this pays ``T`` JVPs
+    (each about one forward pass, so roughly +50% over the VJPs) and the update ``Jᵀw`` must
+    come from one more VJP instead of a product with a stored ``J``. It pays off when ``T × P``
+    does not fit in memory; otherwise forming ``J`` (optionally with ``chunk_size``, which
+    only bounds the intermediates of the backward passes) is faster. A ``primal`` with no
+    leaves (no shared parameters) has ``G = 0``.
+    """
+    if not jax.tree_util.tree_leaves(primal):
+        losses = f(primal)
+        dtype = jnp.promote_types(losses.dtype, jnp.float32)
+        return losses, jnp.zeros((int(num_tasks), int(num_tasks)), dtype)
+    losses, jvp_fn = jax.linearize(f, primal)
+    vjp_fn = jax.linear_transpose(jvp_fn, primal)
+    t = int(num_tasks)
+    c = max(1, min(int(chunk_size), t))
+    n = math.ceil(t / c)
+    eye = jnp.eye(n * c, t, dtype=losses.dtype).reshape(n, c, t)  # padded rows are zero
+
+    def body(carry, e):
+        rows = jax.vmap(lambda ei: vjp_fn(ei)[0])(e)
+        if constraint is not None:
+            rows = constraint(rows)
+        return carry, jax.vmap(jvp_fn)(rows)
+
+    _, cols = jax.lax.scan(body, None, eye)
+    g = cols.reshape(n * c, t)[:t].astype(jnp.promote_types(losses.dtype, jnp.float32))
+    return losses, 0.5 * (g + g.T)
+
+
+def _chunked_gramian(
+    model: Model,
+    params: Params,
+    batch: Batch,
+    *,
+    mode: Mode,
+    subset: str,
+    chunk_size: int,
+    constraint: Callable[[PyTree], PyTree] | None,
+) -> tuple[jax.Array, jax.Array, Callable[[jax.Array], Params]]:
+    """``(losses, G, vjp)`` like :func:`jacobian` but with the Gramian in task chunks."""
+    t = model.num_tasks
+    if mode == "feature":
+        z, enc_vjp = jax.vjp(lambda s: model.encode_fn(s, batch), params.shared)
+        losses, head_vjp = jax.vjp(lambda p, z_: model.heads_fn(p, z_, batch), params.specific, z)
+        _, gram = gramian_by_chunks(
+            lambda z_: model.heads_fn(params.specific, z_, batch), z, t, chunk_size
+        )
+
+        def vjp(c):
+            g_spec, g_z = head_vjp(c)
+            return Params(enc_vjp(g_z)[0], g_spec)
+
+        return losses, gram, vjp
+    losses, vjp = losses_and_vjp(model, params, batch)
+    pred = subset_predicate(model, subset)
+    sel, rest, treedef, mask = tree_lib.partition(params.shared, pred)
+
+    def f(sel_):
+        shared = tree_lib.combine(sel_, rest, treedef, mask)
+        return model.losses_fn(shared, params.specific, batch)
+
+    _, gram = gramian_by_chunks(f, sel, t, chunk_size, constraint=constraint)
+    return losses, gram, vjp
+
+
+# ----------------------------------------------------------------------------------------------
+# The one entry point of a train step
+
+
+class Quantities(NamedTuple):
+    """What a train step's method needs, all from one forward pass (see :func:`compute`).
+
+    Attributes:
+      losses: ``f32[T]``, the task losses.
+      jacobian: the task Jacobian (a pytree whose leaves have a leading task axis): w.r.t. the
+        shared parameters (or the declared subset), or, at feature level, w.r.t. the shared
+        representation; ``None`` when not formed (losses-only methods, Gramian by chunks).
+      gramian: ``f32[T, T]``, ``G = J Jᵀ``; ``None`` for losses-only methods.
+      rows_finite: ``bool[T]``, whether each task's row of ``J`` (or its diagonal entry of
+        ``G``) is finite; ``None`` for losses-only methods.
+      vjp: ``c ↦`` the :class:`Params` gradient of ``c · losses`` (one backward pass).
+      weighted: ``w ↦`` the :class:`Params` gradient of ``w · losses``, the update of a
+        weighting method: at parameter level over all shared parameters the shared part is
+        ``Jᵀw`` from the stored ``J`` (no further backward pass through the encoder),
+        otherwise ``vjp(w)``.
+      pullback: a direction with the structure of a Jacobian row ``↦`` the gradient of the
+        shared parameters it stands for: the identity at parameter level, the encoder's VJP
+        at feature level; ``None`` when no Jacobian was formed.
+    """
+
+    losses: jax.Array
+    jacobian: PyTree | None
+    gramian: jax.Array | None
+    rows_finite: jax.Array | None
+    vjp: Callable[[jax.Array], Params]
+    weighted: Callable[[jax.Array], Params]
+    pullback: Callable[[PyTree], PyTree] | None
+
+
+def compute(
+    model: Model,
+    params: Params,
+    batch: Batch,
+    *,
+    needs: base.Needs,
+    mode: Mode = "parameter",
+    subset: str = "all",
+    chunk_size: int | None = None,
+    gramian_chunk_size: int | None = None,
+    constraint: Callable[[PyTree], PyTree] | None = None,
+) -> Quantities:
+    """Everything a method declares it needs (``needs``), from one forward pass of the model.
+
+    Args:
+      model, params, batch: the model, its parameters and the batch.
+      needs: ``"losses"`` (the losses and their VJP only: one backward, as for equal weights),
+        ``"gramian"`` or ``"jacobian"`` (the task Jacobian and its Gramian).
+      mode: ``"parameter"`` (Jacobian w.r.t. the shared parameters) or ``"feature"`` (w.r.t. the
+        shared representation).
+      subset: ``"all"`` shared parameters or the ``"last"`` shared layer (parameter level).
+      chunk_size: map the Jacobian's backward passes this many tasks at a time.
+      gramian_chunk_size: for ``needs="gramian"``: accumulate the Gramian this many tasks at
+        a time without forming ``J`` (:func:`gramian_by_chunks`).
+      constraint: applied to the parameter-level Jacobian (or its chunks), e.g. a sharding
+        constraint.
+    """
+    t = model.num_tasks
+    if needs == "losses":
+        losses, vjp = losses_and_vjp(model, params, batch)
+        return Quantities(losses, None, None, None, vjp, vjp, None)
+    if gramian_chunk_size is not None and needs == "gramian":
+        losses, gram, vjp = _chunked_gramian(
+            model,
+            params,
+            batch,
+            mode=mode,
+            subset=subset,
+            chunk_size=gramian_chunk_size,
+            constraint=constraint,
+        )
+        return Quantities(losses, None, gram, jnp.isfinite(jnp.diagonal(gram)), vjp, vjp, None)
+    if mode == "parameter":
+        losses, jac, vjp = jacobian(model, params, batch, subset=subset, chunk_size=chunk_size)
+        if constraint is not None:
+            jac = constraint(jac)
+        rows_ok = rows_finite(jac, t)
+        if subset == "all":
+
+            def weighted(w):
+                return Params(base.combine(w, jac), vjp(w).specific)
+
+        else:
+            weighted = vjp
+        return Quantities(losses, jac, base.gramian(jac, t), rows_ok, vjp, weighted, lambda d: d)
+    if mode == "feature":
+        losses, jac, vjp, backprop = feature_jacobian(model, params, batch, chunk_size=chunk_size)
+        rows_ok = rows_finite(jac, t)
+        return Quantities(losses, jac, base.gramian(jac, t), rows_ok, vjp, vjp, backprop)
+    raise ValueError(f"mode must be 'parameter' or 'feature', got {mode!r}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
@@ -163,94 +162,6 @@ def _stays_finite(old: PyTree, new: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(oks)) if oks else jnp.asarray(True)
 
 
-def _rows_finite(jac: PyTree, num_tasks: int) -> jax.Array:
-    """``bool[T]``: whether every entry of each task's row of a Jacobian pytree is finite."""
-    ok = jnp.ones((num_tasks,), bool)
-    for leaf in jax.tree_util.tree_leaves(jac):
-        ok = ok & jnp.all(jnp.isfinite(leaf.reshape(num_tasks, -1)), axis=1)
-    return ok
-
-
-def gramian_by_chunks(
-    f: Callable[[PyTree], jax.Array],
-    primal: PyTree,
-    num_tasks: int,
-    chunk_size: int,
-    *,
-    constraint: Callable[[PyTree], PyTree] | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """``(f(primal), G)`` with ``G = J Jᵀ`` for ``J = ∂f/∂primal``, never holding all of ``J``.
-
-    ``f`` is linearized once (one forward pass); then, ``chunk_size`` tasks at a time, the rows
-    ``J_c`` of a chunk come from mapped VJPs and the Gramian's columns ``J J_cᵀ`` from mapped
-    JVPs along those rows (``J v`` is the directional derivative of the losses along ``v``).
-    Memory holds ``chunk_size`` rows of ``J`` at a time instead of ``T``.
-
-    The trade-off: on top of the ``T`` VJPs that forming ``J`` costs, this pays ``T`` JVPs
-    (each about one forward pass, so roughly +50% over the VJPs) and the update ``Jᵀw`` must
-    come from one more VJP instead of a product with a stored ``J``. It pays off when ``T × P``
-    does not fit in memory; otherwise forming ``J`` (optionally with ``chunk_size``, which
-    only bounds the intermediates of the backward passes) is faster. A ``primal`` with no
-    leaves (no shared parameters) has ``G = 0``.
-    """
-    if not jax.tree_util.tree_leaves(primal):
-        losses = f(primal)
-        dtype = jnp.promote_types(losses.dtype, jnp.float32)
-        return losses, jnp.zeros((int(num_tasks), int(num_tasks)), dtype)
-    losses, jvp_fn = jax.linearize(f, primal)
-    vjp_fn = jax.linear_transpose(jvp_fn, primal)
-    t = int(num_tasks)
-    c = max(1, min(int(chunk_size), t))
-    n = math.ceil(t / c)
-    eye = jnp.eye(n * c, t, dtype=losses.dtype).reshape(n, c, t)  # padded rows are zero
-
-    def body(carry, e):
-        rows = jax.vmap(lambda ei: vjp_fn(ei)[0])(e)
-        if constraint is not None:
-            rows = constraint(rows)
-        return carry, jax.vmap(jvp_fn)(rows)
-
-    _, cols = jax.lax.scan(body, None, eye)
-    g = cols.reshape(n * c, t)[:t].astype(jnp.promote_types(losses.dtype, jnp.float32))
-    return losses, 0.5 * (g + g.T)
-
-
-def _chunked_gramian(
-    model: Model,
-    params: Params,
-    batch: Batch,
-    *,
-    mode: Mode,
-    subset: str,
-    chunk_size: int,
-    constraint: Callable[[PyTree], PyTree] | None,
-) -> tuple[jax.Array, jax.Array, Callable[[jax.Array], Params]]:
-    """``(losses, G, vjp)`` like :func:`engine.jacobian` but with the Gramian in task chunks."""
-    t = model.num_tasks
-    if mode == "feature":
-        z, enc_vjp = jax.vjp(lambda s: model.encode_fn(s, batch), params.shared)
-        losses, head_vjp = jax.vjp(lambda p, z_: model.heads_fn(p, z_, batch), params.specific, z)
-        _, gram = gramian_by_chunks(
-            lambda z_: model.heads_fn(params.specific, z_, batch), z, t, chunk_size
-        )
-
-        def vjp(c):
-            g_spec, g_z = head_vjp(c)
-            return Params(enc_vjp(g_z)[0], g_spec)
-
-        return losses, gram, vjp
-    losses, vjp = engine.losses_and_vjp(model, params, batch)
-    pred = engine.subset_predicate(model, subset)
-    sel, rest, treedef, mask = tree_lib.partition(params.shared, pred)
-
-    def f(sel_):
-        shared = tree_lib.combine(sel_, rest, treedef, mask)
-        return model.losses_fn(shared, params.specific, batch)
-
-    _, gram = gramian_by_chunks(f, sel, t, chunk_size, constraint=constraint)
-    return losses, gram, vjp
-
-
 def _cast_floating(tree: PyTree, dtype: Any) -> PyTree:
     def cast(x):
         if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
@@ -387,71 +298,40 @@ def gradients(
     (in parameter mode a Gramian or Jacobian method with ``head_grads="weighted"``, e.g.
     Nash-MTL, raises: its weights would come from ``G = 0``; pass ``head_grads="unit"``).
     ``gramian_chunk_size`` (weighting methods that need the Gramian) computes the Gramian
-    that many tasks at a time without forming the Jacobian (see :func:`gramian_by_chunks`);
+    that many tasks at a time without forming the Jacobian (see :func:`mtljax.gramian_by_chunks`);
     ``jacobian_constraint`` is applied to the parameter-level Jacobian (or its chunks), e.g. a
     sharding constraint.
     """
     head_grads = head_grads or method.head_grads
     _check_weights_defined(method, head_grads, params, mode)
+    if mode not in ("parameter", "feature"):
+        raise ValueError(f"mode must be 'parameter' or 'feature', got {mode!r}")
+    if gramian_chunk_size is not None and method.needs != "losses" and method.weights is None:
+        raise ValueError(
+            f"gramian_chunk_size: {method.name} yields a direction from the full Jacobian; "
+            "only weighting methods can work from the Gramian alone"
+        )
     t = model.num_tasks
     metrics: dict[str, jax.Array] = {}
-    gram = None
-    rows_ok = None
-    if method.needs == "losses":
-        losses, vjp = engine.losses_and_vjp(model, params, batch)
-        w, method_state = _method_weights(method, losses, None, method_state, key)
-        grads = vjp(w)
-    elif gramian_chunk_size is not None:
-        if method.weights is None:
-            raise ValueError(
-                f"gramian_chunk_size: {method.name} yields a direction from the full Jacobian; "
-                "only weighting methods can work from the Gramian alone"
-            )
-        losses, gram, vjp = _chunked_gramian(
-            model,
-            params,
-            batch,
-            mode=mode,
-            subset=method.params,
-            chunk_size=gramian_chunk_size,
-            constraint=jacobian_constraint,
-        )
-        rows_ok = jnp.isfinite(jnp.diagonal(gram))
+    q = engine.compute(
+        model,
+        params,
+        batch,
+        needs=method.needs,
+        mode=mode,
+        subset=method.params,
+        chunk_size=chunk_size,
+        gramian_chunk_size=gramian_chunk_size,
+        constraint=jacobian_constraint if mode == "parameter" else None,
+    )
+    losses, vjp, gram, rows_ok = q.losses, q.vjp, q.gramian, q.rows_finite
+    if method.weights is not None:
         w, method_state = _method_weights(method, losses, gram, method_state, key)
-        grads = vjp(w)
-    elif mode == "parameter":
-        losses, jac, vjp = engine.jacobian(
-            model, params, batch, subset=method.params, chunk_size=chunk_size
-        )
-        if jacobian_constraint is not None:
-            jac = jacobian_constraint(jac)
-        rows_ok = _rows_finite(jac, t)
-        gram = base.gramian(jac, t)
-        if method.weights is not None:
-            w, method_state = _method_weights(method, losses, gram, method_state, key)
-            if method.params == "all":
-                grads = Params(base.combine(w, jac), vjp(w).specific)
-            else:
-                grads = vjp(w)
-        else:
-            w = None
-            direction, method_state = _method_direction(method, jac, losses, method_state, key)
-            grads = Params(direction, vjp(jnp.ones_like(losses)).specific)
-    elif mode == "feature":
-        losses, jac, vjp, backprop = engine.feature_jacobian(
-            model, params, batch, chunk_size=chunk_size
-        )
-        rows_ok = _rows_finite(jac, t)
-        gram = base.gramian(jac, t)
-        if method.weights is not None:
-            w, method_state = _method_weights(method, losses, gram, method_state, key)
-            grads = vjp(w)
-        else:
-            w = None
-            direction, method_state = _method_direction(method, jac, losses, method_state, key)
-            grads = Params(backprop(direction), vjp(jnp.ones_like(losses)).specific)
+        grads = q.weighted(w)
     else:
-        raise ValueError(f"mode must be 'parameter' or 'feature', got {mode!r}")
+        w = None
+        direction, method_state = _method_direction(method, q.jacobian, losses, method_state, key)
+        grads = Params(q.pullback(direction), vjp(jnp.ones_like(losses)).specific)
 
     if w is not None and head_grads == "unit":
         grads = Params(grads.shared, vjp(jnp.ones_like(losses)).specific)
@@ -909,7 +789,7 @@ def make_train_step(
         methods and their solvers always see float32 (see :func:`mixed_precision`).
       gramian_chunk_size: for weighting methods that need the Gramian: accumulate it this
         many tasks at a time so that the ``T × P`` Jacobian never exists (see
-        :func:`gramian_by_chunks` for the compute it costs).
+        :func:`mtljax.gramian_by_chunks` for the compute it costs).
       prox: ``Params -> Params``, applied to the parameters right after the optimizer's update,
         inside the jitted step (so also in :meth:`TrainStep.scan` and data-parallel steps);
         the non-finite guard judges the parameters after it. For a non-smooth penalty
