@@ -15,7 +15,7 @@ import optax
 from mtljax._src import base, engine
 from mtljax._src import tree as tree_lib
 from mtljax._src.describe import state_skeleton
-from mtljax._src.model import Batch, Model, Params
+from mtljax._src.model import Batch, Model, Params, StateFns
 
 PyTree = Any
 Mode = Literal["parameter", "feature"]
@@ -62,7 +62,19 @@ def _short(treedef: Any, limit: int = 300) -> str:
 
 
 class TrainState(NamedTuple):
-    """Everything a run carries from step to step (all arrays: checkpoint it whole)."""
+    """Everything a run carries from step to step (all arrays: checkpoint it whole).
+
+    Attributes:
+      params: the shared and task-specific parameters.
+      opt_state: the optimizer's state.
+      method_state: the method's state.
+      key: the run's PRNG key; each step splits it, and the model's random streams (dropout)
+        draw from a key derived from it and ``step`` (:func:`model_key`).
+      step: the number of steps taken.
+      skipped: how many of them were not applied (non-finite, or an unconverged solve).
+      model_state: the model's non-parameter state (BatchNorm's running statistics...; see
+        :func:`mtljax.from_nnx`), updated by each applied step; ``()`` for a model without.
+    """
 
     params: Params
     opt_state: PyTree
@@ -70,6 +82,19 @@ class TrainState(NamedTuple):
     key: jax.Array
     step: jax.Array
     skipped: jax.Array
+    model_state: PyTree = ()
+
+
+# The model's random streams draw from fold_in(fold_in(key, _MODEL_STREAM), step): a stream of
+# its own, apart from the keys that split(key) hands the method and the next step.
+_MODEL_STREAM = 0x6D6F64  # "mod"
+
+
+def model_key(key: jax.Array, step: jax.Array) -> jax.Array:
+    """The key of a step's forward pass: derived from the train state's ``key`` and ``step``
+    (so a repeated or resumed run draws the same dropout masks), independent of the keys the
+    step hands the method."""
+    return jax.random.fold_in(jax.random.fold_in(key, _MODEL_STREAM), step)
 
 
 def init_train_state(
@@ -78,12 +103,15 @@ def init_train_state(
     method: base.Method,
     optimizer: optax.GradientTransformation,
     key: jax.Array,
+    *,
+    model_state: PyTree = None,
 ) -> TrainState:
     """The initial :class:`TrainState`; checks that the method accepts the model's ``T``.
 
     A method that trains its weighting parameters with the model's optimizer
     (``method.with_optimizer``, e.g. UW) gets ``optimizer`` bound (:func:`base.bind_optimizer`),
-    as in :func:`make_train_step`.
+    as in :func:`make_train_step`. ``model_state``: the model's non-parameter state to start
+    from (BatchNorm statistics); by default the model's as built (``model.initial_state``).
     """
     _check_model_and_method("init_train_state", model, method)
     method = base.bind_optimizer(method, optimizer)
@@ -94,6 +122,10 @@ def init_train_state(
     # strong after the first update, which would compile the step a second time.
     params = _strong(params)
     method_state = _strong(method.init(model.num_tasks))
+    if model_state is None:
+        model_state = model.initial_state
+    else:
+        _check_model_state("init_train_state", model, model_state)
     return TrainState(
         params=params,
         opt_state=optimizer.init(params),
@@ -101,7 +133,22 @@ def init_train_state(
         key=key,
         step=jnp.zeros((), jnp.int32),
         skipped=jnp.zeros((), jnp.int32),
+        model_state=_strong(model_state),
     )
+
+
+def _check_model_state(owner: str, model: Model, model_state: PyTree) -> None:
+    """The model state must have the structure, shapes and dtypes of the model's."""
+    from mtljax._src.model import _signature
+
+    if _signature(model_state) != _signature(model.initial_state):
+        have = tree_lib.leaf_paths(model_state) or "none"
+        want = tree_lib.leaf_paths(model.initial_state) or "none (the model has no state)"
+        raise ValueError(
+            f"{owner}: the model state does not fit this model: it has the variables {have}, "
+            f"the model {want} (or their shapes or dtypes differ); build the train state with "
+            "init_train_state(model, ...) for this model"
+        )
 
 
 def _check_model_and_method(owner: str, model: Any, method: Any) -> None:
@@ -180,6 +227,8 @@ def mixed_precision(model: Model, compute_dtype: Any) -> Model:
     everything a method's solver sees. At feature level the representation is handed to the
     heads' Jacobian in float32 too. (bfloat16 has float32's exponent range: no loss scaling.)
     A model ``regularizer`` is kept as it is: it is evaluated on the float32 master parameters.
+    A model with state keeps its state (BatchNorm's statistics) in the dtypes it has; how a
+    layer computes with it follows the layer's own ``dtype`` attribute.
     """
     dtype = jnp.dtype(compute_dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -209,7 +258,43 @@ def mixed_precision(model: Model, compute_dtype: Any) -> Model:
             )
             return out.astype(out_dtype)
 
-    return dataclasses.replace(model, losses_fn=losses_fn, encode_fn=encode_fn, heads_fn=heads_fn)
+    state_fns = model.state_fns
+    if state_fns is not None:
+        state_fns = _mixed_precision_state(state_fns, dtype, out_dtype)
+    return dataclasses.replace(
+        model, losses_fn=losses_fn, encode_fn=encode_fn, heads_fn=heads_fn, state_fns=state_fns
+    )
+
+
+def _mixed_precision_state(fns: StateFns, dtype: Any, out_dtype: Any) -> StateFns:
+    """:func:`mixed_precision` for the functions of a model with state: parameters and batch
+    in ``dtype``, losses and representation in ``out_dtype``. The model state keeps its own
+    dtypes, as its updates need (a running average in bfloat16 would lose its increments);
+    a layer's ``dtype`` attribute (``nnx.BatchNorm(..., dtype=jnp.bfloat16)``) says in which
+    dtype it computes with it."""
+
+    def cast(*trees):
+        return tuple(_cast_floating(x, dtype) for x in trees)
+
+    def losses(shared, specific, batch, ctx):
+        out, ctx = fns.losses(*cast(shared, specific, batch), ctx)
+        return out.astype(out_dtype), ctx
+
+    def eval_losses(shared, specific, batch, ctx):
+        return fns.eval_losses(*cast(shared, specific, batch), ctx).astype(out_dtype)
+
+    encode = heads = None
+    if fns.encode is not None:
+
+        def encode(shared, batch, ctx):
+            z, ctx = fns.encode(*cast(shared, batch), ctx)
+            return _cast_floating(z, out_dtype), ctx
+
+        def heads(specific, z, batch, ctx):
+            out, ctx = fns.heads(*cast(specific, z, batch), ctx)
+            return out.astype(out_dtype), ctx
+
+    return fns._replace(losses=losses, eval_losses=eval_losses, encode=encode, heads=heads)
 
 
 def add_regularizer(
@@ -273,6 +358,15 @@ def _method_direction(method: base.Method, jac, losses, state, key):
     return direction, state
 
 
+class StepGradients(NamedTuple):
+    """What :func:`step_gradients` returns: the update direction and the states it leaves."""
+
+    grads: Params
+    method_state: PyTree
+    model_state: PyTree
+    metrics: dict[str, jax.Array]
+
+
 def gradients(
     model: Model,
     method: base.Method,
@@ -286,6 +380,8 @@ def gradients(
     head_grads: str | None = None,
     gramian_chunk_size: int | None = None,
     jacobian_constraint: Callable[[PyTree], PyTree] | None = None,
+    model_state: PyTree = None,
+    model_key: jax.Array | None = None,
 ) -> tuple[Params, PyTree, dict[str, jax.Array]]:
     """The parameter gradient (descent direction, negated by the optimizer) chosen by ``method``.
 
@@ -298,10 +394,49 @@ def gradients(
     (in parameter mode a Gramian or Jacobian method with ``head_grads="weighted"``, e.g.
     Nash-MTL, raises: its weights would come from ``G = 0``; pass ``head_grads="unit"``).
     ``gramian_chunk_size`` (weighting methods that need the Gramian) computes the Gramian
-    that many tasks at a time without forming the Jacobian (see :func:`mtljax.gramian_by_chunks`);
-    ``jacobian_constraint`` is applied to the parameter-level Jacobian (or its chunks), e.g. a
-    sharding constraint.
+    that many tasks at a time without forming the Jacobian (see
+    :func:`mtljax.gramian_by_chunks`); ``jacobian_constraint`` is applied to the
+    parameter-level Jacobian (or its chunks), e.g. a sharding constraint.
+
+    A model with state runs in training mode at ``model_state`` (``None``: as built), its
+    random streams seeded from ``model_key`` (``None``: as built); the state its forward pass
+    leaves is returned by :func:`step_gradients`, which the train step uses.
     """
+    out = step_gradients(
+        model,
+        method,
+        params,
+        method_state,
+        batch,
+        key,
+        mode=mode,
+        chunk_size=chunk_size,
+        head_grads=head_grads,
+        gramian_chunk_size=gramian_chunk_size,
+        jacobian_constraint=jacobian_constraint,
+        model_state=model_state,
+        model_key=model_key,
+    )
+    return out.grads, out.method_state, out.metrics
+
+
+def step_gradients(
+    model: Model,
+    method: base.Method,
+    params: Params,
+    method_state: PyTree,
+    batch: Batch,
+    key: jax.Array | None,
+    *,
+    mode: Mode = "parameter",
+    chunk_size: int | None = None,
+    head_grads: str | None = None,
+    gramian_chunk_size: int | None = None,
+    jacobian_constraint: Callable[[PyTree], PyTree] | None = None,
+    model_state: PyTree = None,
+    model_key: jax.Array | None = None,
+) -> StepGradients:
+    """:func:`gradients`, with the model state its forward pass leaves."""
     head_grads = head_grads or method.head_grads
     _check_weights_defined(method, head_grads, params, mode)
     if mode not in ("parameter", "feature"):
@@ -323,6 +458,8 @@ def gradients(
         chunk_size=chunk_size,
         gramian_chunk_size=gramian_chunk_size,
         constraint=jacobian_constraint if mode == "parameter" else None,
+        model_state=model_state,
+        key=model_key,
     )
     losses, vjp, gram, rows_ok = q.losses, q.vjp, q.gramian, q.rows_finite
     if method.weights is not None:
@@ -352,7 +489,7 @@ def gradients(
         metrics["solver_iterations"] = info.iterations
         metrics["solver_converged"] = info.converged
         metrics["solver_residual"] = info.residual
-    return grads, method_state, metrics
+    return StepGradients(grads, method_state, q.model_state, metrics)
 
 
 def _apply_prox(prox: Callable[[Params], Params], params: Params) -> Params:
@@ -517,7 +654,9 @@ class TrainStep:
 
     def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         key, method_key = jax.random.split(state.key)
-        grads, method_state, metrics = gradients(
+        # One key for the step's one forward pass (dropout); none for a model that draws none.
+        forward_key = model_key(state.key, state.step) if self.model.uses_key else None
+        grads, method_state, model_state, metrics = step_gradients(
             self._compute_model,
             self.method,
             state.params,
@@ -529,8 +668,11 @@ class TrainStep:
             head_grads=self.head_grads,
             gramian_chunk_size=self.gramian_chunk_size,
             jacobian_constraint=self.jacobian_constraint,
+            model_state=state.model_state,
+            model_key=forward_key,
         )
         metrics["step"] = state.step
+        has_state = bool(jax.tree_util.tree_leaves(state.model_state))
 
         def update():
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
@@ -545,9 +687,15 @@ class TrainStep:
         def observe(params, method_state):
             # The method's view of the update it asked for: the losses at the new parameters on
             # the same batch (one forward pass), only for methods that declare the hook.
+            # A model with state is evaluated as the step's own pass was (training mode, the
+            # state before the step, the same random streams), and that state is not updated
+            # again: the difference of the losses is the update's effect alone.
             if self.method.after_update is None:
                 return method_state
-            after = jax.lax.stop_gradient(self._compute_model.losses(params, batch))
+            fns = self._compute_model.step_fns()
+            ctx = fns.enter(state.model_state, forward_key)
+            after = fns.losses(params.shared, params.specific, batch, ctx)[0]
+            after = jax.lax.stop_gradient(after)
             return self.method.after_update(metrics["losses"], after, method_state)
 
         # A solve that did not converge is refused like a non-finite step when asked to.
@@ -559,11 +707,19 @@ class TrainStep:
             method_state = observe(new_params, method_state)
             metrics["update_norm"] = optax.tree.norm(updates)
             if self.unconverged == "report":
-                method_state = jax.tree_util.tree_map(
-                    lambda a, b: a.astype(b.dtype), method_state, state.method_state
+                method_state, model_state = jax.tree_util.tree_map(
+                    lambda a, b: a.astype(b.dtype),
+                    (method_state, model_state),
+                    (state.method_state, state.model_state),
                 )
                 new = TrainState(
-                    new_params, new_opt_state, method_state, key, state.step + 1, state.skipped
+                    new_params,
+                    new_opt_state,
+                    method_state,
+                    key,
+                    state.step + 1,
+                    state.skipped,
+                    model_state,
                 )
                 return new, metrics
             ok = solved
@@ -583,16 +739,19 @@ class TrainStep:
             )
             if "regularizer" in metrics:
                 ok = ok & jnp.isfinite(metrics["regularizer"])
+            if has_state:
+                ok = ok & _stays_finite(state.model_state, model_state)
             metrics["finite"] = ok
             metrics["update_norm"] = update_norm
             ok = ok & solved
 
         # Each leaf keeps its dtype (a method state fed float64 losses under x64 stays as
         # initialised), so that the state's types are the same at every step.
-        params, opt_state, new_method_state = jax.tree_util.tree_map(
+        # A step that is not applied leaves the model state (BatchNorm's statistics) as well.
+        params, opt_state, new_method_state, new_model_state = jax.tree_util.tree_map(
             lambda a, b: jnp.where(ok, a, b).astype(b.dtype),
-            (new_params, new_opt_state, method_state),
-            (state.params, state.opt_state, state.method_state),
+            (new_params, new_opt_state, method_state, model_state),
+            (state.params, state.opt_state, state.method_state, state.model_state),
         )
         new = TrainState(
             params,
@@ -601,6 +760,7 @@ class TrainStep:
             key,
             state.step + 1,
             state.skipped + (~ok).astype(state.skipped.dtype),
+            new_model_state,
         )
         if self.unconverged != "report":
             metrics["applied"] = ok
@@ -628,6 +788,7 @@ class TrainStep:
                 f"{shown[0]}, got {shown[1]}); build the state with "
                 "init_train_state(..., optimizer, ...) for the same optimizer as the step"
             )
+        _check_model_state("the train step", self.model, state.model_state)
         self.model.check(state.params, batch)
         self._checked.add(batch_signature(batch))
 
