@@ -31,6 +31,7 @@ from mtljax._src.engine import feature_jacobian, gramian_by_chunks, jacobian, ta
 from mtljax._src.model import (
     BatchField,
     Model,
+    ModelStateError,
     Params,
     batch_axes_of,
     batch_spec_like,
@@ -79,6 +80,7 @@ __all__ = [
     "DataParallelStep",
     "Method",
     "Model",
+    "ModelStateError",
     "NonFiniteError",
     "SkippedStepWarning",
     "Params",

@@ -23,6 +23,7 @@ from mtljax import methods as methods_lib
 from mtljax import problems as problems_lib
 from mtljax._src import bench as bench_lib
 from mtljax._src import paths
+from mtljax._src.problems.base import evaluation_input
 from mtljax._src.train import init_train_state, make_train_step
 
 PyTree = Any
@@ -128,7 +129,8 @@ def _infer_batch_axes(problem: Any, example: Any) -> Any:
 
 
 def _validation_metric(problem: Any, params: Any) -> float | None:
-    """A scalar to rank checkpoints by (lower is better), or ``None``.
+    """A scalar to rank checkpoints by (lower is better), or ``None``; ``params``: what
+    :func:`~mtljax._src.problems.base.evaluation_input` gives.
 
     The mean over main tasks of the validation split's task metrics (negated where higher is
     better) when the problem declares them; otherwise the mean of its held-out ``evaluate``
@@ -423,7 +425,9 @@ def run_training(
                 ckpt.save(
                     state,
                     data_position=i + 1,
-                    metric=_validation_metric(problem, sharding.to_host(state.params)),
+                    metric=_validation_metric(
+                        problem, sharding.to_host(evaluation_input(model, state))
+                    ),
                     extra={
                         "history": history,
                         "last_metrics": last_metrics,
@@ -439,6 +443,7 @@ def run_training(
     if metrics:
         last_metrics = _metrics_json(metrics)
     params = sharding.to_host(state.params)
+    trained = params if not model.has_state else sharding.to_host(state)
 
     result: dict[str, Any] = {
         "problem": problem_name,
@@ -480,7 +485,7 @@ def run_training(
     if learned:
         result["final"]["method_state"] = learned
     if problem.evaluate is not None:
-        ev = jax.jit(problem.evaluate)(params)
+        ev = jax.jit(problem.evaluate)(trained)
         result["final"]["eval"] = {k: _by_task(names, v) for k, v in ev.items()}
     return result
 
