@@ -28,6 +28,7 @@ from mtljax._src.checkpoint import (
     Restored,
 )
 from mtljax._src.engine import feature_jacobian, gramian_by_chunks, jacobian, task_jacobian
+from mtljax._src.metrics_log import MetricsWriter, read_metrics
 from mtljax._src.model import (
     BatchField,
     Model,
@@ -79,6 +80,7 @@ __all__ = [
     "DamagedCheckpointWarning",
     "DataParallelStep",
     "Method",
+    "MetricsWriter",
     "Model",
     "ModelStateError",
     "NonFiniteError",
@@ -111,6 +113,7 @@ __all__ = [
     "nn",
     "pairwise_cosines",
     "problems",
+    "read_metrics",
     "regularizers",
     "replicate",
     "set_cpu_devices",

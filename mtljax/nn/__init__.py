@@ -25,6 +25,7 @@ from mtljax._src.nn.mlp import MLP
 from mtljax._src.nn.mmoe import MMoE, OMoE
 from mtljax._src.nn.mtan import MTAN
 from mtljax._src.nn.ple import CGC, PLE, ExtractionLayer
+from mtljax._src.nn.resnet import BasicBlock, ResNet
 from mtljax._src.nn.soft_sharing import HybridSharing, SoftSharing
 from mtljax._src.nn.split import (
     PathPrefixes,
@@ -44,6 +45,7 @@ __all__ = [
     "MTAN",
     "OMoE",
     "PLE",
+    "BasicBlock",
     "Cascade",
     "Constant",
     "CrossStitch",
@@ -54,6 +56,7 @@ __all__ = [
     "HybridSharing",
     "LowLevelSupervision",
     "PathPrefixes",
+    "ResNet",
     "SoftSharing",
     "SplitReport",
     "StackedLinear",
