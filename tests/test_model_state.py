@@ -518,32 +518,51 @@ def worker(out_path: str) -> None:
             default=0.0,
         )
 
-    for name in DP_METHODS:
-        method, opt = mtl.methods.get(name), optax.sgd(0.1)
+    def one_and_eight(model, params, batches, name, opt):
+        """The states after the same steps on one device and data-parallel on all."""
+        method = mtl.methods.get(name, like=params.shared)
         init = mtl.init_train_state(model, params, method, opt, jax.random.key(0))
         step = mtl.make_train_step(model, method, opt)
         one = init
-        for i in range(DP_STEPS):
-            one, _ = step(one, _batch(i))
+        for b in batches:
+            one, _ = step(one, b)
         dp_step = mtl.data_parallel(step, mesh)
         dp = init
-        for i in range(DP_STEPS):
-            dp, metrics = dp_step(dp, _batch(i))
+        for b in batches:
+            dp, metrics = dp_step(dp, b)
+        return (
+            init,
+            one,
+            dp,
+            {
+                "params": diff(dp.params, one.params),
+                "model_state": diff(dp.model_state, one.model_state),
+                "method_state": diff(dp.method_state, one.method_state),
+                "moved": diff(one.params, init.params),
+                "stats_moved": diff(one.model_state["encoder"], init.model_state["encoder"]),
+                "finite": bool(np.asarray(metrics["finite"])),
+                "batch_devices": len(dp_step.shard_batch(batches[0])["x"].sharding.device_set),
+            },
+        )
+
+    batches = [_batch(i) for i in range(DP_STEPS)]
+    for name in DP_METHODS:
+        *_, r = one_and_eight(model, params, batches, name, optax.sgd(0.1))
         # A per-device BatchNorm would normalise each shard by its own statistics, which
         # differ from the global batch's: the inputs' means differ by this much.
         shard = {"x": _batch(0)["x"][: BATCH // NUM_DEVICES]}
-        report["methods"][name] = {
-            "params": diff(dp.params, one.params),
-            "model_state": diff(dp.model_state, one.model_state),
-            "method_state": diff(dp.method_state, one.method_state),
-            "moved": diff(one.params, init.params),
-            "stats_moved": diff(one.model_state["encoder"], init.model_state["encoder"]),
-            "shard_stats_differ": float(
-                np.max(np.abs(shard["x"].mean(0) - _batch(0)["x"].mean(0)))
-            ),
-            "finite": bool(np.asarray(metrics["finite"])),
-            "batch_devices": len(dp_step.shard_batch(_batch(0))["x"].sharding.device_set),
-        }
+        r["shard_stats_differ"] = float(np.max(np.abs(shard["x"].mean(0) - _batch(0)["x"].mean(0))))
+        report["methods"][name] = r
+
+    # multidigits with its ResNet encoder (BatchNorm in every block, dropout), via the problem.
+    from tests.test_multidigits_resnet import METHODS, RESNET
+
+    problem = mtl.problems.get("multidigits", **RESNET)
+    batches = [problem.sample(jax.random.key(10 + i)) for i in range(DP_STEPS)]
+    report["multidigits"] = {}
+    for name in METHODS:
+        *_, r = one_and_eight(problem.model, problem.params, batches, name, problem.optimizer)
+        report["multidigits"][name] = r
     with open(out_path, "w") as f:
         json.dump(report, f, indent=1)
 
@@ -586,6 +605,16 @@ def test_batch_statistics_over_eight_devices_equal_one(dp_report, name):
     assert r["batch_devices"] == NUM_DEVICES and r["finite"]
     assert r["moved"] > 100 * DP_TOL and r["stats_moved"] > 100 * DP_TOL
     assert r["shard_stats_differ"] > 0.1  # per-device statistics would be visibly different
+    assert r["params"] < DP_TOL, r
+    assert r["model_state"] < DP_TOL, r
+    assert r["method_state"] < DP_TOL, r
+
+
+@pytest.mark.parametrize("name", ("ew", "upgrad"))
+def test_multidigits_resnet_over_eight_devices_equals_one(dp_report, name):
+    r = dp_report["multidigits"][name]
+    assert r["batch_devices"] == NUM_DEVICES and r["finite"]
+    assert r["moved"] > 100 * DP_TOL and r["stats_moved"] > 100 * DP_TOL
     assert r["params"] < DP_TOL, r
     assert r["model_state"] < DP_TOL, r
     assert r["method_state"] < DP_TOL, r
