@@ -53,6 +53,7 @@ from mtljax._src.sharding import (
 )
 from mtljax._src.train import (
     NonFiniteError,
+    PerTaskFeaturesWarning,
     SkippedStepWarning,
     SolverError,
     TrainState,
@@ -84,6 +85,7 @@ __all__ = [
     "Model",
     "ModelStateError",
     "NonFiniteError",
+    "PerTaskFeaturesWarning",
     "SkippedStepWarning",
     "Params",
     "Restored",

@@ -442,7 +442,7 @@ class _ProblemRunner:
             hist["validation"].append(val)
             hist["score"].append(s)
             hist["train_losses"].append(np.asarray(metrics["losses"]).mean(axis=0).tolist())
-            if "weights" in metrics:
+            if step.method.weights is not None:  # NaN weights otherwise
                 hist["weights"].append(np.asarray(metrics["weights"]).mean(axis=0).tolist())
             hist["cosines"].append(np.asarray(stats["cosines"]).tolist())
             hist["grad_norms"].append(np.asarray(stats["grad_norms"]).tolist())

@@ -21,8 +21,8 @@ import numpy as np
 from mtljax import bench
 from mtljax import methods as methods_lib
 from mtljax import problems as problems_lib
+from mtljax._src import base, paths
 from mtljax._src import bench as bench_lib
-from mtljax._src import paths
 from mtljax._src.problems.base import evaluation_input
 from mtljax._src.train import init_train_state, make_train_step
 
@@ -156,9 +156,15 @@ def _validation_metric(problem: Any, params: Any) -> float | None:
     return None
 
 
-def _metrics_json(metrics: dict[str, Any]) -> dict[str, Any]:
-    keep = ("losses", "weights", "grad_norms", "cosines")
-    return {k: np.asarray(v).tolist() for k, v in metrics.items() if k in keep}
+def _metrics_json(metrics: dict[str, Any], method: Any) -> dict[str, Any]:
+    """The metrics a run records: the losses, and the weights, gradient norms and cosines
+    when ``method`` computes them (every step reports them, NaN when not computed)."""
+    keep = ["losses"]
+    if method.weights is not None:
+        keep.append("weights")
+    if method.needs != "losses":
+        keep += ["grad_norms", "cosines"]
+    return {k: np.asarray(metrics[k]).tolist() for k in keep}
 
 
 def max_seed() -> int:
@@ -395,11 +401,12 @@ def run_training(
         t_compile = 0.0
         metrics: dict[str, Any] = {}
         solves = None  # (unconverged solves, most iterations) over this run's steps, on device
+        has_solver = base.solver_info(state.method_state) is not None
         for i in range(start, steps):
             batch = sample(data_key, np.int32(i))
             t0 = time.perf_counter()
             state, metrics = step(state, batch)
-            if "solver_converged" in metrics:
+            if has_solver:
                 failed = jnp.sum(~metrics["solver_converged"], dtype=jnp.int32)
                 iters = jnp.max(metrics["solver_iterations"])
                 solves = (
@@ -417,11 +424,11 @@ def run_training(
                 losses = np.asarray(metrics["losses"])
                 history["step"].append(i + 1)
                 history["losses"].append(losses.tolist())
-                if "weights" in metrics:
+                if method.weights is not None:
                     history["weights"].append(_tolist(metrics["weights"]))
                 bar.update(i + 1, f"mean loss {float(np.mean(losses)):.4g}")
             if ckpt is not None and ((i + 1) % save_every == 0 or i + 1 == steps):
-                last_metrics = _metrics_json(metrics)
+                last_metrics = _metrics_json(metrics, method)
                 ckpt.save(
                     state,
                     data_position=i + 1,
@@ -441,7 +448,7 @@ def run_training(
     if ckpt is not None:
         ckpt.close()  # waits for the last save: a failure is raised here
     if metrics:
-        last_metrics = _metrics_json(metrics)
+        last_metrics = _metrics_json(metrics, method)
     params = sharding.to_host(state.params)
     trained = params if not model.has_state else sharding.to_host(state)
 

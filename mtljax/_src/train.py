@@ -56,6 +56,21 @@ class SkippedStepWarning(RuntimeWarning):
     counts them."""
 
 
+class PerTaskFeaturesWarning(UserWarning):
+    """At feature level (``mode="feature"``), the task gradients w.r.t. the representation
+    were orthogonal by construction: each task's head reads only its own part of it (per-task
+    inputs, a representation with a task axis), so every cosine is 0 and a Gramian method
+    sees no conflict (MGDA-UB reduces to weights ∝ 1/‖∇ᵢ‖²). ``mode="parameter"`` is the
+    way out: there the tasks meet in the shared encoder's parameters."""
+
+
+def _replicated_to_host(x: jax.Array) -> np.ndarray:
+    """A metric on the host; under several processes, this process's copy of it."""
+    if getattr(x, "is_fully_addressable", True) or not x.is_fully_replicated:
+        return np.asarray(x)
+    return np.asarray(x.addressable_data(0))
+
+
 def _short(treedef: Any, limit: int = 300) -> str:
     text = str(treedef)
     return text if len(text) <= limit else text[:limit] + "…"
@@ -492,6 +507,41 @@ def step_gradients(
     return StepGradients(grads, method_state, q.model_state, metrics)
 
 
+# The metrics every train step reports, whatever the method (see make_train_step).
+METHOD_METRICS = (
+    "losses",
+    "task_finite",
+    "weights",
+    "grad_norms",
+    "cosines",
+    "rows_finite",
+    "solver_iterations",
+    "solver_converged",
+    "solver_residual",
+)
+
+
+def complete_metrics(metrics: dict[str, jax.Array], num_tasks: int) -> dict[str, jax.Array]:
+    """``metrics`` with every key of :data:`METHOD_METRICS`, so that every method's step
+    reports the same keys, shapes and dtypes: a quantity the method did not compute is
+    filled in as not computed, by type: NaN for a float (``weights`` of a method that yields
+    a direction; ``grad_norms`` and ``cosines`` of a losses-only method; ``solver_residual``
+    of a method without a solver), ``-1`` for a count (``solver_iterations``), and ``True``
+    for the flag of a check that was not made, which did not fail (``rows_finite`` of a
+    losses-only method, ``solver_converged`` of a method without a solver)."""
+    out = dict(metrics)
+    t = num_tasks
+    dtype = metrics["losses"].dtype
+    out.setdefault("weights", jnp.full((t,), jnp.nan, dtype))
+    out.setdefault("grad_norms", jnp.full((t,), jnp.nan, dtype))
+    out.setdefault("cosines", jnp.full((t, t), jnp.nan, dtype))
+    out.setdefault("rows_finite", jnp.ones((t,), bool))
+    out.setdefault("solver_iterations", jnp.full((), -1, jnp.int32))
+    out.setdefault("solver_converged", jnp.ones((), bool))
+    out.setdefault("solver_residual", jnp.full((), jnp.nan, jnp.float32))
+    return out
+
+
 def _apply_prox(prox: Callable[[Params], Params], params: Params) -> Params:
     """``prox(params)``, checked to keep the structure, shapes and dtypes of the parameters."""
     out = prox(params)
@@ -636,6 +686,9 @@ class TrainStep:
         self._checked: set[Any] = set()
         self._skip_warned = False
         self._pending_finite: list[tuple[jax.Array, jax.Array]] = []
+        # Feature level with a method that reads the task gradients: the first step's cosines
+        # are checked once (warn_if_per_task_features).
+        self._features_checked = mode != "feature" or method.needs == "losses"
         self.jitted = jax.jit(self._step)
         self._scan_jitted = jax.jit(self._scan, static_argnums=1)
 
@@ -671,6 +724,7 @@ class TrainStep:
             model_state=state.model_state,
             model_key=forward_key,
         )
+        metrics = complete_metrics(metrics, self.model.num_tasks)
         metrics["step"] = state.step
         has_state = bool(jax.tree_util.tree_leaves(state.model_state))
 
@@ -699,7 +753,7 @@ class TrainStep:
             return self.method.after_update(metrics["losses"], after, method_state)
 
         # A solve that did not converge is refused like a non-finite step when asked to.
-        solved = metrics.get("solver_converged", jnp.asarray(True))
+        solved = metrics["solver_converged"]  # True for a method without a solver
         if self.unconverged == "report":
             solved = jnp.asarray(True)
         if self.nonfinite == "apply":
@@ -814,7 +868,7 @@ class TrainStep:
 
         step = int(np.asarray(metrics["step"]).reshape(-1)[idx])
         loss_tasks = failing("task_finite")
-        row_tasks = failing("rows_finite") if "rows_finite" in metrics else None
+        row_tasks = failing("rows_finite") if self.method.needs != "losses" else None
         if row_tasks is not None and len(row_tasks) == t:
             row_tasks = ()
         tasks = loss_tasks or row_tasks or ()
@@ -831,8 +885,6 @@ class TrainStep:
     def raise_if_unconverged(self, metrics: dict[str, jax.Array]) -> None:
         """Raises :class:`SolverError` if the solve of a step (or of any step of stacked
         metrics) did not converge."""
-        if "solver_converged" not in metrics:
-            return
         converged = np.asarray(metrics["solver_converged"]).reshape(-1)
         if converged.all():
             return
@@ -873,10 +925,38 @@ class TrainStep:
                     stacklevel=4,  # the caller of the step
                 )
 
+    def warn_if_per_task_features(self, metrics: dict[str, jax.Array]) -> None:
+        """At feature level, once, on the first step: a :class:`PerTaskFeaturesWarning` if
+        every pairwise cosine of the task gradients w.r.t. the representation is exactly 0
+        while their norms are not (each head reads only its own slice of the representation,
+        as with per-task inputs). Exact zeros do not arise from a representation the tasks
+        share; a representation's shape alone cannot tell (MMoE's has an axis of experts,
+        which may number T)."""
+        if self._features_checked:
+            return
+        self._features_checked = True
+        t = self.model.num_tasks
+        if t < 2:
+            return
+        cos = _replicated_to_host(metrics["cosines"]).reshape(-1, t, t)[0]
+        norms = _replicated_to_host(metrics["grad_norms"]).reshape(-1, t)[0]
+        if np.all(cos[~np.eye(t, dtype=bool)] == 0) and np.all(norms > 0):
+            warnings.warn(
+                "mode='feature': the task gradients w.r.t. the shared representation are "
+                "orthogonal (every cosine is exactly 0): each task's head reads only its own "
+                "part of the representation, as with per-task inputs, so "
+                f"{self.method.name} sees no conflict between the tasks (MGDA-UB reduces to "
+                "weights ∝ 1/‖∇ᵢ‖²). Use mode='parameter', where the tasks meet in the shared "
+                "encoder's parameters",
+                PerTaskFeaturesWarning,
+                stacklevel=4,  # the caller of the step
+            )
+
     def raise_if_failed(self, metrics: dict[str, jax.Array]) -> None:
         """The host-side checks the step's options ask for, in order: non-finite, then an
-        unconverged solve."""
+        unconverged solve (and, at feature level, once, orthogonal task gradients)."""
         self.warn_if_skipped(metrics)
+        self.warn_if_per_task_features(metrics)
         if self.nonfinite == "raise":
             self.raise_if_nonfinite(metrics)
         if self.unconverged == "raise":
@@ -970,18 +1050,33 @@ def make_train_step(
         ``state.skipped``, like a non-finite step) and goes on; ``"raise"`` does not apply it
         and raises :class:`SolverError` naming the step (one host synchronisation per step).
 
-    Metrics: ``losses``; ``weights`` for weighting methods; ``grad_norms`` and ``cosines``
-    (pairwise cosines of task gradients) whenever gradients were computed; ``regularizer``
-    (``R(θ)`` before the step, only when the model has one); ``update_norm`` (with ``prox``,
-    of the whole step: the optimizer's update, then the prox);
-    ``step`` (this step's index); ``task_finite`` (``bool[T]``: the task's loss is finite);
-    ``rows_finite`` (``bool[T]``, when the Jacobian or Gramian was computed: the task's
-    gradient is finite; a non-finite derivative inside one task can spoil every row through
-    ``0·∞``); ``finite`` (the step was finite, so applied unless ``unconverged`` refused it;
-    not with ``nonfinite="apply"``); for methods that run an iterative solver,
-    ``solver_iterations``, ``solver_converged`` and ``solver_residual`` (the last solve's
-    :class:`mtljax.SolverInfo`); ``applied`` (whether the step was applied) when
-    ``unconverged`` is not ``"report"``.
+    Metrics: a dict of arrays with the same keys, shapes and dtypes for every method, so that
+    a loop that logs them works whichever method it runs (the keys of
+    :data:`METHOD_METRICS`, filled by :func:`complete_metrics` where the method computes
+    nothing: NaN for a float, ``-1`` for a count, ``True`` for the flag of a check not made).
+    ``float`` is the losses' dtype (float32 unless the model computes in float64):
+
+    - ``losses`` (``float[T]``): the task losses of the step's forward pass;
+    - ``task_finite`` (``bool[T]``): the task's loss is finite;
+    - ``weights`` (``float[T]``): the method's task weights; NaN for a method that yields a
+      direction instead (PCGrad, GradDrop, ConFIG...);
+    - ``grad_norms`` (``float[T]``) and ``cosines`` (``float[T, T]``): the task gradients'
+      norms and pairwise cosines, from the Gramian the method used (its parameters, e.g.
+      GradNorm's last shared layer, or the representation at feature level); NaN for a
+      losses-only method;
+    - ``rows_finite`` (``bool[T]``): the task's gradient is finite (a non-finite derivative
+      inside one task can spoil every row through ``0·∞``); ``True`` for a losses-only method;
+    - ``solver_iterations`` (``int32[]``), ``solver_converged`` (``bool[]``),
+      ``solver_residual`` (``float32[]``): the last solve's :class:`mtljax.SolverInfo`;
+      ``-1``, ``True`` and NaN for a method without an iterative solver;
+    - ``step`` (``int32[]``): this step's index; ``update_norm`` (``float32[]``): the norm of
+      the update (with ``prox``, of the whole step: the optimizer's update, then the prox).
+
+    Three more depend on the step's options or the model, never on the method: ``finite``
+    (``bool[]``, the step was finite, so applied unless ``unconverged`` refused it; not with
+    ``nonfinite="apply"``), ``applied`` (``bool[]``, whether the step was applied; when
+    ``unconverged`` is not ``"report"``) and ``regularizer`` (``R(θ)`` before the step, when
+    the model has one).
     """
     return TrainStep(
         model,
