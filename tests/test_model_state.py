@@ -218,6 +218,42 @@ def test_the_statistics_update_once_per_step_on_every_path_of_the_engine():
     _check_one_step_each([(name, {}) for name in PATHS] + list(EXTRA_STEPS))
 
 
+def _all_methods():
+    import mtljax as mtl
+
+    return mtl.methods.names()
+
+
+@pytest.mark.parametrize("name", _all_methods())
+def test_every_method_builds_a_step_that_carries_the_model_state(name):
+    """Every method's step on the BatchNorm + dropout model traces, keeps the model state's
+    structure, shapes and dtypes, and reports the metrics every method reports. (Traced only:
+    the steps of one method per path through the engine run in the test above; every method
+    runs in the slow test below.)"""
+    import jax
+    import optax
+
+    import mtljax as mtl
+
+    model, params = _setup()
+    method, opt = _method(name), optax.sgd(1e-2)
+    state = mtl.init_train_state(model, params, method, opt, jax.random.key(0))
+    step = mtl.make_train_step(model, method, opt)
+    step.check(state, _batch())
+    new, metrics = jax.eval_shape(step.jitted, state, _batch())
+    want = jax.eval_shape(lambda: state)
+    assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(want)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(new.model_state),
+        jax.tree_util.tree_leaves(want.model_state),
+        strict=True,
+    ):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype), name
+    from mtljax._src.train import METHOD_METRICS
+
+    assert set(METHOD_METRICS) <= set(metrics), name
+
+
 @pytest.mark.slow
 def test_every_method_trains_and_updates_the_statistics_once_per_step():
     import mtljax as mtl
