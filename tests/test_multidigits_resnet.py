@@ -110,24 +110,38 @@ def test_evaluate_uses_the_running_statistics_without_dropout():
 
 
 def test_the_runner_resumes_a_resnet_run_bit_identically(tmp_path):
-    from mtljax._src.runner import run_training
+    """The command line (``--arch resnet``) trains 4 steps; a run of 2 steps resumed to 4 from
+    its checkpoint ends with the same parameters and the same running statistics."""
+    import json
 
-    def run(steps, ckpt, resume=False):
+    from mtljax._src.runner import main, run_training
+
+    args = ["train", "--problem", "multidigits", "--arch", "resnet", "--method", "ew"]
+    for k, v in RESNET.items():
+        if k != "arch":
+            args += ["--problem-arg", f"{k}={v}"]
+    out = tmp_path / "full.json"
+    ckpt = ["--ckpt-dir", str(tmp_path / "full"), "--save-every", "2"]
+    assert main([*args, *ckpt, "--steps", "4", "--no-progress", "--out", str(out)]) == 0
+    full = json.loads(out.read_text())
+    assert full["info"]["arch"] == "resnet" and full["problem_args"]["arch"] == "resnet"
+
+    def run(steps, resume=False):
         return run_training(
             "multidigits",
-            "upgrad",
+            "ew",
             steps=steps,
             problem_args=RESNET,
-            ckpt_dir=str(ckpt),
+            ckpt_dir=str(tmp_path / "half"),
             save_every=2,
             resume=resume,
             progress=False,
         )
 
-    full = run(4, tmp_path / "full")
-    run(2, tmp_path / "half")
-    resumed = run(4, tmp_path / "half", resume=True)
+    run(2)
+    resumed = run(4, resume=True)
     assert resumed["resumed_from"] == 2 and full["resumed_from"] == 0
+    assert full["skipped_steps"] == resumed["skipped_steps"] == 0
     assert resumed["params_sha256"] == full["params_sha256"]
     # The final evaluation reads the running statistics, which training (on batch statistics)
     # never reads: equal, so they were restored. (The checkpoint's bits: test_model_state.py.)

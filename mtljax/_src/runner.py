@@ -639,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch",
         default=None,
         help="the sharing structure, for problems that offer several (mmoe_synthetic: "
-        "shared_bottom, omoe, mmoe, cgc, ple, dselect_k, cross_stitch, soft_sharing)",
+        "shared_bottom, omoe, mmoe, cgc, ple, dselect_k, cross_stitch, soft_sharing; "
+        "multidigits: mlp, resnet)",
     )
     t.add_argument("--steps", type=int, default=None, help="training steps (problem default)")
     t.add_argument("--seed", type=int, default=0)

@@ -400,7 +400,9 @@ def gradients(
 ) -> tuple[Params, PyTree, dict[str, jax.Array]]:
     """The parameter gradient (descent direction, negated by the optimizer) chosen by ``method``.
 
-    Computes only what the method declares it needs. Returns ``(grads, method_state, metrics)``.
+    Computes only what the method declares it needs. Returns ``(grads, method_state, metrics)``;
+    ``metrics`` holds what the method computed (the train step completes it to the same keys
+    for every method: :func:`complete_metrics`).
     With a model ``regularizer`` ``R``, the result is the method's direction plus ``∇R``
     (w.r.t. the shared and the task-specific parameters; see :func:`add_regularizer`), and
     ``metrics["regularizer"]`` holds ``R(θ; batch)``; without one there is no such metric.
