@@ -27,11 +27,12 @@ from mtljax._src.checkpoint import (
     DamagedCheckpointWarning,
     Restored,
 )
-from mtljax._src.engine import feature_jacobian, jacobian, task_jacobian
+from mtljax._src.engine import feature_jacobian, gramian_by_chunks, jacobian, task_jacobian
 from mtljax._src.metrics_log import MetricsWriter, read_metrics
 from mtljax._src.model import (
     BatchField,
     Model,
+    ModelStateError,
     Params,
     batch_axes_of,
     batch_spec_like,
@@ -52,12 +53,12 @@ from mtljax._src.sharding import (
 )
 from mtljax._src.train import (
     NonFiniteError,
+    PerTaskFeaturesWarning,
     SkippedStepWarning,
     SolverError,
     TrainState,
     TrainStep,
     gradients,
-    gramian_by_chunks,
     init_train_state,
     make_train_step,
     mixed_precision,
@@ -82,7 +83,9 @@ __all__ = [
     "Method",
     "MetricsWriter",
     "Model",
+    "ModelStateError",
     "NonFiniteError",
+    "PerTaskFeaturesWarning",
     "SkippedStepWarning",
     "Params",
     "Restored",

@@ -448,7 +448,7 @@ def test_gramian_by_chunks_equals_the_jacobians_gramian(mode):
     import jax
 
     import mtljax as mtl
-    from mtljax._src.train import _chunked_gramian
+    from mtljax._src.engine import _chunked_gramian
 
     model, params, batch = _setup(num_tasks=5)
     b = batch(0)

@@ -446,10 +446,12 @@ def test_from_nnx_shared_none_constants_and_regularizer():
     # A filter that matches nothing is still an error (a typo), with the way out named.
     with pytest.raises(ValueError, match="shared=None"):
         mtl.from_nnx(Towers(), task_names=("a", "b"), shared="tower", losses=losses)
+    # Other non-parameter state is model state, carried by the train state (see
+    # tests/test_model_state.py).
     net = Towers()
     net.stats = nnx.BatchStat(jnp.zeros(()))
-    with pytest.raises(ValueError, match="non-parameter state"):
-        mtl.from_nnx(net, task_names=("a", "b"), shared=None, losses=losses)
+    stateful, _ = mtl.from_nnx(net, task_names=("a", "b"), shared=None, losses=losses)
+    assert stateful.has_state and not model.has_state
 
 
 def test_model_and_params_do_not_alias_a_module():

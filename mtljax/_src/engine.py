@@ -15,20 +15,30 @@ A model may have no shared parameters (``from_nnx(shared=None)``, pure soft shar
 Jacobian is then a pytree with no leaves (``T × 0``), its Gramian is zero
 (``base.gramian(jac, num_tasks)``), and the task-specific parameters still get their task
 gradients from the VJP.
+
+A model with state (BatchNorm statistics, dropout's random streams; see
+:class:`mtljax.Model`) runs in training mode on the context ``ctx = enter(model_state, key)``;
+the model state that the forward pass leaves is an auxiliary output of that one linearized
+pass (``has_aux``): the ``T`` mapped backward passes neither run the model again nor update
+its statistics, and they differentiate the losses under the same dropout masks. At feature
+level the encoder's pass hands its context to the heads' pass.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from mtljax._src import base
 from mtljax._src import tree as tree_lib
-from mtljax._src.model import Batch, Model, Params
+from mtljax._src.model import Batch, Model, Params, StateFns
 
 PyTree = Any
+Mode = Literal["parameter", "feature"]
 
 
 def map_cotangents(vjp_fn: Callable, num_tasks: int, chunk_size: int | None, dtype: Any) -> Any:
@@ -59,10 +69,52 @@ def subset_predicate(model: Model, subset: str) -> Callable[[str], bool]:
     raise ValueError(f"unknown parameter subset {subset!r}; expected 'all' or 'last'")
 
 
+def _enter(model: Model, model_state: PyTree, key: jax.Array | None):
+    """The model's functions and the context of a forward pass at ``model_state`` (the model's
+    initial state when ``None``) with random streams seeded from ``key``."""
+    fns = model.step_fns()
+    if model_state is None:
+        model_state = model.initial_state
+    return fns, fns.enter(model_state, key)
+
+
+def _losses_and_vjp(fns: StateFns, params: Params, batch: Batch, ctx: PyTree):
+    """``(losses, vjp, ctx)`` from one forward pass; ``vjp(c) -> Params``."""
+    losses, vjp, ctx = jax.vjp(
+        lambda s, p: fns.losses(s, p, batch, ctx), params.shared, params.specific, has_aux=True
+    )
+    return losses, lambda c: Params(*vjp(c)), ctx
+
+
 def losses_and_vjp(model: Model, params: Params, batch: Batch):
     """``(losses, vjp)`` with ``vjp(cotangent) -> Params`` of gradients."""
-    losses, vjp = jax.vjp(lambda s, p: model.losses_fn(s, p, batch), params.shared, params.specific)
-    return losses, lambda c: Params(*vjp(c))
+    fns, ctx = _enter(model, None, None)
+    losses, vjp, _ = _losses_and_vjp(fns, params, batch, ctx)
+    return losses, vjp
+
+
+def _jacobian(model, fns, params, batch, ctx, *, subset, chunk_size):
+    """``(losses, J, vjp, ctx)``: see :func:`jacobian`."""
+    check_chunk_size(chunk_size)
+    t = model.num_tasks
+    if subset == "all":
+        losses, vjp, ctx = _losses_and_vjp(fns, params, batch, ctx)
+        jac = map_cotangents(lambda c: vjp(c).shared, t, chunk_size, losses.dtype)
+        return losses, jac, vjp, ctx
+    pred = subset_predicate(model, subset)
+    sel, rest, treedef, mask = tree_lib.partition(params.shared, pred)
+
+    def f(sel_, rest_, spec_):
+        return fns.losses(tree_lib.combine(sel_, rest_, treedef, mask), spec_, batch, ctx)
+
+    losses, vjp3, ctx_out = jax.vjp(f, sel, rest, params.specific, has_aux=True)
+    jac = map_cotangents(lambda c: vjp3(c)[0], t, chunk_size, losses.dtype)
+
+    def vjp(c):
+        g_sel, g_rest, g_spec = vjp3(c)
+        return Params(tree_lib.combine(g_sel, g_rest, treedef, mask), g_spec)
+
+    return losses, jac, vjp, ctx_out
 
 
 def jacobian(
@@ -78,27 +130,49 @@ def jacobian(
     Returns ``(losses, J, vjp)``: ``J`` has the structure of the shared parameters (or, for
     ``subset="last"``, a list of the selected leaves) with a leading task axis; ``vjp(c)``
     gives the full :class:`Params` gradient of ``c · losses`` from the same forward pass.
+    A model with state is evaluated in training mode at its initial state (see
+    :func:`compute` for a given state and key).
     """
+    fns, ctx = _enter(model, None, None)
+    losses, jac, vjp, _ = _jacobian(
+        model, fns, params, batch, ctx, subset=subset, chunk_size=chunk_size
+    )
+    return losses, jac, vjp
+
+
+def _check_features(model: Model) -> None:
+    if not model.has_features:
+        raise ValueError(
+            "feature-level mode needs a model given as encoder and heads "
+            "(Model.from_encoder_heads, or from_nnx(encode=..., heads=...))"
+        )
+
+
+def _encode_heads(fns, params, batch, ctx):
+    """The encoder's pass, then the heads' pass on its context: ``(z, enc_vjp, losses,
+    head_vjp, ctx)``."""
+    z, enc_vjp, ctx_z = jax.vjp(lambda s: fns.encode(s, batch, ctx), params.shared, has_aux=True)
+    losses, head_vjp, ctx_out = jax.vjp(
+        lambda p, z_: fns.heads(p, z_, batch, ctx_z), params.specific, z, has_aux=True
+    )
+    return z, enc_vjp, losses, head_vjp, ctx_z, ctx_out
+
+
+def _feature_jacobian(model, fns, params, batch, ctx, *, chunk_size):
+    """``(losses, J_z, vjp, backprop, ctx)``: see :func:`feature_jacobian`."""
+    _check_features(model)
     check_chunk_size(chunk_size)
-    t = model.num_tasks
-    if subset == "all":
-        losses, vjp = losses_and_vjp(model, params, batch)
-        jac = map_cotangents(lambda c: vjp(c).shared, t, chunk_size, losses.dtype)
-        return losses, jac, vjp
-    pred = subset_predicate(model, subset)
-    sel, rest, treedef, mask = tree_lib.partition(params.shared, pred)
-
-    def f(sel_, rest_, spec_):
-        return model.losses_fn(tree_lib.combine(sel_, rest_, treedef, mask), spec_, batch)
-
-    losses, vjp3 = jax.vjp(f, sel, rest, params.specific)
-    jac = map_cotangents(lambda c: vjp3(c)[0], t, chunk_size, losses.dtype)
+    _, enc_vjp, losses, head_vjp, _, ctx = _encode_heads(fns, params, batch, ctx)
+    jac = map_cotangents(lambda c: head_vjp(c)[1], model.num_tasks, chunk_size, losses.dtype)
 
     def vjp(c):
-        g_sel, g_rest, g_spec = vjp3(c)
-        return Params(tree_lib.combine(g_sel, g_rest, treedef, mask), g_spec)
+        g_spec, g_z = head_vjp(c)
+        return Params(enc_vjp(g_z)[0], g_spec)
 
-    return losses, jac, vjp
+    def backprop(d_z):
+        return enc_vjp(d_z)[0]
+
+    return losses, jac, vjp, backprop, ctx
 
 
 def feature_jacobian(
@@ -114,23 +188,11 @@ def feature_jacobian(
     ``c · losses``; ``backprop(d_z)`` pulls a representation-space direction back through the
     encoder, giving a gradient for the shared parameters.
     """
-    if not model.has_features:
-        raise ValueError(
-            "feature-level mode needs a model given as encoder and heads "
-            "(Model.from_encoder_heads, or from_nnx(encode=..., heads=...))"
-        )
-    check_chunk_size(chunk_size)
-    z, enc_vjp = jax.vjp(lambda s: model.encode_fn(s, batch), params.shared)
-    losses, head_vjp = jax.vjp(lambda p, z_: model.heads_fn(p, z_, batch), params.specific, z)
-    jac = map_cotangents(lambda c: head_vjp(c)[1], model.num_tasks, chunk_size, losses.dtype)
-
-    def vjp(c):
-        g_spec, g_z = head_vjp(c)
-        return Params(enc_vjp(g_z)[0], g_spec)
-
-    def backprop(d_z):
-        return enc_vjp(d_z)[0]
-
+    _check_features(model)
+    fns, ctx = _enter(model, None, None)
+    losses, jac, vjp, backprop, _ = _feature_jacobian(
+        model, fns, params, batch, ctx, chunk_size=chunk_size
+    )
     return losses, jac, vjp, backprop
 
 
@@ -140,3 +202,204 @@ def task_jacobian(
     """``(losses, J)``: the Jacobian of the task losses w.r.t. all shared parameters."""
     losses, jac, _ = jacobian(model, params, batch, chunk_size=chunk_size)
     return losses, jac
+
+
+def rows_finite(jac: PyTree, num_tasks: int) -> jax.Array:
+    """``bool[T]``: whether every entry of each task's row of a Jacobian pytree is finite."""
+    ok = jnp.ones((num_tasks,), bool)
+    for leaf in jax.tree_util.tree_leaves(jac):
+        ok = ok & jnp.all(jnp.isfinite(leaf.reshape(num_tasks, -1)), axis=1)
+    return ok
+
+
+def gramian_by_chunks(
+    f: Callable[[PyTree], jax.Array],
+    primal: PyTree,
+    num_tasks: int,
+    chunk_size: int,
+    *,
+    constraint: Callable[[PyTree], PyTree] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(f(primal), G)`` with ``G = J Jᵀ`` for ``J = ∂f/∂primal``, never holding all of ``J``.
+
+    ``f`` is linearized once (one forward pass); then, ``chunk_size`` tasks at a time, the rows
+    ``J_c`` of a chunk come from mapped VJPs and the Gramian's columns ``J J_cᵀ`` from mapped
+    JVPs along those rows (``J v`` is the directional derivative of the losses along ``v``).
+    Memory holds ``chunk_size`` rows of ``J`` at a time instead of ``T``.
+
+    The trade-off: on top of the ``T`` VJPs that forming ``J`` costs, this pays ``T`` JVPs
+    (each about one forward pass, so roughly +50% over the VJPs) and the update ``Jᵀw`` must
+    come from one more VJP instead of a product with a stored ``J``. It pays off when ``T × P``
+    does not fit in memory; otherwise forming ``J`` (optionally with ``chunk_size``, which
+    only bounds the intermediates of the backward passes) is faster. A ``primal`` with no
+    leaves (no shared parameters) has ``G = 0``.
+    """
+    if not jax.tree_util.tree_leaves(primal):
+        losses = f(primal)
+        dtype = jnp.promote_types(losses.dtype, jnp.float32)
+        return losses, jnp.zeros((int(num_tasks), int(num_tasks)), dtype)
+    losses, jvp_fn = jax.linearize(f, primal)
+    vjp_fn = jax.linear_transpose(jvp_fn, primal)
+    t = int(num_tasks)
+    c = max(1, min(int(chunk_size), t))
+    n = math.ceil(t / c)
+    eye = jnp.eye(n * c, t, dtype=losses.dtype).reshape(n, c, t)  # padded rows are zero
+
+    def body(carry, e):
+        rows = jax.vmap(lambda ei: vjp_fn(ei)[0])(e)
+        if constraint is not None:
+            rows = constraint(rows)
+        return carry, jax.vmap(jvp_fn)(rows)
+
+    _, cols = jax.lax.scan(body, None, eye)
+    g = cols.reshape(n * c, t)[:t].astype(jnp.promote_types(losses.dtype, jnp.float32))
+    return losses, 0.5 * (g + g.T)
+
+
+def _chunked_gramian(
+    model: Model,
+    params: Params,
+    batch: Batch,
+    *,
+    mode: Mode,
+    subset: str,
+    chunk_size: int,
+    constraint: Callable[[PyTree], PyTree] | None,
+    model_state: PyTree = None,
+    key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, Callable[[jax.Array], Params]]:
+    """``(losses, G, vjp)`` like :func:`jacobian` but with the Gramian in task chunks."""
+    fns, ctx = _enter(model, model_state, key)
+    return _chunked(model, fns, params, batch, ctx, mode, subset, chunk_size, constraint)[:3]
+
+
+def _chunked(model, fns, params, batch, ctx, mode, subset, chunk_size, constraint):
+    """``(losses, G, vjp, ctx)``: see :func:`_chunked_gramian`."""
+    t = model.num_tasks
+    if mode == "feature":
+        z, enc_vjp, losses, head_vjp, ctx_z, ctx_out = _encode_heads(fns, params, batch, ctx)
+        _, gram = gramian_by_chunks(
+            lambda z_: fns.heads(params.specific, z_, batch, ctx_z)[0], z, t, chunk_size
+        )
+
+        def vjp(c):
+            g_spec, g_z = head_vjp(c)
+            return Params(enc_vjp(g_z)[0], g_spec)
+
+        return losses, gram, vjp, ctx_out
+    losses, vjp, ctx_out = _losses_and_vjp(fns, params, batch, ctx)
+    pred = subset_predicate(model, subset)
+    sel, rest, treedef, mask = tree_lib.partition(params.shared, pred)
+
+    def f(sel_):
+        shared = tree_lib.combine(sel_, rest, treedef, mask)
+        return fns.losses(shared, params.specific, batch, ctx)[0]
+
+    _, gram = gramian_by_chunks(f, sel, t, chunk_size, constraint=constraint)
+    return losses, gram, vjp, ctx_out
+
+
+# ----------------------------------------------------------------------------------------------
+# The one entry point of a train step
+
+
+class Quantities(NamedTuple):
+    """What a train step's method needs, all from one forward pass (see :func:`compute`).
+
+    Attributes:
+      losses: ``f32[T]``, the task losses.
+      model_state: the model state after this forward pass (BatchNorm's statistics updated
+        once, from this batch); ``()`` for a model without state.
+      jacobian: the task Jacobian (a pytree whose leaves have a leading task axis): w.r.t. the
+        shared parameters (or the declared subset), or, at feature level, w.r.t. the shared
+        representation; ``None`` when not formed (losses-only methods, Gramian by chunks).
+      gramian: ``f32[T, T]``, ``G = J Jᵀ``; ``None`` for losses-only methods.
+      rows_finite: ``bool[T]``, whether each task's row of ``J`` (or its diagonal entry of
+        ``G``) is finite; ``None`` for losses-only methods.
+      vjp: ``c ↦`` the :class:`Params` gradient of ``c · losses`` (one backward pass).
+      weighted: ``w ↦`` the :class:`Params` gradient of ``w · losses``, the update of a
+        weighting method: at parameter level over all shared parameters the shared part is
+        ``Jᵀw`` from the stored ``J`` (no further backward pass through the encoder),
+        otherwise ``vjp(w)``.
+      pullback: a direction with the structure of a Jacobian row ``↦`` the gradient of the
+        shared parameters it stands for: the identity at parameter level, the encoder's VJP
+        at feature level; ``None`` when no Jacobian was formed.
+    """
+
+    losses: jax.Array
+    model_state: PyTree
+    jacobian: PyTree | None
+    gramian: jax.Array | None
+    rows_finite: jax.Array | None
+    vjp: Callable[[jax.Array], Params]
+    weighted: Callable[[jax.Array], Params]
+    pullback: Callable[[PyTree], PyTree] | None
+
+
+def compute(
+    model: Model,
+    params: Params,
+    batch: Batch,
+    *,
+    needs: base.Needs,
+    mode: Mode = "parameter",
+    subset: str = "all",
+    chunk_size: int | None = None,
+    gramian_chunk_size: int | None = None,
+    constraint: Callable[[PyTree], PyTree] | None = None,
+    model_state: PyTree = None,
+    key: jax.Array | None = None,
+) -> Quantities:
+    """Everything a method declares it needs (``needs``), from one forward pass of the model.
+
+    Args:
+      model, params, batch: the model, its parameters and the batch.
+      needs: ``"losses"`` (the losses and their VJP only: one backward, as for equal weights),
+        ``"gramian"`` or ``"jacobian"`` (the task Jacobian and its Gramian).
+      mode: ``"parameter"`` (Jacobian w.r.t. the shared parameters) or ``"feature"`` (w.r.t. the
+        shared representation).
+      subset: ``"all"`` shared parameters or the ``"last"`` shared layer (parameter level).
+      chunk_size: map the Jacobian's backward passes this many tasks at a time.
+      gramian_chunk_size: for ``needs="gramian"``: accumulate the Gramian this many tasks at
+        a time without forming ``J`` (:func:`gramian_by_chunks`).
+      constraint: applied to the parameter-level Jacobian (or its chunks), e.g. a sharding
+        constraint.
+      model_state: the model state the forward pass starts from (``None``: as built).
+      key: seeds the model's random streams (dropout) for this forward pass; every quantity
+        returned comes from the same pass, so under the same masks.
+    """
+    t = model.num_tasks
+    fns, ctx = _enter(model, model_state, key)
+    if needs == "losses":
+        losses, vjp, ctx = _losses_and_vjp(fns, params, batch, ctx)
+        return Quantities(losses, fns.leave(ctx), None, None, None, vjp, vjp, None)
+    if gramian_chunk_size is not None and needs == "gramian":
+        losses, gram, vjp, ctx = _chunked(
+            model, fns, params, batch, ctx, mode, subset, gramian_chunk_size, constraint
+        )
+        rows_ok = jnp.isfinite(jnp.diagonal(gram))
+        return Quantities(losses, fns.leave(ctx), None, gram, rows_ok, vjp, vjp, None)
+    if mode == "parameter":
+        losses, jac, vjp, ctx = _jacobian(
+            model, fns, params, batch, ctx, subset=subset, chunk_size=chunk_size
+        )
+        if constraint is not None:
+            jac = constraint(jac)
+        rows_ok = rows_finite(jac, t)
+        if subset == "all":
+
+            def weighted(w):
+                return Params(base.combine(w, jac), vjp(w).specific)
+
+        else:
+            weighted = vjp
+        gram = base.gramian(jac, t)
+        return Quantities(losses, fns.leave(ctx), jac, gram, rows_ok, vjp, weighted, lambda d: d)
+    if mode == "feature":
+        losses, jac, vjp, backprop, ctx = _feature_jacobian(
+            model, fns, params, batch, ctx, chunk_size=chunk_size
+        )
+        rows_ok = rows_finite(jac, t)
+        gram = base.gramian(jac, t)
+        return Quantities(losses, fns.leave(ctx), jac, gram, rows_ok, vjp, vjp, backprop)
+    raise ValueError(f"mode must be 'parameter' or 'feature', got {mode!r}")

@@ -283,6 +283,42 @@ class Params(NamedTuple):
     specific: PyTree
 
 
+class ModelStateError(ValueError):
+    """A module's non-parameter state that the train step cannot carry (the message names the
+    variable and what to do)."""
+
+
+class StateFns(NamedTuple):
+    """How a model with non-parameter state computes (built by :func:`from_nnx`).
+
+    A forward pass reads and updates a *context* ``ctx = enter(model_state, key)``: the model
+    state (BatchNorm statistics, any other non-parameter variables) together with the random
+    streams of the forward pass, seeded from ``key`` (``None``: the streams as the module was
+    built). Each function returns the context its forward pass leaves, and ``leave(ctx)`` is
+    the updated model state.
+
+    Attributes:
+      initial: the model state when the model was built (a pytree of arrays).
+      enter: ``(model_state, key | None) -> ctx``.
+      leave: ``ctx -> model_state``.
+      losses: ``(shared, specific, batch, ctx) -> (f32[T], ctx)``, in training mode.
+      encode: ``(shared, batch, ctx) -> (representation, ctx)``, or ``None``.
+      heads: ``(specific, representation, batch, ctx) -> (f32[T], ctx)``, or ``None``.
+      eval_losses: ``(shared, specific, batch, ctx) -> f32[T]``, in evaluation mode (running
+        statistics, no dropout).
+      uses_key: whether the forward pass draws random numbers (the module holds RNG streams).
+    """
+
+    initial: PyTree
+    enter: Callable[[PyTree, jax.Array | None], PyTree]
+    leave: Callable[[PyTree], PyTree]
+    losses: Callable[..., tuple[jax.Array, PyTree]]
+    encode: Callable[..., tuple[PyTree, PyTree]] | None
+    heads: Callable[..., tuple[jax.Array, PyTree]] | None
+    eval_losses: Callable[..., jax.Array]
+    uses_key: bool
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
     """A multi-task model as pure functions.
@@ -306,6 +342,16 @@ class Model:
         multiplied by its task's weight ``wᵢ``). Most penalties read the parameters only and
         ignore ``batch``; data-dependent ones (DSelect-k's gate entropy, an MoE
         load-balancing term) read it.
+      state_fns: for a model with non-parameter state (BatchNorm statistics, other
+        non-parameter variables, dropout's RNG streams; built by :func:`from_nnx`), the
+        functions that thread it (:class:`StateFns`). The train step runs those: it carries the
+        state in ``TrainState.model_state``, updates it from each step's own forward pass and
+        hands the model a fresh key every step. ``losses_fn``, ``encode_fn``, ``heads_fn`` and
+        ``regularizer`` are then the same computation, in training mode, at the state and the
+        random streams the model was built with (what analysis tools such as
+        :func:`mtljax.nn.check_shared_split` differentiate). ``None`` for a model that is a
+        function of its parameters alone.
+      nnx_rng: the RNG streams of the module (:func:`from_nnx`), as built.
     """
 
     task_names: tuple[str, ...]
@@ -317,6 +363,8 @@ class Model:
     nnx_rest: Any = None
     batch_spec: Any = None
     regularizer: Callable[[PyTree, PyTree, Batch], jax.Array] | None = None
+    state_fns: StateFns | None = None
+    nnx_rng: Any = None
 
     def __post_init__(self):
         check_task_names("Model", self.task_names)
@@ -346,6 +394,56 @@ class Model:
 
     def losses(self, params: Params, batch: Batch) -> jax.Array:
         return self.losses_fn(params.shared, params.specific, batch)
+
+    @property
+    def has_state(self) -> bool:
+        """Whether the model has non-parameter state or random streams (see ``state_fns``)."""
+        return self.state_fns is not None
+
+    @property
+    def initial_state(self) -> PyTree:
+        """The model state as built (``()`` for a model without state)."""
+        return () if self.state_fns is None else self.state_fns.initial
+
+    @property
+    def uses_key(self) -> bool:
+        """Whether the forward pass draws random numbers (dropout): the train step then hands
+        it a fresh key every step."""
+        return self.state_fns is not None and self.state_fns.uses_key
+
+    def step_fns(self) -> StateFns:
+        """The model's functions with the state threaded (:class:`StateFns`); a model without
+        state gets them with an empty context, computing exactly its ``losses_fn``,
+        ``encode_fn`` and ``heads_fn``."""
+        if self.state_fns is not None:
+            return self.state_fns
+        encode = heads = None
+        if self.has_features:
+            encode = lambda s, b, c: (self.encode_fn(s, b), c)  # noqa: E731
+            heads = lambda p, z, b, c: (self.heads_fn(p, z, b), c)  # noqa: E731
+        return StateFns(
+            initial=(),
+            enter=lambda model_state, key: model_state,
+            leave=lambda ctx: ctx,
+            losses=lambda s, p, b, c: (self.losses_fn(s, p, b), c),
+            encode=encode,
+            heads=heads,
+            eval_losses=lambda s, p, b, c: self.losses_fn(s, p, b),
+            uses_key=False,
+        )
+
+    def eval_losses(self, params: Any, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
+        """The task losses in evaluation mode: BatchNorm with its running statistics, dropout
+        off (NNX's ``eval()`` mode), the model state left as it is.
+
+        ``params``: a :class:`mtljax.TrainState` (its parameters and model state), or
+        :class:`Params` (with the model state as built). ``key`` seeds the module's random
+        streams, for a model that draws random numbers in evaluation mode too. For a model
+        without state this is ``losses_fn``.
+        """
+        p, model_state = params_and_state(self, params)
+        fns = self.step_fns()
+        return fns.eval_losses(p.shared, p.specific, batch, fns.enter(model_state, key))
 
     @classmethod
     def from_encoder_heads(
@@ -389,6 +487,8 @@ class Model:
         self.check_batch(batch)
         try:
             out = jax.eval_shape(self.losses_fn, params.shared, params.specific, batch)
+        except ModelStateError:
+            raise
         except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
             why = f"missing key {e}" if isinstance(e, KeyError) else str(e)
             raise ValueError(
@@ -423,6 +523,20 @@ class Model:
                 f"batch) on the parameters and this batch ({_batch_summary(batch)}): {e}"
             ) from e
         _check_float_output("regularizer", out, (), "return a scalar f32[]")
+
+
+def params_and_state(model: Model, params: Any) -> tuple[Params, PyTree]:
+    """``(Params, model_state)`` from :class:`Params` (the model state as built) or from a
+    train state (anything with ``params`` and ``model_state``)."""
+    if isinstance(params, Params):
+        return params, model.initial_state
+    inner = getattr(params, "params", None)
+    if isinstance(inner, Params) and hasattr(params, "model_state"):
+        return inner, params.model_state
+    raise TypeError(
+        f"expected mtljax.Params or a TrainState (parameters and model state), got "
+        f"{type(params).__name__}"
+    )
 
 
 def _check_float_output(what: str, out: Any, shape: tuple[int, ...], expected: str) -> None:
@@ -510,9 +624,24 @@ def from_nnx(
         reading the batch, ``lambda m, b: m.entropy_penalty(b["x"])`` (DSelect-k).
 
     The functions receive the module rebuilt by ``nnx.merge`` from the parameters being
-    differentiated; use ``to_nnx`` to put trained parameters back into a module. The module may
-    hold :class:`mtljax.nn.Constant` variables besides its parameters: they are closed over,
-    never trained (any other non-parameter state is refused).
+    differentiated; use ``to_nnx`` to put trained parameters (and model state) back into a
+    module. Besides its parameters the module may hold:
+
+    * :class:`mtljax.nn.Constant` variables: closed over, never trained;
+    * RNG streams (``nnx.Rngs``, e.g. in ``nnx.Dropout``): every train step reseeds them from a
+      key derived from the train state's key and the step, so a run is reproducible and every
+      quantity of a step (the losses, the per-task Jacobian) sees the same dropout masks;
+    * any other ``nnx.Variable`` holding an array, e.g. BatchNorm's ``nnx.BatchStat``: the
+      model state. The train step runs the module in training mode (``Module.train()``),
+      carries the state in ``TrainState.model_state`` and updates it once per step, from that
+      step's own forward pass; :meth:`Model.eval_losses` and ``to_nnx(model, state).eval()``
+      use it in evaluation mode (running statistics, dropout off).
+
+    Values sown by an earlier call (``nnx.Intermediate``), an ``nnx.Optimizer``'s state and
+    variables that do not hold an array are refused, naming the variable and the fix. A
+    BatchNorm's ``scale`` and ``bias`` are parameters like any other: shared when the ``shared``
+    filter selects them (a BatchNorm inside the shared encoder), task-specific otherwise; its
+    statistics are model state, neither shared nor task-specific.
     """
     from flax import nnx
 
@@ -536,52 +665,64 @@ def from_nnx(
         shared_filter = PathPrefixes(shared)
     else:
         shared_filter = shared
-    graphdef, *states = nnx.split(module, nnx.All(nnx.Param, shared_filter), nnx.Param, ...)
+    graphdef, *states = nnx.split(
+        module, nnx.All(nnx.Param, shared_filter), nnx.Param, Constant, nnx.RngState, ...
+    )
     # ``nnx.split`` hands out the module's own Variable objects: copy them, so that changing the
     # module afterwards (training it, ``Cascade.set_anchor()``) changes neither these parameters
-    # nor the constants the model closes over.
-    shared_state, specific_state, rest = jax.tree_util.tree_map(lambda x: x, tuple(states))
+    # nor the constants and state the model starts from.
+    shared_state, specific_state, rest, streams, carried = jax.tree_util.tree_map(
+        lambda x: x, tuple(states)
+    )
     if shared is not None and not jax.tree_util.tree_leaves(shared_state):
         raise ValueError(
             f"from_nnx: the filter shared={shared!r} selects no nnx.Param; the module's "
             f"parameters are {tree_lib.leaf_paths(specific_state)} (pass shared=None for a "
             "model in which no parameter is shared by two tasks)"
         )
-    not_constant = [
-        "/".join(str(k) for k in path)
-        for path, v in nnx.to_flat_state(rest)
-        if not isinstance(v, Constant)
-    ]
-    if not_constant:
-        raise ValueError(
-            "from_nnx: the module holds non-parameter state (batch statistics, RNG streams: "
-            f"{not_constant}); mtljax models must be functions of their parameters: pass RNG "
-            "keys through the batch instead (values that are read but never trained may be "
-            "mtljax.nn.Constant variables)"
-        )
+    _refuse_unsupported_state(carried)
+    stateful = bool(jax.tree_util.tree_leaves((streams, carried)))
 
     def merge(s, p):
         return nnx.merge(graphdef, s, p, rest)
+
+    common = dict(
+        last_shared=last_shared,
+        nnx_graphdef=graphdef,
+        nnx_rest=rest,
+        batch_spec=batch_spec,
+    )
+    checked: set = set()  # (part, signature of its arguments) whose reads passed
+
+    def refuse_reads_once(part, kind, fn, state, *args):
+        key = (part, _signature(*args))
+        if key not in checked:
+            _refuse_reads(part, kind, fn, state)
+            checked.add(key)
+
+    if stateful:
+        return _stateful_from_nnx(
+            module,
+            graphdef,
+            (shared_state, specific_state, rest, streams, carried),
+            task_names=tuple(task_names),
+            losses=losses,
+            encode=encode,
+            heads=heads,
+            regularizer=regularizer,
+            refuse_reads_once=refuse_reads_once,
+            common=common,
+        )
 
     reg_fn = None if regularizer is None else (lambda s, p, b: regularizer(merge(s, p), b))
     if losses is not None:
         model = Model(
             tuple(task_names),
             lambda s, p, b: losses(merge(s, p), b),
-            last_shared=last_shared,
-            nnx_graphdef=graphdef,
-            nnx_rest=rest,
-            batch_spec=batch_spec,
             regularizer=reg_fn,
+            **common,
         )
     else:
-        checked: set = set()  # (part, signature of its arguments) whose reads passed
-
-        def refuse_reads_once(part, kind, fn, state, *args):
-            key = (part, _signature(*args))
-            if key not in checked:
-                _refuse_reads(part, kind, fn, state)
-                checked.add(key)
 
         def encode_fn(s, b):
             read = lambda p: encode(merge(s, p), b)  # noqa: E731
@@ -598,23 +739,232 @@ def from_nnx(
             lambda s, p, b: heads(merge(s, p), encode(merge(s, p), b), b),
             encode_fn=encode_fn,
             heads_fn=heads_fn,
-            last_shared=last_shared,
-            nnx_graphdef=graphdef,
-            nnx_rest=rest,
-            batch_spec=batch_spec,
             regularizer=reg_fn,
+            **common,
         )
     return model, Params(shared_state, specific_state)
 
 
-def to_nnx(model: Model, params: Params) -> Any:
-    """Rebuilds the NNX module of a model made by :func:`from_nnx` with the given parameters.
+# ----------------------------------------------------------------------------------------------
+# Modules with non-parameter state
 
-    The module owns copies of its variables: changing it in place changes neither ``params``
+
+def _var_value(var: Any) -> Any:
+    return var.get_value() if hasattr(var, "get_value") else var.value
+
+
+def _refuse_unsupported_state(carried: Any) -> None:
+    """Refuses the non-parameter variables a train step cannot carry, naming each and the fix.
+
+    Carried (as model state): every other ``nnx.Variable`` that holds an array, such as
+    ``nnx.BatchStat``. Refused: values sown by an earlier call (``nnx.Intermediate``,
+    ``nnx.Perturbation``), an optimizer's state (``nnx.Optimizer``), and variables that hold
+    something other than an array.
+    """
+    from flax import nnx
+
+    sown = tuple(getattr(nnx, n) for n in ("Intermediate", "Perturbation") if hasattr(nnx, n))
+    optimizer_state = tuple(
+        getattr(nnx, n) for n in ("OptState", "OptVariable", "OptArray") if hasattr(nnx, n)
+    )
+    for path, var in nnx.to_flat_state(carried):
+        name = "/".join(str(k) for k in path)
+        kind = (
+            f"nnx.{type(var).__name__}"
+            if type(var).__module__.startswith("flax")
+            else (type(var).__name__)
+        )
+        if sown and isinstance(var, sown):
+            raise ModelStateError(
+                f"from_nnx: the module holds {name!r} ({kind}), a value sown by an earlier call; "
+                "each forward pass sows anew, so it is not state a train step can carry. Remove "
+                f"it before from_nnx: nnx.pop(module, {kind})"
+            )
+        if optimizer_state and isinstance(var, optimizer_state):
+            raise ModelStateError(
+                f"from_nnx: the module holds {name!r} ({kind}), an optimizer's state; pass the "
+                "model itself, not an nnx.Optimizer: mtljax trains it with the optax optimizer "
+                "given to make_train_step"
+            )
+        value = _var_value(var)
+        if not (isinstance(value, jax.Array | np.ndarray | np.generic)):
+            raise ModelStateError(
+                f"from_nnx: the non-parameter variable {name!r} ({kind}) holds a "
+                f"{type(value).__name__}, not an array; the train step carries a module's "
+                "non-parameter state as arrays (updated inside the jitted step, checkpointed). "
+                "Make its value an array, or make it a plain attribute of the module if it "
+                "never changes"
+            )
+
+
+def _carry_like(new: PyTree, like: PyTree, what: str) -> PyTree:
+    """``new`` (the variables a forward pass left) in the structure of ``like`` (those it was
+    given): variables the pass created (sown values) are dropped; a variable it removed or
+    whose shape or dtype it changed is refused, since the state the step carries is fixed."""
+    got = {tree_lib.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(new)[0]}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+    leaves = []
+    for path, old in flat:
+        name = tree_lib.path_str(path)
+        if name not in got:
+            raise ModelStateError(
+                f"from_nnx: the forward pass removed the {what} variable {name!r}; the train "
+                "step carries the module's non-parameter variables from step to step, so a "
+                "forward pass must keep them (update their values in place instead)"
+            )
+        value = got[name]
+        if jnp.shape(value) != jnp.shape(old) or jnp.result_type(value) != jnp.result_type(old):
+            raise ModelStateError(
+                f"from_nnx: the forward pass changed the {what} variable {name!r} from "
+                f"{jnp.result_type(old)}{list(jnp.shape(old))} to "
+                f"{jnp.result_type(value)}{list(jnp.shape(value))}; the train step carries "
+                "non-parameter variables of fixed shapes and dtypes from step to step: keep "
+                "them so (e.g. accumulate into a fixed-size array), or compute the value "
+                "inside the loss without storing it on the module"
+            )
+        leaves.append(value)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _typed_key(key: jax.Array) -> jax.Array:
+    if jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(key)
+
+
+def _seed_streams(streams: PyTree, key: jax.Array) -> PyTree:
+    """The module's RNG streams seeded from ``key``: the ``i``-th stream's key is
+    ``fold_in(key, i)`` and every count restarts at 0, so a forward pass draws the same random
+    numbers for the same ``key`` whatever the module drew before."""
+    from flax import nnx
+
+    key = _typed_key(key)
+    index = iter(range(len(jax.tree_util.tree_leaves(streams))))
+
+    def seed(var):
+        if isinstance(var, nnx.RngKey):
+            return var.replace(jax.random.fold_in(key, next(index)))
+        if isinstance(var, nnx.RngCount):
+            return var.replace(jnp.zeros_like(_var_value(var)))
+        return var
+
+    return jax.tree_util.tree_map(seed, streams, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _mode_graphdef(graphdef: Any, states: tuple, *, train: bool) -> Any:
+    """The module's graph with NNX's training or evaluation flags set, as ``Module.train()``
+    and ``Module.eval()`` do (``deterministic``, ``use_running_average``)."""
+    from flax import nnx
+
+    view = nnx.merge(graphdef, *jax.tree_util.tree_map(lambda x: x, states))
+    view.set_attributes(
+        deterministic=not train, use_running_average=not train, raise_if_not_found=False
+    )
+    return nnx.split(view)[0]
+
+
+def _stateful_from_nnx(
+    module,
+    graphdef,
+    states,
+    *,
+    task_names,
+    losses,
+    encode,
+    heads,
+    regularizer,
+    refuse_reads_once,
+    common,
+) -> tuple[Model, Params]:
+    """:func:`from_nnx` for a module with non-parameter state or RNG streams: the model's
+    functions thread the context ``(model_state, streams)`` (see :class:`StateFns`)."""
+    from flax import nnx
+
+    from mtljax._src.nn.constant import Constant
+
+    shared_state, specific_state, rest, streams, carried = states
+    train_graphdef = _mode_graphdef(graphdef, states, train=True)
+    eval_graphdef = _mode_graphdef(graphdef, states, train=False)
+    carried_filter = nnx.Not(nnx.Any(nnx.Param, Constant, nnx.RngState))
+
+    def run(gdef, s, p, ctx, fn, *args):
+        model_state, rngs = ctx
+        copies = jax.tree_util.tree_map(lambda x: x, (rngs, model_state))
+        m = nnx.merge(gdef, s, p, rest, *copies)
+        out = fn(m, *args)
+        new_rngs = _carry_like(nnx.state(m, nnx.RngState), rngs, "RNG stream")
+        new_state = _carry_like(nnx.state(m, carried_filter), model_state, "model state")
+        return out, (new_state, new_rngs)
+
+    body = losses if losses is not None else (lambda m, b: heads(m, encode(m, b), b))
+
+    def losses_ctx(s, p, b, ctx):
+        return run(train_graphdef, s, p, ctx, body, b)
+
+    def eval_losses_ctx(s, p, b, ctx):
+        return run(eval_graphdef, s, p, ctx, body, b)[0]
+
+    encode_ctx = heads_ctx = None
+    if losses is None:
+
+        def encode_ctx(s, b, ctx):
+            read = lambda p: run(train_graphdef, s, p, ctx, encode, b)[0]  # noqa: E731
+            refuse_reads_once("encode", "task-specific", read, specific_state, s, b)
+            return run(train_graphdef, s, specific_state, ctx, encode, b)
+
+        def heads_ctx(p, z, b, ctx):
+            read = lambda s: run(train_graphdef, s, p, ctx, heads, z, b)[0]  # noqa: E731
+            refuse_reads_once("heads", "shared", read, shared_state, p, z, b)
+            return run(train_graphdef, shared_state, p, ctx, heads, z, b)
+
+    fns = StateFns(
+        initial=carried,
+        enter=lambda model_state, key: (
+            model_state,
+            streams if key is None else _seed_streams(streams, key),
+        ),
+        leave=lambda ctx: ctx[0],
+        losses=losses_ctx,
+        encode=encode_ctx,
+        heads=heads_ctx,
+        eval_losses=eval_losses_ctx,
+        uses_key=bool(jax.tree_util.tree_leaves(streams)),
+    )
+    built = (carried, streams)  # the views below run at the state and streams as built
+    reg_fn = None
+    if regularizer is not None:
+        reg_fn = lambda s, p, b: run(train_graphdef, s, p, built, regularizer, b)[0]  # noqa: E731
+    model = Model(
+        task_names,
+        lambda s, p, b: losses_ctx(s, p, b, built)[0],
+        encode_fn=None if encode_ctx is None else (lambda s, b: encode_ctx(s, b, built)[0]),
+        heads_fn=None if heads_ctx is None else (lambda p, z, b: heads_ctx(p, z, b, built)[0]),
+        regularizer=reg_fn,
+        state_fns=fns,
+        nnx_rng=streams,
+        **common,
+    )
+    return model, Params(shared_state, specific_state)
+
+
+def to_nnx(model: Model, state: Any) -> Any:
+    """Rebuilds the NNX module of a model made by :func:`from_nnx`.
+
+    ``state``: a :class:`mtljax.TrainState` (its parameters and model state: BatchNorm's
+    running statistics...), or :class:`Params` (with the model state as built). The module
+    comes back in the mode it was given to ``from_nnx`` (NNX modules start in training mode):
+    call ``module.eval()`` (or ``nnx.view``) to evaluate with running statistics and without
+    dropout, as :meth:`Model.eval_losses` does.
+
+    The module owns copies of its variables: changing it in place changes neither ``state``
     nor the model (its constants included); rebuild the model with ``from_nnx`` to use the
     changes."""
     from flax import nnx
 
     if model.nnx_graphdef is None:
         raise ValueError("to_nnx: this model was not built by from_nnx")
-    return nnx.merge(model.nnx_graphdef, params.shared, params.specific, model.nnx_rest, copy=True)
+    params, model_state = params_and_state(model, state)
+    states = [params.shared, params.specific, model.nnx_rest]
+    if model.has_state:
+        states += [model.nnx_rng, model_state]
+    return nnx.merge(model.nnx_graphdef, *states, copy=True)

@@ -20,8 +20,9 @@ import numpy as np
 from mtljax import bench
 from mtljax import methods as methods_lib
 from mtljax import problems as problems_lib
-from mtljax._src import paths
+from mtljax._src import base, paths
 from mtljax._src.display import Progress, format_table
+from mtljax._src.problems.base import evaluation_input
 from mtljax._src.train import init_train_state, make_train_step
 
 PyTree = Any
@@ -103,7 +104,8 @@ def _infer_batch_axes(problem: Any, example: Any) -> Any:
 
 
 def _validation_metric(problem: Any, params: Any) -> float | None:
-    """A scalar to rank checkpoints by (lower is better), or ``None``.
+    """A scalar to rank checkpoints by (lower is better), or ``None``; ``params``: what
+    :func:`~mtljax._src.problems.base.evaluation_input` gives.
 
     The mean over main tasks of the validation split's task metrics (negated where higher is
     better) when the problem declares them; otherwise the mean of its held-out ``evaluate``
@@ -129,9 +131,15 @@ def _validation_metric(problem: Any, params: Any) -> float | None:
     return None
 
 
-def _metrics_json(metrics: dict[str, Any]) -> dict[str, Any]:
-    keep = ("losses", "weights", "grad_norms", "cosines")
-    return {k: np.asarray(v).tolist() for k, v in metrics.items() if k in keep}
+def _metrics_json(metrics: dict[str, Any], method: Any) -> dict[str, Any]:
+    """The metrics a run records: the losses, and the weights, gradient norms and cosines
+    when ``method`` computes them (every step reports them, NaN when not computed)."""
+    keep = ["losses"]
+    if method.weights is not None:
+        keep.append("weights")
+    if method.needs != "losses":
+        keep += ["grad_norms", "cosines"]
+    return {k: np.asarray(metrics[k]).tolist() for k in keep}
 
 
 def max_seed() -> int:
@@ -368,11 +376,12 @@ def run_training(
         t_compile = 0.0
         metrics: dict[str, Any] = {}
         solves = None  # (unconverged solves, most iterations) over this run's steps, on device
+        has_solver = base.solver_info(state.method_state) is not None
         for i in range(start, steps):
             batch = sample(data_key, np.int32(i))
             t0 = time.perf_counter()
             state, metrics = step(state, batch)
-            if "solver_converged" in metrics:
+            if has_solver:
                 failed = jnp.sum(~metrics["solver_converged"], dtype=jnp.int32)
                 iters = jnp.max(metrics["solver_iterations"])
                 solves = (
@@ -390,15 +399,17 @@ def run_training(
                 losses = np.asarray(metrics["losses"])
                 history["step"].append(i + 1)
                 history["losses"].append(losses.tolist())
-                if "weights" in metrics:
+                if method.weights is not None:
                     history["weights"].append(_tolist(metrics["weights"]))
                 bar.update(i + 1, f"mean loss {float(np.mean(losses)):.4g}")
             if ckpt is not None and ((i + 1) % save_every == 0 or i + 1 == steps):
-                last_metrics = _metrics_json(metrics)
+                last_metrics = _metrics_json(metrics, method)
                 ckpt.save(
                     state,
                     data_position=i + 1,
-                    metric=_validation_metric(problem, sharding.to_host(state.params)),
+                    metric=_validation_metric(
+                        problem, sharding.to_host(evaluation_input(model, state))
+                    ),
                     extra={
                         "history": history,
                         "last_metrics": last_metrics,
@@ -413,8 +424,9 @@ def run_training(
     if ckpt is not None:
         ckpt.close()  # waits for the last save: a failure is raised here
     if metrics:
-        last_metrics = _metrics_json(metrics)
+        last_metrics = _metrics_json(metrics, method)
     params = sharding.to_host(state.params)
+    trained = params if not model.has_state else sharding.to_host(state)
 
     result: dict[str, Any] = {
         "problem": problem_name,
@@ -456,7 +468,7 @@ def run_training(
     if learned:
         result["final"]["method_state"] = learned
     if problem.evaluate is not None:
-        ev = jax.jit(problem.evaluate)(params)
+        ev = jax.jit(problem.evaluate)(trained)
         result["final"]["eval"] = {k: _by_task(names, v) for k, v in ev.items()}
     return result
 
@@ -585,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch",
         default=None,
         help="the sharing structure, for problems that offer several (mmoe_synthetic: "
-        "shared_bottom, omoe, mmoe, cgc, ple, dselect_k, cross_stitch, soft_sharing)",
+        "shared_bottom, omoe, mmoe, cgc, ple, dselect_k, cross_stitch, soft_sharing; "
+        "multidigits: mlp, resnet)",
     )
     t.add_argument("--steps", type=int, default=None, help="training steps (problem default)")
     t.add_argument("--seed", type=int, default=0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
@@ -16,7 +15,7 @@ import optax
 from mtljax._src import base, engine
 from mtljax._src import tree as tree_lib
 from mtljax._src.describe import state_skeleton
-from mtljax._src.model import Batch, Model, Params
+from mtljax._src.model import Batch, Model, Params, StateFns
 
 PyTree = Any
 Mode = Literal["parameter", "feature"]
@@ -57,13 +56,40 @@ class SkippedStepWarning(RuntimeWarning):
     counts them."""
 
 
+class PerTaskFeaturesWarning(UserWarning):
+    """At feature level (``mode="feature"``), the task gradients w.r.t. the representation
+    were orthogonal by construction: each task's head reads only its own part of it (per-task
+    inputs, a representation with a task axis), so every cosine is 0 and a Gramian method
+    sees no conflict (MGDA-UB reduces to weights ∝ 1/‖∇ᵢ‖²). ``mode="parameter"`` is the
+    way out: there the tasks meet in the shared encoder's parameters."""
+
+
+def _replicated_to_host(x: jax.Array) -> np.ndarray:
+    """A metric on the host; under several processes, this process's copy of it."""
+    if getattr(x, "is_fully_addressable", True) or not x.is_fully_replicated:
+        return np.asarray(x)
+    return np.asarray(x.addressable_data(0))
+
+
 def _short(treedef: Any, limit: int = 300) -> str:
     text = str(treedef)
     return text if len(text) <= limit else text[:limit] + "…"
 
 
 class TrainState(NamedTuple):
-    """Everything a run carries from step to step (all arrays: checkpoint it whole)."""
+    """Everything a run carries from step to step (all arrays: checkpoint it whole).
+
+    Attributes:
+      params: the shared and task-specific parameters.
+      opt_state: the optimizer's state.
+      method_state: the method's state.
+      key: the run's PRNG key; each step splits it, and the model's random streams (dropout)
+        draw from a key derived from it and ``step`` (:func:`model_key`).
+      step: the number of steps taken.
+      skipped: how many of them were not applied (non-finite, or an unconverged solve).
+      model_state: the model's non-parameter state (BatchNorm's running statistics...; see
+        :func:`mtljax.from_nnx`), updated by each applied step; ``()`` for a model without.
+    """
 
     params: Params
     opt_state: PyTree
@@ -71,6 +97,19 @@ class TrainState(NamedTuple):
     key: jax.Array
     step: jax.Array
     skipped: jax.Array
+    model_state: PyTree = ()
+
+
+# The model's random streams draw from fold_in(fold_in(key, _MODEL_STREAM), step): a stream of
+# its own, apart from the keys that split(key) hands the method and the next step.
+_MODEL_STREAM = 0x6D6F64  # "mod"
+
+
+def model_key(key: jax.Array, step: jax.Array) -> jax.Array:
+    """The key of a step's forward pass: derived from the train state's ``key`` and ``step``
+    (so a repeated or resumed run draws the same dropout masks), independent of the keys the
+    step hands the method."""
+    return jax.random.fold_in(jax.random.fold_in(key, _MODEL_STREAM), step)
 
 
 def init_train_state(
@@ -79,12 +118,15 @@ def init_train_state(
     method: base.Method,
     optimizer: optax.GradientTransformation,
     key: jax.Array,
+    *,
+    model_state: PyTree = None,
 ) -> TrainState:
     """The initial :class:`TrainState`; checks that the method accepts the model's ``T``.
 
     A method that trains its weighting parameters with the model's optimizer
     (``method.with_optimizer``, e.g. UW) gets ``optimizer`` bound (:func:`base.bind_optimizer`),
-    as in :func:`make_train_step`.
+    as in :func:`make_train_step`. ``model_state``: the model's non-parameter state to start
+    from (BatchNorm statistics); by default the model's as built (``model.initial_state``).
     """
     _check_model_and_method("init_train_state", model, method)
     method = base.bind_optimizer(method, optimizer)
@@ -95,6 +137,10 @@ def init_train_state(
     # strong after the first update, which would compile the step a second time.
     params = _strong(params)
     method_state = _strong(method.init(model.num_tasks))
+    if model_state is None:
+        model_state = model.initial_state
+    else:
+        _check_model_state("init_train_state", model, model_state)
     return TrainState(
         params=params,
         opt_state=optimizer.init(params),
@@ -102,7 +148,22 @@ def init_train_state(
         key=key,
         step=jnp.zeros((), jnp.int32),
         skipped=jnp.zeros((), jnp.int32),
+        model_state=_strong(model_state),
     )
+
+
+def _check_model_state(owner: str, model: Model, model_state: PyTree) -> None:
+    """The model state must have the structure, shapes and dtypes of the model's."""
+    from mtljax._src.model import _signature
+
+    if _signature(model_state) != _signature(model.initial_state):
+        have = tree_lib.leaf_paths(model_state) or "none"
+        want = tree_lib.leaf_paths(model.initial_state) or "none (the model has no state)"
+        raise ValueError(
+            f"{owner}: the model state does not fit this model: it has the variables {have}, "
+            f"the model {want} (or their shapes or dtypes differ); build the train state with "
+            "init_train_state(model, ...) for this model"
+        )
 
 
 def _check_model_and_method(owner: str, model: Any, method: Any) -> None:
@@ -163,94 +224,6 @@ def _stays_finite(old: PyTree, new: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(oks)) if oks else jnp.asarray(True)
 
 
-def _rows_finite(jac: PyTree, num_tasks: int) -> jax.Array:
-    """``bool[T]``: whether every entry of each task's row of a Jacobian pytree is finite."""
-    ok = jnp.ones((num_tasks,), bool)
-    for leaf in jax.tree_util.tree_leaves(jac):
-        ok = ok & jnp.all(jnp.isfinite(leaf.reshape(num_tasks, -1)), axis=1)
-    return ok
-
-
-def gramian_by_chunks(
-    f: Callable[[PyTree], jax.Array],
-    primal: PyTree,
-    num_tasks: int,
-    chunk_size: int,
-    *,
-    constraint: Callable[[PyTree], PyTree] | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """``(f(primal), G)`` with ``G = J Jᵀ`` for ``J = ∂f/∂primal``, never holding all of ``J``.
-
-    ``f`` is linearized once (one forward pass); then, ``chunk_size`` tasks at a time, the rows
-    ``J_c`` of a chunk come from mapped VJPs and the Gramian's columns ``J J_cᵀ`` from mapped
-    JVPs along those rows (``J v`` is the directional derivative of the losses along ``v``).
-    Memory holds ``chunk_size`` rows of ``J`` at a time instead of ``T``.
-
-    The trade-off: on top of the ``T`` VJPs that forming ``J`` costs, this pays ``T`` JVPs
-    (each about one forward pass, so roughly +50% over the VJPs) and the update ``Jᵀw`` must
-    come from one more VJP instead of a product with a stored ``J``. It pays off when ``T × P``
-    does not fit in memory; otherwise forming ``J`` (optionally with ``chunk_size``, which
-    only bounds the intermediates of the backward passes) is faster. A ``primal`` with no
-    leaves (no shared parameters) has ``G = 0``.
-    """
-    if not jax.tree_util.tree_leaves(primal):
-        losses = f(primal)
-        dtype = jnp.promote_types(losses.dtype, jnp.float32)
-        return losses, jnp.zeros((int(num_tasks), int(num_tasks)), dtype)
-    losses, jvp_fn = jax.linearize(f, primal)
-    vjp_fn = jax.linear_transpose(jvp_fn, primal)
-    t = int(num_tasks)
-    c = max(1, min(int(chunk_size), t))
-    n = math.ceil(t / c)
-    eye = jnp.eye(n * c, t, dtype=losses.dtype).reshape(n, c, t)  # padded rows are zero
-
-    def body(carry, e):
-        rows = jax.vmap(lambda ei: vjp_fn(ei)[0])(e)
-        if constraint is not None:
-            rows = constraint(rows)
-        return carry, jax.vmap(jvp_fn)(rows)
-
-    _, cols = jax.lax.scan(body, None, eye)
-    g = cols.reshape(n * c, t)[:t].astype(jnp.promote_types(losses.dtype, jnp.float32))
-    return losses, 0.5 * (g + g.T)
-
-
-def _chunked_gramian(
-    model: Model,
-    params: Params,
-    batch: Batch,
-    *,
-    mode: Mode,
-    subset: str,
-    chunk_size: int,
-    constraint: Callable[[PyTree], PyTree] | None,
-) -> tuple[jax.Array, jax.Array, Callable[[jax.Array], Params]]:
-    """``(losses, G, vjp)`` like :func:`engine.jacobian` but with the Gramian in task chunks."""
-    t = model.num_tasks
-    if mode == "feature":
-        z, enc_vjp = jax.vjp(lambda s: model.encode_fn(s, batch), params.shared)
-        losses, head_vjp = jax.vjp(lambda p, z_: model.heads_fn(p, z_, batch), params.specific, z)
-        _, gram = gramian_by_chunks(
-            lambda z_: model.heads_fn(params.specific, z_, batch), z, t, chunk_size
-        )
-
-        def vjp(c):
-            g_spec, g_z = head_vjp(c)
-            return Params(enc_vjp(g_z)[0], g_spec)
-
-        return losses, gram, vjp
-    losses, vjp = engine.losses_and_vjp(model, params, batch)
-    pred = engine.subset_predicate(model, subset)
-    sel, rest, treedef, mask = tree_lib.partition(params.shared, pred)
-
-    def f(sel_):
-        shared = tree_lib.combine(sel_, rest, treedef, mask)
-        return model.losses_fn(shared, params.specific, batch)
-
-    _, gram = gramian_by_chunks(f, sel, t, chunk_size, constraint=constraint)
-    return losses, gram, vjp
-
-
 def _cast_floating(tree: PyTree, dtype: Any) -> PyTree:
     def cast(x):
         if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
@@ -269,6 +242,8 @@ def mixed_precision(model: Model, compute_dtype: Any) -> Model:
     everything a method's solver sees. At feature level the representation is handed to the
     heads' Jacobian in float32 too. (bfloat16 has float32's exponent range: no loss scaling.)
     A model ``regularizer`` is kept as it is: it is evaluated on the float32 master parameters.
+    A model with state keeps its state (BatchNorm's statistics) in the dtypes it has; how a
+    layer computes with it follows the layer's own ``dtype`` attribute.
     """
     dtype = jnp.dtype(compute_dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -298,7 +273,43 @@ def mixed_precision(model: Model, compute_dtype: Any) -> Model:
             )
             return out.astype(out_dtype)
 
-    return dataclasses.replace(model, losses_fn=losses_fn, encode_fn=encode_fn, heads_fn=heads_fn)
+    state_fns = model.state_fns
+    if state_fns is not None:
+        state_fns = _mixed_precision_state(state_fns, dtype, out_dtype)
+    return dataclasses.replace(
+        model, losses_fn=losses_fn, encode_fn=encode_fn, heads_fn=heads_fn, state_fns=state_fns
+    )
+
+
+def _mixed_precision_state(fns: StateFns, dtype: Any, out_dtype: Any) -> StateFns:
+    """:func:`mixed_precision` for the functions of a model with state: parameters and batch
+    in ``dtype``, losses and representation in ``out_dtype``. The model state keeps its own
+    dtypes, as its updates need (a running average in bfloat16 would lose its increments);
+    a layer's ``dtype`` attribute (``nnx.BatchNorm(..., dtype=jnp.bfloat16)``) says in which
+    dtype it computes with it."""
+
+    def cast(*trees):
+        return tuple(_cast_floating(x, dtype) for x in trees)
+
+    def losses(shared, specific, batch, ctx):
+        out, ctx = fns.losses(*cast(shared, specific, batch), ctx)
+        return out.astype(out_dtype), ctx
+
+    def eval_losses(shared, specific, batch, ctx):
+        return fns.eval_losses(*cast(shared, specific, batch), ctx).astype(out_dtype)
+
+    encode = heads = None
+    if fns.encode is not None:
+
+        def encode(shared, batch, ctx):
+            z, ctx = fns.encode(*cast(shared, batch), ctx)
+            return _cast_floating(z, out_dtype), ctx
+
+        def heads(specific, z, batch, ctx):
+            out, ctx = fns.heads(*cast(specific, z, batch), ctx)
+            return out.astype(out_dtype), ctx
+
+    return fns._replace(losses=losses, eval_losses=eval_losses, encode=encode, heads=heads)
 
 
 def add_regularizer(
@@ -362,6 +373,15 @@ def _method_direction(method: base.Method, jac, losses, state, key):
     return direction, state
 
 
+class StepGradients(NamedTuple):
+    """What :func:`step_gradients` returns: the update direction and the states it leaves."""
+
+    grads: Params
+    method_state: PyTree
+    model_state: PyTree
+    metrics: dict[str, jax.Array]
+
+
 def gradients(
     model: Model,
     method: base.Method,
@@ -375,10 +395,14 @@ def gradients(
     head_grads: str | None = None,
     gramian_chunk_size: int | None = None,
     jacobian_constraint: Callable[[PyTree], PyTree] | None = None,
+    model_state: PyTree = None,
+    model_key: jax.Array | None = None,
 ) -> tuple[Params, PyTree, dict[str, jax.Array]]:
     """The parameter gradient (descent direction, negated by the optimizer) chosen by ``method``.
 
-    Computes only what the method declares it needs. Returns ``(grads, method_state, metrics)``.
+    Computes only what the method declares it needs. Returns ``(grads, method_state, metrics)``;
+    ``metrics`` holds what the method computed (the train step completes it to the same keys
+    for every method: :func:`complete_metrics`).
     With a model ``regularizer`` ``R``, the result is the method's direction plus ``∇R``
     (w.r.t. the shared and the task-specific parameters; see :func:`add_regularizer`), and
     ``metrics["regularizer"]`` holds ``R(θ; batch)``; without one there is no such metric.
@@ -387,71 +411,81 @@ def gradients(
     (in parameter mode a Gramian or Jacobian method with ``head_grads="weighted"``, e.g.
     Nash-MTL, raises: its weights would come from ``G = 0``; pass ``head_grads="unit"``).
     ``gramian_chunk_size`` (weighting methods that need the Gramian) computes the Gramian
-    that many tasks at a time without forming the Jacobian (see :func:`gramian_by_chunks`);
-    ``jacobian_constraint`` is applied to the parameter-level Jacobian (or its chunks), e.g. a
-    sharding constraint.
+    that many tasks at a time without forming the Jacobian (see
+    :func:`mtljax.gramian_by_chunks`); ``jacobian_constraint`` is applied to the
+    parameter-level Jacobian (or its chunks), e.g. a sharding constraint.
+
+    A model with state runs in training mode at ``model_state`` (``None``: as built), its
+    random streams seeded from ``model_key`` (``None``: as built); the state its forward pass
+    leaves is returned by :func:`step_gradients`, which the train step uses.
     """
+    out = step_gradients(
+        model,
+        method,
+        params,
+        method_state,
+        batch,
+        key,
+        mode=mode,
+        chunk_size=chunk_size,
+        head_grads=head_grads,
+        gramian_chunk_size=gramian_chunk_size,
+        jacobian_constraint=jacobian_constraint,
+        model_state=model_state,
+        model_key=model_key,
+    )
+    return out.grads, out.method_state, out.metrics
+
+
+def step_gradients(
+    model: Model,
+    method: base.Method,
+    params: Params,
+    method_state: PyTree,
+    batch: Batch,
+    key: jax.Array | None,
+    *,
+    mode: Mode = "parameter",
+    chunk_size: int | None = None,
+    head_grads: str | None = None,
+    gramian_chunk_size: int | None = None,
+    jacobian_constraint: Callable[[PyTree], PyTree] | None = None,
+    model_state: PyTree = None,
+    model_key: jax.Array | None = None,
+) -> StepGradients:
+    """:func:`gradients`, with the model state its forward pass leaves."""
     head_grads = head_grads or method.head_grads
     _check_weights_defined(method, head_grads, params, mode)
+    if mode not in ("parameter", "feature"):
+        raise ValueError(f"mode must be 'parameter' or 'feature', got {mode!r}")
+    if gramian_chunk_size is not None and method.needs != "losses" and method.weights is None:
+        raise ValueError(
+            f"gramian_chunk_size: {method.name} yields a direction from the full Jacobian; "
+            "only weighting methods can work from the Gramian alone"
+        )
     t = model.num_tasks
     metrics: dict[str, jax.Array] = {}
-    gram = None
-    rows_ok = None
-    if method.needs == "losses":
-        losses, vjp = engine.losses_and_vjp(model, params, batch)
-        w, method_state = _method_weights(method, losses, None, method_state, key)
-        grads = vjp(w)
-    elif gramian_chunk_size is not None:
-        if method.weights is None:
-            raise ValueError(
-                f"gramian_chunk_size: {method.name} yields a direction from the full Jacobian; "
-                "only weighting methods can work from the Gramian alone"
-            )
-        losses, gram, vjp = _chunked_gramian(
-            model,
-            params,
-            batch,
-            mode=mode,
-            subset=method.params,
-            chunk_size=gramian_chunk_size,
-            constraint=jacobian_constraint,
-        )
-        rows_ok = jnp.isfinite(jnp.diagonal(gram))
+    q = engine.compute(
+        model,
+        params,
+        batch,
+        needs=method.needs,
+        mode=mode,
+        subset=method.params,
+        chunk_size=chunk_size,
+        gramian_chunk_size=gramian_chunk_size,
+        constraint=jacobian_constraint if mode == "parameter" else None,
+        model_state=model_state,
+        key=model_key,
+    )
+    losses, vjp, gram, rows_ok = q.losses, q.vjp, q.gramian, q.rows_finite
+    if method.weights is not None:
         w, method_state = _method_weights(method, losses, gram, method_state, key)
-        grads = vjp(w)
-    elif mode == "parameter":
-        losses, jac, vjp = engine.jacobian(
-            model, params, batch, subset=method.params, chunk_size=chunk_size
-        )
-        if jacobian_constraint is not None:
-            jac = jacobian_constraint(jac)
-        rows_ok = _rows_finite(jac, t)
-        gram = base.gramian(jac, t)
-        if method.weights is not None:
-            w, method_state = _method_weights(method, losses, gram, method_state, key)
-            if method.params == "all":
-                grads = Params(base.combine(w, jac), vjp(w).specific)
-            else:
-                grads = vjp(w)
-        else:
-            w = None
-            direction, method_state = _method_direction(method, jac, losses, method_state, key)
-            grads = Params(direction, vjp(jnp.ones_like(losses)).specific)
-    elif mode == "feature":
-        losses, jac, vjp, backprop = engine.feature_jacobian(
-            model, params, batch, chunk_size=chunk_size
-        )
-        rows_ok = _rows_finite(jac, t)
-        gram = base.gramian(jac, t)
-        if method.weights is not None:
-            w, method_state = _method_weights(method, losses, gram, method_state, key)
-            grads = vjp(w)
-        else:
-            w = None
-            direction, method_state = _method_direction(method, jac, losses, method_state, key)
-            grads = Params(backprop(direction), vjp(jnp.ones_like(losses)).specific)
+        grads = q.weighted(w)
     else:
-        raise ValueError(f"mode must be 'parameter' or 'feature', got {mode!r}")
+        w = None
+        direction, method_state = _method_direction(method, q.jacobian, losses, method_state, key)
+        grads = Params(q.pullback(direction), vjp(jnp.ones_like(losses)).specific)
 
     if w is not None and head_grads == "unit":
         grads = Params(grads.shared, vjp(jnp.ones_like(losses)).specific)
@@ -472,7 +506,42 @@ def gradients(
         metrics["solver_iterations"] = info.iterations
         metrics["solver_converged"] = info.converged
         metrics["solver_residual"] = info.residual
-    return grads, method_state, metrics
+    return StepGradients(grads, method_state, q.model_state, metrics)
+
+
+# The metrics every train step reports, whatever the method (see make_train_step).
+METHOD_METRICS = (
+    "losses",
+    "task_finite",
+    "weights",
+    "grad_norms",
+    "cosines",
+    "rows_finite",
+    "solver_iterations",
+    "solver_converged",
+    "solver_residual",
+)
+
+
+def complete_metrics(metrics: dict[str, jax.Array], num_tasks: int) -> dict[str, jax.Array]:
+    """``metrics`` with every key of :data:`METHOD_METRICS`, so that every method's step
+    reports the same keys, shapes and dtypes: a quantity the method did not compute is
+    filled in as not computed, by type: NaN for a float (``weights`` of a method that yields
+    a direction; ``grad_norms`` and ``cosines`` of a losses-only method; ``solver_residual``
+    of a method without a solver), ``-1`` for a count (``solver_iterations``), and ``True``
+    for the flag of a check that was not made, which did not fail (``rows_finite`` of a
+    losses-only method, ``solver_converged`` of a method without a solver)."""
+    out = dict(metrics)
+    t = num_tasks
+    dtype = metrics["losses"].dtype
+    out.setdefault("weights", jnp.full((t,), jnp.nan, dtype))
+    out.setdefault("grad_norms", jnp.full((t,), jnp.nan, dtype))
+    out.setdefault("cosines", jnp.full((t, t), jnp.nan, dtype))
+    out.setdefault("rows_finite", jnp.ones((t,), bool))
+    out.setdefault("solver_iterations", jnp.full((), -1, jnp.int32))
+    out.setdefault("solver_converged", jnp.ones((), bool))
+    out.setdefault("solver_residual", jnp.full((), jnp.nan, jnp.float32))
+    return out
 
 
 def _apply_prox(prox: Callable[[Params], Params], params: Params) -> Params:
@@ -619,6 +688,9 @@ class TrainStep:
         self._checked: set[Any] = set()
         self._skip_warned = False
         self._pending_finite: list[tuple[jax.Array, jax.Array]] = []
+        # Feature level with a method that reads the task gradients: the first step's cosines
+        # are checked once (warn_if_per_task_features).
+        self._features_checked = mode != "feature" or method.needs == "losses"
         self.jitted = jax.jit(self._step)
         self._scan_jitted = jax.jit(self._scan, static_argnums=1)
 
@@ -637,7 +709,9 @@ class TrainStep:
 
     def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         key, method_key = jax.random.split(state.key)
-        grads, method_state, metrics = gradients(
+        # One key for the step's one forward pass (dropout); none for a model that draws none.
+        forward_key = model_key(state.key, state.step) if self.model.uses_key else None
+        grads, method_state, model_state, metrics = step_gradients(
             self._compute_model,
             self.method,
             state.params,
@@ -649,8 +723,12 @@ class TrainStep:
             head_grads=self.head_grads,
             gramian_chunk_size=self.gramian_chunk_size,
             jacobian_constraint=self.jacobian_constraint,
+            model_state=state.model_state,
+            model_key=forward_key,
         )
+        metrics = complete_metrics(metrics, self.model.num_tasks)
         metrics["step"] = state.step
+        has_state = bool(jax.tree_util.tree_leaves(state.model_state))
 
         def update():
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
@@ -665,13 +743,19 @@ class TrainStep:
         def observe(params, method_state):
             # The method's view of the update it asked for: the losses at the new parameters on
             # the same batch (one forward pass), only for methods that declare the hook.
+            # A model with state is evaluated as the step's own pass was (training mode, the
+            # state before the step, the same random streams), and that state is not updated
+            # again: the difference of the losses is the update's effect alone.
             if self.method.after_update is None:
                 return method_state
-            after = jax.lax.stop_gradient(self._compute_model.losses(params, batch))
+            fns = self._compute_model.step_fns()
+            ctx = fns.enter(state.model_state, forward_key)
+            after = fns.losses(params.shared, params.specific, batch, ctx)[0]
+            after = jax.lax.stop_gradient(after)
             return self.method.after_update(metrics["losses"], after, method_state)
 
         # A solve that did not converge is refused like a non-finite step when asked to.
-        solved = metrics.get("solver_converged", jnp.asarray(True))
+        solved = metrics["solver_converged"]  # True for a method without a solver
         if self.unconverged == "report":
             solved = jnp.asarray(True)
         if self.nonfinite == "apply":
@@ -679,11 +763,19 @@ class TrainStep:
             method_state = observe(new_params, method_state)
             metrics["update_norm"] = optax.tree.norm(updates)
             if self.unconverged == "report":
-                method_state = jax.tree_util.tree_map(
-                    lambda a, b: a.astype(b.dtype), method_state, state.method_state
+                method_state, model_state = jax.tree_util.tree_map(
+                    lambda a, b: a.astype(b.dtype),
+                    (method_state, model_state),
+                    (state.method_state, state.model_state),
                 )
                 new = TrainState(
-                    new_params, new_opt_state, method_state, key, state.step + 1, state.skipped
+                    new_params,
+                    new_opt_state,
+                    method_state,
+                    key,
+                    state.step + 1,
+                    state.skipped,
+                    model_state,
                 )
                 return new, metrics
             ok = solved
@@ -703,16 +795,19 @@ class TrainStep:
             )
             if "regularizer" in metrics:
                 ok = ok & jnp.isfinite(metrics["regularizer"])
+            if has_state:
+                ok = ok & _stays_finite(state.model_state, model_state)
             metrics["finite"] = ok
             metrics["update_norm"] = update_norm
             ok = ok & solved
 
         # Each leaf keeps its dtype (a method state fed float64 losses under x64 stays as
         # initialised), so that the state's types are the same at every step.
-        params, opt_state, new_method_state = jax.tree_util.tree_map(
+        # A step that is not applied leaves the model state (BatchNorm's statistics) as well.
+        params, opt_state, new_method_state, new_model_state = jax.tree_util.tree_map(
             lambda a, b: jnp.where(ok, a, b).astype(b.dtype),
-            (new_params, new_opt_state, method_state),
-            (state.params, state.opt_state, state.method_state),
+            (new_params, new_opt_state, method_state, model_state),
+            (state.params, state.opt_state, state.method_state, state.model_state),
         )
         new = TrainState(
             params,
@@ -721,6 +816,7 @@ class TrainStep:
             key,
             state.step + 1,
             state.skipped + (~ok).astype(state.skipped.dtype),
+            new_model_state,
         )
         if self.unconverged != "report":
             metrics["applied"] = ok
@@ -748,6 +844,7 @@ class TrainStep:
                 f"{shown[0]}, got {shown[1]}); build the state with "
                 "init_train_state(..., optimizer, ...) for the same optimizer as the step"
             )
+        _check_model_state("the train step", self.model, state.model_state)
         self.model.check(state.params, batch)
         self._checked.add(batch_signature(batch))
 
@@ -773,7 +870,7 @@ class TrainStep:
 
         step = int(np.asarray(metrics["step"]).reshape(-1)[idx])
         loss_tasks = failing("task_finite")
-        row_tasks = failing("rows_finite") if "rows_finite" in metrics else None
+        row_tasks = failing("rows_finite") if self.method.needs != "losses" else None
         if row_tasks is not None and len(row_tasks) == t:
             row_tasks = ()
         tasks = loss_tasks or row_tasks or ()
@@ -790,8 +887,6 @@ class TrainStep:
     def raise_if_unconverged(self, metrics: dict[str, jax.Array]) -> None:
         """Raises :class:`SolverError` if the solve of a step (or of any step of stacked
         metrics) did not converge."""
-        if "solver_converged" not in metrics:
-            return
         converged = np.asarray(metrics["solver_converged"]).reshape(-1)
         if converged.all():
             return
@@ -832,10 +927,38 @@ class TrainStep:
                     stacklevel=4,  # the caller of the step
                 )
 
+    def warn_if_per_task_features(self, metrics: dict[str, jax.Array]) -> None:
+        """At feature level, once, on the first step: a :class:`PerTaskFeaturesWarning` if
+        every pairwise cosine of the task gradients w.r.t. the representation is exactly 0
+        while their norms are not (each head reads only its own slice of the representation,
+        as with per-task inputs). Exact zeros do not arise from a representation the tasks
+        share; a representation's shape alone cannot tell (MMoE's has an axis of experts,
+        which may number T)."""
+        if self._features_checked:
+            return
+        self._features_checked = True
+        t = self.model.num_tasks
+        if t < 2:
+            return
+        cos = _replicated_to_host(metrics["cosines"]).reshape(-1, t, t)[0]
+        norms = _replicated_to_host(metrics["grad_norms"]).reshape(-1, t)[0]
+        if np.all(cos[~np.eye(t, dtype=bool)] == 0) and np.all(norms > 0):
+            warnings.warn(
+                "mode='feature': the task gradients w.r.t. the shared representation are "
+                "orthogonal (every cosine is exactly 0): each task's head reads only its own "
+                "part of the representation, as with per-task inputs, so "
+                f"{self.method.name} sees no conflict between the tasks (MGDA-UB reduces to "
+                "weights ∝ 1/‖∇ᵢ‖²). Use mode='parameter', where the tasks meet in the shared "
+                "encoder's parameters",
+                PerTaskFeaturesWarning,
+                stacklevel=4,  # the caller of the step
+            )
+
     def raise_if_failed(self, metrics: dict[str, jax.Array]) -> None:
         """The host-side checks the step's options ask for, in order: non-finite, then an
-        unconverged solve."""
+        unconverged solve (and, at feature level, once, orthogonal task gradients)."""
         self.warn_if_skipped(metrics)
+        self.warn_if_per_task_features(metrics)
         if self.nonfinite == "raise":
             self.raise_if_nonfinite(metrics)
         if self.unconverged == "raise":
@@ -909,7 +1032,7 @@ def make_train_step(
         methods and their solvers always see float32 (see :func:`mixed_precision`).
       gramian_chunk_size: for weighting methods that need the Gramian: accumulate it this
         many tasks at a time so that the ``T × P`` Jacobian never exists (see
-        :func:`gramian_by_chunks` for the compute it costs).
+        :func:`mtljax.gramian_by_chunks` for the compute it costs).
       prox: ``Params -> Params``, applied to the parameters right after the optimizer's update,
         inside the jitted step (so also in :meth:`TrainStep.scan` and data-parallel steps);
         the non-finite guard judges the parameters after it. For a non-smooth penalty
@@ -929,18 +1052,33 @@ def make_train_step(
         ``state.skipped``, like a non-finite step) and goes on; ``"raise"`` does not apply it
         and raises :class:`SolverError` naming the step (one host synchronisation per step).
 
-    Metrics: ``losses``; ``weights`` for weighting methods; ``grad_norms`` and ``cosines``
-    (pairwise cosines of task gradients) whenever gradients were computed; ``regularizer``
-    (``R(θ)`` before the step, only when the model has one); ``update_norm`` (with ``prox``,
-    of the whole step: the optimizer's update, then the prox);
-    ``step`` (this step's index); ``task_finite`` (``bool[T]``: the task's loss is finite);
-    ``rows_finite`` (``bool[T]``, when the Jacobian or Gramian was computed: the task's
-    gradient is finite; a non-finite derivative inside one task can spoil every row through
-    ``0·∞``); ``finite`` (the step was finite, so applied unless ``unconverged`` refused it;
-    not with ``nonfinite="apply"``); for methods that run an iterative solver,
-    ``solver_iterations``, ``solver_converged`` and ``solver_residual`` (the last solve's
-    :class:`mtljax.SolverInfo`); ``applied`` (whether the step was applied) when
-    ``unconverged`` is not ``"report"``.
+    Metrics: a dict of arrays with the same keys, shapes and dtypes for every method, so that
+    a loop that logs them works whichever method it runs (the keys of
+    :data:`METHOD_METRICS`, filled by :func:`complete_metrics` where the method computes
+    nothing: NaN for a float, ``-1`` for a count, ``True`` for the flag of a check not made).
+    ``float`` is the losses' dtype (float32 unless the model computes in float64):
+
+    - ``losses`` (``float[T]``): the task losses of the step's forward pass;
+    - ``task_finite`` (``bool[T]``): the task's loss is finite;
+    - ``weights`` (``float[T]``): the method's task weights; NaN for a method that yields a
+      direction instead (PCGrad, GradDrop, ConFIG...);
+    - ``grad_norms`` (``float[T]``) and ``cosines`` (``float[T, T]``): the task gradients'
+      norms and pairwise cosines, from the Gramian the method used (its parameters, e.g.
+      GradNorm's last shared layer, or the representation at feature level); NaN for a
+      losses-only method;
+    - ``rows_finite`` (``bool[T]``): the task's gradient is finite (a non-finite derivative
+      inside one task can spoil every row through ``0·∞``); ``True`` for a losses-only method;
+    - ``solver_iterations`` (``int32[]``), ``solver_converged`` (``bool[]``),
+      ``solver_residual`` (``float32[]``): the last solve's :class:`mtljax.SolverInfo`;
+      ``-1``, ``True`` and NaN for a method without an iterative solver;
+    - ``step`` (``int32[]``): this step's index; ``update_norm`` (``float32[]``): the norm of
+      the update (with ``prox``, of the whole step: the optimizer's update, then the prox).
+
+    Three more depend on the step's options or the model, never on the method: ``finite``
+    (``bool[]``, the step was finite, so applied unless ``unconverged`` refused it; not with
+    ``nonfinite="apply"``), ``applied`` (``bool[]``, whether the step was applied; when
+    ``unconverged`` is not ``"report"``) and ``regularizer`` (``R(θ)`` before the step, when
+    the model has one).
     """
     return TrainStep(
         model,

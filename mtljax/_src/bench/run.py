@@ -25,7 +25,7 @@ from mtljax._src.bench.stats import _ranks, delta_m, mean_se
 from mtljax._src.bench.suites import MAIN_ONLY, PROBE_BATCHES, SINGLE_TASK, Suite, get_suite
 from mtljax._src.display import Progress
 from mtljax._src.model import Params
-from mtljax._src.problems.base import Problem
+from mtljax._src.problems.base import Problem, evaluation_input
 from mtljax._src.train import TrainStep, init_train_state, make_train_step
 
 PyTree = Any
@@ -161,23 +161,24 @@ class _ProblemRunner:
                 times.append(dt / self.eval_every)
             else:  # the first chunk of a step compiles it: not a step time
                 self._compiled.add(step)
-            val = self._task_values(problem.evaluate_split(state.params, "validation"))
+            trained = evaluation_input(problem.model, state)
+            val = self._task_values(problem.evaluate_split(trained, "validation"))
             s = float(score(val))
             stats = self._stats(state.params, probe)
             hist["step"].append((c + 1) * self.eval_every)
             hist["validation"].append(val)
             hist["score"].append(s)
             hist["train_losses"].append(np.asarray(metrics["losses"]).mean(axis=0).tolist())
-            if "weights" in metrics:
+            if step.method.weights is not None:  # NaN weights otherwise
                 hist["weights"].append(np.asarray(metrics["weights"]).mean(axis=0).tolist())
             hist["cosines"].append(np.asarray(stats["cosines"]).tolist())
             hist["grad_norms"].append(np.asarray(stats["grad_norms"]).tolist())
             hist["conflict_fraction"].append(float(stats["conflict_fraction"]))
             if math.isfinite(s) and s < best_score:
-                best_score, best_params, best_step = s, state.params, (c + 1) * self.eval_every
+                best_score, best_params, best_step = s, trained, (c + 1) * self.eval_every
             self.bar.advance(self.eval_every)
         if best_params is None:  # never a finite validation score: keep the last parameters
-            best_params, best_step = state.params, self.steps
+            best_params, best_step = evaluation_input(problem.model, state), self.steps
         test = problem.evaluate_split(best_params, "test")
         return {
             "seed": seed,

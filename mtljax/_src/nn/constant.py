@@ -8,10 +8,10 @@ from flax import nnx
 class Constant(nnx.Variable):
     """A non-trainable value inside an NNX module, frozen into the model by :func:`mtljax.from_nnx`.
 
-    ``from_nnx`` refuses non-parameter state in general (batch statistics or RNG streams would
-    silently stop updating in a functional model); ``Constant`` variables are the exception:
-    they are neither shared nor task-specific parameters, receive no gradient and are closed
-    over by the model's functions (``Model.nnx_rest``). Use them for what a loss or a
+    ``from_nnx`` carries other non-parameter variables (batch statistics) as model state,
+    updated by every train step; ``Constant`` variables are the exception: they are neither
+    shared nor task-specific parameters, receive no gradient, are never updated and are
+    closed over by the model's functions (``Model.nnx_rest``). Use them for what a loss or a
     regularizer reads but does not learn: the anchor of :class:`mtljax.nn.Cascade`'s successive
     regularization, a prior mean, a fixed task covariance.
 

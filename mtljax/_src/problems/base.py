@@ -22,11 +22,16 @@ class Problem:
       params: initial parameters.
       sample: ``key -> batch``, jittable: a training batch (a fixed dataset samples from device
         arrays; a problem without data returns ``None``).
-      evaluate: ``params -> {metric: f32[T]}`` on held-out data, or ``None``.
+      evaluate: ``params -> {metric: f32[T]}`` on held-out data, or ``None``. It receives
+        what :func:`evaluation_input` gives: the trained :class:`Params`, or, for a model with
+        state (BatchNorm), the whole :class:`mtljax.TrainState`, so that it evaluates with the
+        running statistics (``model.eval_losses(state, batch)``, or
+        ``mtljax.to_nnx(model, state).eval()``; both accept ``Params`` as well).
       optimizer: the problem's default optax optimizer for the model.
       steps: the default number of training steps.
       info: problem constants worth reporting (noise levels, scales…), JSON-serialisable.
-      evaluate_split: ``(params, split) -> {metric: f32[T]}`` on a named held-out split, one
+      evaluate_split: ``(params, split) -> {metric: f32[T]}`` on a named held-out split (given
+        what ``evaluate`` is given), one
         of ``splits`` (``"validation"`` for model selection, ``"test"`` read once at the
         end); a metric undefined for a task is NaN there. ``None`` when the problem has no
         separate splits. Called eagerly (it may jit internally).
@@ -106,3 +111,10 @@ class Problem:
                 )
             out[task] = float(values[metric][i])
         return out
+
+
+def evaluation_input(model: Model, state: Any) -> Any:
+    """What a problem's ``evaluate`` and ``evaluate_split`` receive from a train state: its
+    parameters, or, for a model with state (BatchNorm's running statistics), the train state
+    itself."""
+    return state if model.has_state else state.params

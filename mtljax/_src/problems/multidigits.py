@@ -26,6 +26,7 @@ from flax import nnx
 from mtljax._src.model import Params, from_nnx, to_nnx
 from mtljax._src.nn.hard_sharing import HardSharing
 from mtljax._src.nn.mlp import MLP
+from mtljax._src.nn.resnet import ResNet
 from mtljax._src.problems.base import Problem
 from mtljax._src.problems.registry import register
 
@@ -42,6 +43,7 @@ TASK_METRICS = {
 }
 # Output width of each task's head: 10 classes, or one logit / one regression value.
 HEAD_WIDTH = {"left": 10, "right": 10, "sum": 1, "larger": 1, "equal": 1}
+ARCHS = ("mlp", "resnet")
 
 
 def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
@@ -206,24 +208,40 @@ def multidigits(
     hidden: Sequence[int] = (128, 128),
     batch_size: int = 128,
     learning_rate: float = 1e-3,
+    arch: str = "mlp",
+    widths: Sequence[int] = (16, 32, 64),
+    blocks: Sequence[int] | None = None,
+    dropout_rate: float = 0.0,
 ) -> Problem:
     """Two overlaid 8×8 digits; tasks: the ``left`` and ``right`` digit (main), plus hints.
 
-    A canvas of ``(8 + dy) × (8 + dx)`` pixels holds the left digit at the top-left and the
-    right digit shifted by ``offset = (dy, dx)``, combined by the pixel-wise maximum; the
-    digits are two different images (possibly the same class). Tasks:
+       A canvas of ``(8 + dy) × (8 + dx)`` pixels holds the left digit at the top-left and the
+       right digit shifted by ``offset = (dy, dx)``, combined by the pixel-wise maximum; the
+       digits are two different images (possibly the same class). Tasks:
 
-    * ``left``, ``right``: 10-way classification, cross-entropy; metric accuracy (↑);
-    * auxiliary (any of ``auxiliary``): ``sum`` of the two digits, regression of
-      ``sum/9 − 1`` with squared error, metric the mean absolute error in digit units (↓);
-      ``larger`` (left > right) and ``equal`` (left = right), binary cross-entropy on one
-      logit, metric accuracy (↑).
+       * ``left``, ``right``: 10-way classification, cross-entropy; metric accuracy (↑);
+       * auxiliary (any of ``auxiliary``): ``sum`` of the two digits, regression of
+         ``sum/9 − 1`` with squared error, metric the mean absolute error in digit units (↓);
+         ``larger`` (left > right) and ``equal`` (left = right), binary cross-entropy on one
+         logit, metric accuracy (↑).
 
-    The model is an MLP trunk ``H·W → hidden…`` (ReLU) with one linear head per task; its last
-    layer is the ``last_shared`` layer. ``data_seed`` fixes the split of the images into
-    disjoint train/validation/test pools (``fractions``) and the pairs drawn from them;
-    ``seed`` fixes the initial parameters only, so runs with different seeds see the same data.
-    Training batches are drawn uniformly, with replacement, from the ``num_train`` pairs.
+       The model (``arch``) is a shared encoder with one linear head per task:
+
+       * ``"mlp"`` (default): an MLP trunk ``H·W → hidden…`` (ReLU); its last layer is the
+         ``last_shared`` layer;
+       * ``"resnet"``: :class:`mtljax.nn.ResNet` on the canvas as a one-channel image, of
+         ``widths`` and ``blocks`` per stage (its defaults: the CIFAR ResNet-20), with BatchNorm
+         and ``dropout_rate`` between each block's convolutions; its last residual block is the
+         ``last_shared`` layer. Every encoder parameter, BatchNorm's scale and shift included, is
+         shared; BatchNorm's running statistics are model state (``TrainState.model_state``),
+         and ``evaluate`` / ``evaluate_split`` then take the train state and evaluate with
+         them, dropout off (given :class:`Params` alone, they use the statistics as built).
+         ``hidden`` applies to ``"mlp"`` only; ``widths``, ``blocks``, ``dropout_rate`` to
+         ``"resnet"`` only.
+    ``data_seed`` fixes the split of the images into
+       disjoint train/validation/test pools (``fractions``) and the pairs drawn from them;
+       ``seed`` fixes the initial parameters only, so runs with different seeds see the same data.
+       Training batches are drawn uniformly, with replacement, from the ``num_train`` pairs.
     """
     aux = tuple(auxiliary)
     bad = [t for t in aux if t not in AUX_TASKS]
@@ -231,6 +249,8 @@ def multidigits(
         raise ValueError(
             f"multidigits: auxiliary tasks must be distinct names among {AUX_TASKS}, got {aux}"
         )
+    if arch not in ARCHS:
+        raise ValueError(f"multidigits: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     hidden = tuple(int(h) for h in hidden)
     if not hidden or min(hidden) < 1:
         raise ValueError(f"multidigits: hidden must list positive layer sizes, got {hidden}")
@@ -246,16 +266,28 @@ def multidigits(
     sizes = {"train": num_train, "validation": num_validation, "test": num_test}
     data = datasets(data_seed, offset=offset, fractions=fractions, sizes=sizes)
     in_features = data["train"]["x"].shape[1]
+    canvas = (8 + int(offset[0]), 8 + int(offset[1]))
+
+    def inputs(x: jax.Array) -> jax.Array:
+        # The flat canvases, or, for the ResNet, images (batch, H, W, 1).
+        return x if arch == "mlp" else x.reshape(*x.shape[:-1], *canvas, 1)
+
+    def encoder_of(rngs: nnx.Rngs) -> nnx.Module:
+        if arch == "mlp":
+            return MLP((in_features, *hidden), rngs=rngs, final_activation=True)
+        return ResNet(1, rngs=rngs, widths=widths, blocks=blocks, dropout_rate=dropout_rate)
 
     def build(key_or_seed) -> tuple:
-        rngs = nnx.Rngs(params=key_or_seed)
-        encoder = MLP((in_features, *hidden), rngs=rngs, final_activation=True)
-        heads = [nnx.Linear(hidden[-1], HEAD_WIDTH[t], rngs=rngs) for t in tasks]
+        # Parameters from the seed; dropout's stream, if any, is reseeded by every train step.
+        rngs = nnx.Rngs(params=key_or_seed, dropout=0)
+        encoder = encoder_of(rngs)
+        width = hidden[-1] if arch == "mlp" else encoder.out_features
+        heads = [nnx.Linear(width, HEAD_WIDTH[t], rngs=rngs) for t in tasks]
         return from_nnx(
             HardSharing(encoder, heads),
             task_names=tasks,
             shared="encoder",
-            encode=lambda m, b: m.encode(b["x"]),
+            encode=lambda m, b: m.encode(inputs(b["x"])),
             heads=lambda m, z, b: _task_losses(m.predict(z), b["targets"], tasks),
             last_shared="encoder/" + encoder.last_layer_path,
         )
@@ -278,23 +310,26 @@ def multidigits(
         idx = jax.random.randint(key, (batch_size,), 0, num_train)
         return jax.tree_util.tree_map(lambda a: a[idx], train)
 
-    def _outputs(p: Params, x):
-        return to_nnx(model, p)(x)
+    def _outputs(p, x):
+        # Evaluation mode: BatchNorm's running statistics (from a TrainState), no dropout.
+        module = to_nnx(model, p)
+        module.eval()
+        return module(inputs(x))
 
     @jax.jit
-    def _evaluate(p: Params, split_data):
+    def _evaluate(p, split_data):
         outputs = _outputs(p, split_data["x"])
         return {
             "loss": _task_losses(outputs, split_data["targets"], tasks),
             **_task_scores(outputs, split_data["targets"], tasks),
         }
 
-    def evaluate_split(p: Params, split: str) -> dict[str, jax.Array]:
+    def evaluate_split(p, split: str) -> dict[str, jax.Array]:
         if split not in arrays:
             raise ValueError(f"multidigits: unknown split {split!r}; valid: {', '.join(SPLITS)}")
         return _evaluate(p, arrays[split])
 
-    def evaluate(p: Params) -> dict[str, jax.Array]:
+    def evaluate(p) -> dict[str, jax.Array]:
         return evaluate_split(p, "test")
 
     return Problem(
@@ -312,6 +347,7 @@ def multidigits(
             "pairs": {s: int(n) for s, n in sizes.items()},
             "images": {s: int(len(d["pool"])) for s, d in data.items()},
             "data_seed": int(data_seed),
+            "arch": arch,
         },
         evaluate_split=evaluate_split,
         metrics={t: TASK_METRICS[t] for t in tasks},
