@@ -28,6 +28,7 @@ from mtljax._src.checkpoint import (
     Restored,
 )
 from mtljax._src.engine import feature_jacobian, gramian_by_chunks, jacobian, task_jacobian
+from mtljax._src.layer_subset import on_layers
 from mtljax._src.metrics_log import MetricsWriter, read_metrics
 from mtljax._src.model import (
     BatchField,
@@ -111,6 +112,7 @@ __all__ = [
     "methods",
     "mixed_precision",
     "nn",
+    "on_layers",
     "pairwise_cosines",
     "problems",
     "read_metrics",

@@ -54,7 +54,7 @@ def check_chunk_size(chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def subset_predicate(model: Model, subset: str) -> Callable[[str], bool]:
+def subset_predicate(model: Model, subset: base.ParamSubset) -> Callable[[str], bool]:
     if subset == "all":
         return lambda p: True
     if subset == "last":
@@ -66,7 +66,21 @@ def subset_predicate(model: Model, subset: str) -> Callable[[str], bool]:
                 "(a model without shared parameters has no last shared layer)"
             )
         return tree_lib.prefix_predicate(model.last_shared)
-    raise ValueError(f"unknown parameter subset {subset!r}; expected 'all' or 'last'")
+    if isinstance(subset, tuple) and subset and all(isinstance(p, str) for p in subset):
+        preds = [tree_lib.prefix_predicate(p) for p in subset]
+        return lambda path: any(pred(path) for pred in preds)
+    raise ValueError(
+        f"unknown parameter subset {subset!r}; expected 'all', 'last' or a tuple of path prefixes"
+    )
+
+
+def check_subset_selects(subset: Any, mask: list, shared: PyTree) -> None:
+    """A tuple of path prefixes must select at least one shared parameter."""
+    if isinstance(subset, tuple) and not any(mask):
+        raise ValueError(
+            f"the parameter path prefixes {subset} match no shared parameter; shared parameter "
+            f"paths are {tree_lib.leaf_paths(shared)}"
+        )
 
 
 def _enter(model: Model, model_state: PyTree, key: jax.Array | None):
@@ -103,6 +117,7 @@ def _jacobian(model, fns, params, batch, ctx, *, subset, chunk_size):
         return losses, jac, vjp, ctx
     pred = subset_predicate(model, subset)
     sel, rest, treedef, mask = tree_lib.partition(params.shared, pred)
+    check_subset_selects(subset, mask, params.shared)
 
     def f(sel_, rest_, spec_):
         return fns.losses(tree_lib.combine(sel_, rest_, treedef, mask), spec_, batch, ctx)
@@ -122,7 +137,7 @@ def jacobian(
     params: Params,
     batch: Batch,
     *,
-    subset: str = "all",
+    subset: base.ParamSubset = "all",
     chunk_size: int | None = None,
 ) -> tuple[jax.Array, PyTree, Callable[[jax.Array], Params]]:
     """Task losses, their Jacobian w.r.t. (a subset of) the shared parameters, and the VJP.
@@ -262,7 +277,7 @@ def _chunked_gramian(
     batch: Batch,
     *,
     mode: Mode,
-    subset: str,
+    subset: base.ParamSubset,
     chunk_size: int,
     constraint: Callable[[PyTree], PyTree] | None,
     model_state: PyTree = None,
@@ -290,6 +305,7 @@ def _chunked(model, fns, params, batch, ctx, mode, subset, chunk_size, constrain
     losses, vjp, ctx_out = _losses_and_vjp(fns, params, batch, ctx)
     pred = subset_predicate(model, subset)
     sel, rest, treedef, mask = tree_lib.partition(params.shared, pred)
+    check_subset_selects(subset, mask, params.shared)
 
     def f(sel_):
         shared = tree_lib.combine(sel_, rest, treedef, mask)
@@ -343,7 +359,7 @@ def compute(
     *,
     needs: base.Needs,
     mode: Mode = "parameter",
-    subset: str = "all",
+    subset: base.ParamSubset = "all",
     chunk_size: int | None = None,
     gramian_chunk_size: int | None = None,
     constraint: Callable[[PyTree], PyTree] | None = None,
@@ -358,7 +374,8 @@ def compute(
         ``"gramian"`` or ``"jacobian"`` (the task Jacobian and its Gramian).
       mode: ``"parameter"`` (Jacobian w.r.t. the shared parameters) or ``"feature"`` (w.r.t. the
         shared representation).
-      subset: ``"all"`` shared parameters or the ``"last"`` shared layer (parameter level).
+      subset: ``"all"`` shared parameters, the ``"last"`` shared layer, or a tuple of parameter
+        path prefixes (parameter level).
       chunk_size: map the Jacobian's backward passes this many tasks at a time.
       gramian_chunk_size: for ``needs="gramian"``: accumulate the Gramian this many tasks at
         a time without forming ``J`` (:func:`gramian_by_chunks`).
