@@ -33,12 +33,13 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtljax._src import base
+from mtljax._src import base, gramian_layerwise
 from mtljax._src import tree as tree_lib
 from mtljax._src.model import Batch, Model, Params, StateFns
 
 PyTree = Any
 Mode = Literal["parameter", "feature"]
+GramianPath = Literal["jacobian", "layerwise"]
 
 
 def map_cotangents(vjp_fn: Callable, num_tasks: int, chunk_size: int | None, dtype: Any) -> Any:
@@ -315,6 +316,25 @@ def _chunked(model, fns, params, batch, ctx, mode, subset, chunk_size, constrain
     return losses, gram, vjp, ctx_out
 
 
+def _layerwise(model, fns, params, batch, ctx, subset):
+    """``(losses, G, vjp, ctx)`` with ``G`` of (a subset of) the shared parameters accumulated
+    layer by layer (:func:`mtljax.gramian_layerwise`), from one forward pass."""
+    pred = subset_predicate(model, subset)
+    sel, rest, treedef, mask = tree_lib.partition(params.shared, pred)
+    check_subset_selects(subset, mask, params.shared)
+
+    def f(sel_, rest_, spec_):
+        return fns.losses(tree_lib.combine(sel_, rest_, treedef, mask), spec_, batch, ctx)
+
+    out = gramian_layerwise.linearize(f, sel, rest, params.specific, has_aux=True)
+
+    def vjp(c):
+        g_sel, (g_rest, g_spec) = out.vjp(c)
+        return Params(tree_lib.combine(g_sel, g_rest, treedef, mask), g_spec)
+
+    return out.losses, out.gramian, vjp, out.aux
+
+
 # ----------------------------------------------------------------------------------------------
 # The one entry point of a train step
 
@@ -365,6 +385,7 @@ def compute(
     constraint: Callable[[PyTree], PyTree] | None = None,
     model_state: PyTree = None,
     key: jax.Array | None = None,
+    gramian: GramianPath = "jacobian",
 ) -> Quantities:
     """Everything a method declares it needs (``needs``), from one forward pass of the model.
 
@@ -384,12 +405,24 @@ def compute(
       model_state: the model state the forward pass starts from (``None``: as built).
       key: seeds the model's random streams (dropout) for this forward pass; every quantity
         returned comes from the same pass, so under the same masks.
+      gramian: for ``needs="gramian"`` at parameter level: ``"jacobian"`` (``G = J Jᵀ`` from
+        the formed Jacobian) or ``"layerwise"`` (accumulated layer by layer without the
+        per-task gradients of the dense weights where that is cheaper,
+        :func:`mtljax.gramian_layerwise`; no Jacobian is returned).
     """
     t = model.num_tasks
     fns, ctx = _enter(model, model_state, key)
     if needs == "losses":
         losses, vjp, ctx = _losses_and_vjp(fns, params, batch, ctx)
         return Quantities(losses, fns.leave(ctx), None, None, None, vjp, vjp, None)
+    if gramian not in ("jacobian", "layerwise"):
+        raise ValueError(f"gramian must be 'jacobian' or 'layerwise', got {gramian!r}")
+    if gramian == "layerwise" and needs == "gramian" and mode == "parameter":
+        if gramian_chunk_size is not None:
+            raise ValueError("gramian='layerwise' and gramian_chunk_size exclude each other")
+        losses, gram, vjp, ctx = _layerwise(model, fns, params, batch, ctx, subset)
+        rows_ok = jnp.isfinite(jnp.diagonal(gram))
+        return Quantities(losses, fns.leave(ctx), None, gram, rows_ok, vjp, vjp, None)
     if gramian_chunk_size is not None and needs == "gramian":
         losses, gram, vjp, ctx = _chunked(
             model, fns, params, batch, ctx, mode, subset, gramian_chunk_size, constraint
