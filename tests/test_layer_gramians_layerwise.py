@@ -16,6 +16,7 @@ from jax.extend import core as jcore
 
 import mtljax as mtl
 from mtljax import nn as mnn
+from mtljax._src import engine
 from mtljax._src import gramian_layerwise as gl
 from tests import test_nn
 from tests.helpers import tiny_batch, tiny_model
@@ -108,6 +109,22 @@ def test_weight_batch_axes_several_uses_and_either_operand():
     assert len([u for u in plan.uses if u.leaf == 2]) == 2  # "twice" (leaves sorted by key)
 
 
+def test_a_weight_cast_to_the_compute_dtype_is_still_a_dense_weight():
+    """Mixed precision casts the weights before the product: the cast weight is the weight."""
+    with jax.enable_x64(True):
+        f, p, x = _dense()
+        p, x = _f64(p), _f64(x)
+
+        def cast(p, x):
+            q = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), p)
+            return f(q, x.astype(jnp.float32)).astype(jnp.float64)
+
+        _, g = mtl.gramian_layerwise(cast, p, x, policy="layerwise")
+        ref = np.asarray(mtl.gramian(jax.jacrev(cast)(p, x), 3))
+        assert gl.plan(cast, p, x, policy="layerwise").leaves[1].layerwise  # leaves: b, w
+    np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
 def _dense(t=3, d_in=11, d_out=13, n=4):
     k = jax.random.split(jax.random.key(0), 3)
     p = {"w": jax.random.normal(k[0], (d_in, d_out)), "b": jnp.zeros(d_out)}
@@ -184,6 +201,12 @@ def test_train_step_layerwise_equals_jacobian_path():
     for a, b in leaves:
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert bool(m_new["finite"])
+    # with a layer subset: the layer-wise Gramian of that subset
+    last = [
+        engine.compute(model, params, batch, needs="gramian", subset="last", gramian=path).gramian
+        for path in ("jacobian", "layerwise")
+    ]
+    np.testing.assert_allclose(last[1], last[0], rtol=1e-4, atol=1e-6 * float(last[0].max()))
 
 
 def test_layerwise_refuses_what_it_cannot_serve():

@@ -16,7 +16,8 @@ How: the loss function is traced to a jaxpr; every ``dot_general`` whose one ope
 differentiated parameter (a weight) and whose other operand is not is a *dense use* of that
 weight (batch axes of the weight, e.g. stacked experts, are kept apart). The function is then
 re-evaluated with a zero perturbation ``δ`` added to the output of each dense use handled this
-way, and one forward pass linearized with ``jax.vjp``: mapped over the ``T`` unit cotangents,
+way (a weight cast to another dtype first, as under mixed precision, counts as the weight),
+and one forward pass linearized with ``jax.vjp``: mapped over the ``T`` unit cotangents,
 its VJP yields the cotangents ``Δₜ`` at the dense outputs (the cotangents w.r.t. ``δ``) and
 the per-task gradients of the other parameters (biases, normalization scales, convolutions,
 weights used in any other way), whose Gramian is added as is. A weight is handled layer-wise
@@ -155,7 +156,7 @@ def _interpret(
     """Evaluates ``jaxpr`` like ``jax.core.eval_jaxpr``, inlining nested ``jit`` calls, with
     ``on_dot(eqn, leaf, w_side, invals)`` in place of each dense use of a differentiated leaf
     (``leaf_of[i]``: the leaf index of argument ``i``, or ``None``) and ``on_other(leaf)`` for
-    every other use of one."""
+    every other use of one. A leaf cast to another dtype stays that leaf."""
     env: dict[Any, Any] = {}
     leaves: dict[Any, int] = {}
 
@@ -182,9 +183,12 @@ def _interpret(
             w_side = 0 if ids[0] is not None else 1
             env[eqn.outvars[0]] = on_dot(eqn, ids[w_side], w_side, invals)
             continue
-        for leaf in ids:
-            if leaf is not None:
-                on_other(leaf)
+        if eqn.primitive is prims.convert_element_type_p and ids[0] is not None:
+            leaves[eqn.outvars[0]] = ids[0]  # a cast weight (mixed precision) is the weight
+        else:
+            for leaf in ids:
+                if leaf is not None:
+                    on_other(leaf)
         ans = _bind(eqn, invals)
         if eqn.primitive.multiple_results:
             for v, o in zip(eqn.outvars, ans, strict=True):
