@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 
 import jax
 import numpy as np
@@ -111,28 +113,45 @@ def _train_ew(model, params, batch, steps):
     return state.params
 
 
+def interleaved_ms(fns: dict, reps: int, warmup: int = 2) -> dict:
+    """Median milliseconds of each ``(fn, args)``, timed in rounds that run every function once,
+    so that a change of the machine's load (a shared CPU) affects them alike."""
+    for fn, args in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, (fn, args) in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
 def measure(t, hidden, batch_size, reps, ew_steps):
     params = step_cost.init_params(jax.random.key(0), hidden, t)
     batch = step_cost.make_batch(jax.random.key(1), batch_size, t)
     names = tuple(f"t{i}" for i in range(t))
     model = mtl.Model.from_encoder_heads(step_cost.encode, step_cost.heads, names, last_shared="2")
-    ew = step_cost.median_ms(jax.jit(step_cost.plain_ew_step), params, batch, reps=reps)
-    rows = []
+    fns = {"ew": (jax.jit(step_cost.plain_ew_step), (params, batch))}
     upgrad = mtl.methods.upgrad()
     for k, path in PATHS.items():
-        g_ms = step_cost.median_ms(_gramian_fn(model, path), params, batch, reps=reps)
+        fns[("gramian", k)] = (_gramian_fn(model, path), (params, batch))
         fn, state = _step(model, upgrad, params, path)
-        s_ms = step_cost.median_ms(fn, state, batch, reps=reps)
-        rows.append(
-            {
-                "T": t,
-                "path": k,
-                "gramian_ms": g_ms,
-                "upgrad_step_ms": s_ms,
-                "step_over_ew": s_ms / ew,
-                "gramian_macs": _macs(model, params, batch, path, t),
-            }
-        )
+        fns[("step", k)] = (fn, (state, batch))
+    ms = interleaved_ms(fns, reps)
+    ew = ms["ew"]
+    rows = [
+        {
+            "T": t,
+            "path": k,
+            "gramian_ms": ms[("gramian", k)],
+            "upgrad_step_ms": ms[("step", k)],
+            "step_over_ew": ms[("step", k)] / ew,
+            "gramian_macs": _macs(model, params, batch, path, t),
+        }
+        for k, path in PATHS.items()
+    ]
     quality = {"init": _cosines(model, params, batch, t)}
     if ew_steps:
         trained = _train_ew(model, params, batch, ew_steps)
@@ -165,7 +184,7 @@ def main(argv=None):
     ap.add_argument("--tasks", type=int, nargs="+", default=[10, 40])
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--ew-steps", type=int, default=50)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
