@@ -28,6 +28,8 @@ from mtljax._src.checkpoint import (
     Restored,
 )
 from mtljax._src.engine import feature_jacobian, gramian_by_chunks, jacobian, task_jacobian
+from mtljax._src.gramian_layerwise import gramian_layerwise
+from mtljax._src.layer_subset import on_layers
 from mtljax._src.metrics_log import MetricsWriter, read_metrics
 from mtljax._src.model import (
     BatchField,
@@ -105,6 +107,7 @@ __all__ = [
     "gradients",
     "gramian",
     "gramian_by_chunks",
+    "gramian_layerwise",
     "init_train_state",
     "initialize_distributed",
     "jacobian",
@@ -113,6 +116,7 @@ __all__ = [
     "methods",
     "mixed_precision",
     "nn",
+    "on_layers",
     "pairwise_cosines",
     "problems",
     "read_metrics",

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 PyTree = Any
 Needs = Literal["losses", "gramian", "jacobian"]
-ParamSubset = Literal["all", "last"]
+# "all" shared parameters, the model's "last" shared layer, or a tuple of parameter path prefixes.
+ParamSubset = Literal["all", "last"] | tuple[str, ...]
 HeadGrads = Literal["weighted", "unit"]
 
 WeightsFn = Callable[
@@ -110,8 +111,9 @@ class Method(NamedTuple):
         ``None`` when ``needs == "losses"``. Exactly one of ``weights`` and ``direction`` is set.
       direction: ``(jacobian, losses, state, key) -> (direction, state)``, the jacobian a pytree
         whose leaves have a leading task axis and the direction the same structure without it.
-      params: which shared parameters the Jacobian/Gramian is taken over: ``"all"`` of them or the
-        ``"last"`` shared layer only (GradNorm's default), as declared by the model.
+      params: which shared parameters the Jacobian/Gramian is taken over: ``"all"`` of them, the
+        ``"last"`` shared layer only (GradNorm's default), as declared by the model, or a tuple
+        of parameter path prefixes (see :func:`mtljax.on_layers`).
       head_grads: what task-specific parameters receive in the train step: ``"weighted"``
         (``wᵢ∇Lᵢ``, the gradient of the weighted objective) or ``"unit"`` (``∇Lᵢ``).
       min_tasks: the fewest tasks the method is defined for.
@@ -170,8 +172,7 @@ def make_method(
         raise ValueError(f"{name}: give exactly one of `weights` and `direction`")
     if direction is not None and needs != "jacobian":
         raise ValueError(f"{name}: a direction method needs the jacobian, declared {needs!r}")
-    if params not in ("all", "last"):
-        raise ValueError(f"{name}: params must be 'all' or 'last', got {params!r}")
+    params = check_param_subset(name, params)
     if head_grads not in ("weighted", "unit"):
         raise ValueError(f"{name}: head_grads must be 'weighted' or 'unit', got {head_grads!r}")
     for hook, fn in (("after_update", after_update), ("with_optimizer", with_optimizer)):
@@ -210,6 +211,28 @@ def bind_optimizer(method: Method, optimizer: Any) -> Method:
             f"{method.name}: with_optimizer must return a Method with with_optimizer=None"
         )
     return bound._replace(hparams=method.hparams)
+
+
+def check_param_subset(name: str, params: Any) -> ParamSubset:
+    """``params`` as a :data:`ParamSubset`: ``"all"``, ``"last"`` or a non-empty tuple of path
+    prefixes (``"encoder/layers/2"``; surrounding slashes removed). A list or an
+    :class:`mtljax.nn.PathPrefixes` becomes a tuple."""
+    if isinstance(params, str):
+        if params in ("all", "last"):
+            return params
+        raise ValueError(
+            f"{name}: params must be 'all', 'last' or a tuple of parameter path prefixes, got "
+            f"{params!r} (for one prefix write ({params!r},))"
+        )
+    prefixes = getattr(params, "prefixes", params)
+    if isinstance(prefixes, list | tuple) and prefixes:
+        cleaned = tuple(p.strip("/") if isinstance(p, str) else p for p in prefixes)
+        if all(isinstance(p, str) and p for p in cleaned):
+            return cleaned
+    raise ValueError(
+        f"{name}: params must be 'all', 'last' or a non-empty tuple of non-empty parameter path "
+        f"prefixes, got {params!r}"
+    )
 
 
 def check_num_tasks(name: str, num_tasks: Any, min_tasks: int) -> None:

@@ -33,12 +33,13 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtljax._src import base
+from mtljax._src import base, gramian_layerwise
 from mtljax._src import tree as tree_lib
 from mtljax._src.model import Batch, Model, Params, StateFns
 
 PyTree = Any
 Mode = Literal["parameter", "feature"]
+GramianPath = Literal["jacobian", "layerwise"]
 
 
 def map_cotangents(vjp_fn: Callable, num_tasks: int, chunk_size: int | None, dtype: Any) -> Any:
@@ -54,7 +55,7 @@ def check_chunk_size(chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def subset_predicate(model: Model, subset: str) -> Callable[[str], bool]:
+def subset_predicate(model: Model, subset: base.ParamSubset) -> Callable[[str], bool]:
     if subset == "all":
         return lambda p: True
     if subset == "last":
@@ -66,7 +67,21 @@ def subset_predicate(model: Model, subset: str) -> Callable[[str], bool]:
                 "(a model without shared parameters has no last shared layer)"
             )
         return tree_lib.prefix_predicate(model.last_shared)
-    raise ValueError(f"unknown parameter subset {subset!r}; expected 'all' or 'last'")
+    if isinstance(subset, tuple) and subset and all(isinstance(p, str) for p in subset):
+        preds = [tree_lib.prefix_predicate(p) for p in subset]
+        return lambda path: any(pred(path) for pred in preds)
+    raise ValueError(
+        f"unknown parameter subset {subset!r}; expected 'all', 'last' or a tuple of path prefixes"
+    )
+
+
+def check_subset_selects(subset: Any, mask: list, shared: PyTree) -> None:
+    """A tuple of path prefixes must select at least one shared parameter."""
+    if isinstance(subset, tuple) and not any(mask):
+        raise ValueError(
+            f"the parameter path prefixes {subset} match no shared parameter; shared parameter "
+            f"paths are {tree_lib.leaf_paths(shared)}"
+        )
 
 
 def _enter(model: Model, model_state: PyTree, key: jax.Array | None):
@@ -103,6 +118,7 @@ def _jacobian(model, fns, params, batch, ctx, *, subset, chunk_size):
         return losses, jac, vjp, ctx
     pred = subset_predicate(model, subset)
     sel, rest, treedef, mask = tree_lib.partition(params.shared, pred)
+    check_subset_selects(subset, mask, params.shared)
 
     def f(sel_, rest_, spec_):
         return fns.losses(tree_lib.combine(sel_, rest_, treedef, mask), spec_, batch, ctx)
@@ -122,7 +138,7 @@ def jacobian(
     params: Params,
     batch: Batch,
     *,
-    subset: str = "all",
+    subset: base.ParamSubset = "all",
     chunk_size: int | None = None,
 ) -> tuple[jax.Array, PyTree, Callable[[jax.Array], Params]]:
     """Task losses, their Jacobian w.r.t. (a subset of) the shared parameters, and the VJP.
@@ -262,7 +278,7 @@ def _chunked_gramian(
     batch: Batch,
     *,
     mode: Mode,
-    subset: str,
+    subset: base.ParamSubset,
     chunk_size: int,
     constraint: Callable[[PyTree], PyTree] | None,
     model_state: PyTree = None,
@@ -290,6 +306,7 @@ def _chunked(model, fns, params, batch, ctx, mode, subset, chunk_size, constrain
     losses, vjp, ctx_out = _losses_and_vjp(fns, params, batch, ctx)
     pred = subset_predicate(model, subset)
     sel, rest, treedef, mask = tree_lib.partition(params.shared, pred)
+    check_subset_selects(subset, mask, params.shared)
 
     def f(sel_):
         shared = tree_lib.combine(sel_, rest, treedef, mask)
@@ -297,6 +314,25 @@ def _chunked(model, fns, params, batch, ctx, mode, subset, chunk_size, constrain
 
     _, gram = gramian_by_chunks(f, sel, t, chunk_size, constraint=constraint)
     return losses, gram, vjp, ctx_out
+
+
+def _layerwise(model, fns, params, batch, ctx, subset):
+    """``(losses, G, vjp, ctx)`` with ``G`` of (a subset of) the shared parameters accumulated
+    layer by layer (:func:`mtljax.gramian_layerwise`), from one forward pass."""
+    pred = subset_predicate(model, subset)
+    sel, rest, treedef, mask = tree_lib.partition(params.shared, pred)
+    check_subset_selects(subset, mask, params.shared)
+
+    def f(sel_, rest_, spec_):
+        return fns.losses(tree_lib.combine(sel_, rest_, treedef, mask), spec_, batch, ctx)
+
+    out = gramian_layerwise.linearize(f, sel, rest, params.specific, has_aux=True)
+
+    def vjp(c):
+        g_sel, (g_rest, g_spec) = out.vjp(c)
+        return Params(tree_lib.combine(g_sel, g_rest, treedef, mask), g_spec)
+
+    return out.losses, out.gramian, vjp, out.aux
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,12 +379,13 @@ def compute(
     *,
     needs: base.Needs,
     mode: Mode = "parameter",
-    subset: str = "all",
+    subset: base.ParamSubset = "all",
     chunk_size: int | None = None,
     gramian_chunk_size: int | None = None,
     constraint: Callable[[PyTree], PyTree] | None = None,
     model_state: PyTree = None,
     key: jax.Array | None = None,
+    gramian: GramianPath = "jacobian",
 ) -> Quantities:
     """Everything a method declares it needs (``needs``), from one forward pass of the model.
 
@@ -358,7 +395,8 @@ def compute(
         ``"gramian"`` or ``"jacobian"`` (the task Jacobian and its Gramian).
       mode: ``"parameter"`` (Jacobian w.r.t. the shared parameters) or ``"feature"`` (w.r.t. the
         shared representation).
-      subset: ``"all"`` shared parameters or the ``"last"`` shared layer (parameter level).
+      subset: ``"all"`` shared parameters, the ``"last"`` shared layer, or a tuple of parameter
+        path prefixes (parameter level).
       chunk_size: map the Jacobian's backward passes this many tasks at a time.
       gramian_chunk_size: for ``needs="gramian"``: accumulate the Gramian this many tasks at
         a time without forming ``J`` (:func:`gramian_by_chunks`).
@@ -367,12 +405,24 @@ def compute(
       model_state: the model state the forward pass starts from (``None``: as built).
       key: seeds the model's random streams (dropout) for this forward pass; every quantity
         returned comes from the same pass, so under the same masks.
+      gramian: for ``needs="gramian"`` at parameter level: ``"jacobian"`` (``G = J Jᵀ`` from
+        the formed Jacobian) or ``"layerwise"`` (accumulated layer by layer without the
+        per-task gradients of the dense weights where that is cheaper,
+        :func:`mtljax.gramian_layerwise`; no Jacobian is returned).
     """
     t = model.num_tasks
     fns, ctx = _enter(model, model_state, key)
     if needs == "losses":
         losses, vjp, ctx = _losses_and_vjp(fns, params, batch, ctx)
         return Quantities(losses, fns.leave(ctx), None, None, None, vjp, vjp, None)
+    if gramian not in ("jacobian", "layerwise"):
+        raise ValueError(f"gramian must be 'jacobian' or 'layerwise', got {gramian!r}")
+    if gramian == "layerwise" and needs == "gramian" and mode == "parameter":
+        if gramian_chunk_size is not None:
+            raise ValueError("gramian='layerwise' and gramian_chunk_size exclude each other")
+        losses, gram, vjp, ctx = _layerwise(model, fns, params, batch, ctx, subset)
+        rows_ok = jnp.isfinite(jnp.diagonal(gram))
+        return Quantities(losses, fns.leave(ctx), None, gram, rows_ok, vjp, vjp, None)
     if gramian_chunk_size is not None and needs == "gramian":
         losses, gram, vjp, ctx = _chunked(
             model, fns, params, batch, ctx, mode, subset, gramian_chunk_size, constraint

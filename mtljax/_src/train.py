@@ -373,6 +373,27 @@ def _method_direction(method: base.Method, jac, losses, state, key):
     return direction, state
 
 
+def check_gramian_path(method: base.Method, gramian: str, mode: str) -> None:
+    """``gramian="layerwise"`` applies to weighting methods that need the Gramian, at
+    parameter level."""
+    if gramian not in ("jacobian", "layerwise"):
+        raise ValueError(f"gramian must be 'jacobian' or 'layerwise', got {gramian!r}")
+    if gramian == "layerwise" and (
+        method.weights is None or method.needs != "gramian" or mode != "parameter"
+    ):
+        raise ValueError(
+            f"gramian='layerwise' computes a parameter-level Gramian for a weighting method; "
+            f"{method.name} in mode {mode!r} "
+            + (
+                "needs the losses only"
+                if method.needs == "losses"
+                else "yields a direction from the full Jacobian"
+                if method.weights is None
+                else "works at feature level"
+            )
+        )
+
+
 class StepGradients(NamedTuple):
     """What :func:`step_gradients` returns: the update direction and the states it leaves."""
 
@@ -397,6 +418,7 @@ def gradients(
     jacobian_constraint: Callable[[PyTree], PyTree] | None = None,
     model_state: PyTree = None,
     model_key: jax.Array | None = None,
+    gramian: engine.GramianPath = "jacobian",
 ) -> tuple[Params, PyTree, dict[str, jax.Array]]:
     """The parameter gradient (descent direction, negated by the optimizer) chosen by ``method``.
 
@@ -433,6 +455,7 @@ def gradients(
         jacobian_constraint=jacobian_constraint,
         model_state=model_state,
         model_key=model_key,
+        gramian=gramian,
     )
     return out.grads, out.method_state, out.metrics
 
@@ -452,8 +475,10 @@ def step_gradients(
     jacobian_constraint: Callable[[PyTree], PyTree] | None = None,
     model_state: PyTree = None,
     model_key: jax.Array | None = None,
+    gramian: engine.GramianPath = "jacobian",
 ) -> StepGradients:
     """:func:`gradients`, with the model state its forward pass leaves."""
+    check_gramian_path(method, gramian, mode)
     head_grads = head_grads or method.head_grads
     _check_weights_defined(method, head_grads, params, mode)
     if mode not in ("parameter", "feature"):
@@ -477,6 +502,7 @@ def step_gradients(
         constraint=jacobian_constraint if mode == "parameter" else None,
         model_state=model_state,
         key=model_key,
+        gramian=gramian,
     )
     losses, vjp, gram, rows_ok = q.losses, q.vjp, q.gramian, q.rows_finite
     if method.weights is not None:
@@ -627,6 +653,7 @@ class TrainStep:
         jacobian_constraint=None,
         prox=None,
         unconverged="report",
+        gramian="jacobian",
     ):
         _check_model_and_method("make_train_step", model, method)
         method = base.bind_optimizer(method, optimizer)
@@ -679,6 +706,8 @@ class TrainStep:
         )
         self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
         self.gramian_chunk_size = gramian_chunk_size
+        check_gramian_path(method, gramian, mode)
+        self.gramian = gramian
         self.jacobian_constraint = jacobian_constraint
         self.prox = prox
         self.unconverged = unconverged
@@ -705,6 +734,7 @@ class TrainStep:
             gramian_chunk_size=self.gramian_chunk_size,
             prox=self.prox,
             unconverged=self.unconverged,
+            gramian=self.gramian,
         )
 
     def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -725,6 +755,7 @@ class TrainStep:
             jacobian_constraint=self.jacobian_constraint,
             model_state=state.model_state,
             model_key=forward_key,
+            gramian=self.gramian,
         )
         metrics = complete_metrics(metrics, self.model.num_tasks)
         metrics["step"] = state.step
@@ -1004,6 +1035,7 @@ def make_train_step(
     gramian_chunk_size: int | None = None,
     prox: Callable[[Params], Params] | None = None,
     unconverged: Unconverged = "report",
+    gramian: engine.GramianPath = "jacobian",
 ) -> TrainStep:
     """Builds the jitted train step ``step(state, batch) -> (state, metrics)``.
 
@@ -1051,6 +1083,10 @@ def make_train_step(
         applies it and reports it in the metrics; ``"skip"`` does not apply it (counted in
         ``state.skipped``, like a non-finite step) and goes on; ``"raise"`` does not apply it
         and raises :class:`SolverError` naming the step (one host synchronisation per step).
+      gramian: for weighting methods that need the Gramian, at parameter level: ``"jacobian"``
+        (``G = J Jᵀ`` from the formed Jacobian) or ``"layerwise"`` (accumulated layer by
+        layer, without the per-task gradients of dense weights where that takes fewer
+        multiply-adds; :func:`mtljax.gramian_layerwise`); the update is ``∇(w·L)``, one VJP.
 
     Metrics: a dict of arrays with the same keys, shapes and dtypes for every method, so that
     a loop that logs them works whichever method it runs (the keys of
@@ -1092,4 +1128,5 @@ def make_train_step(
         gramian_chunk_size=gramian_chunk_size,
         prox=prox,
         unconverged=unconverged,
+        gramian=gramian,
     )

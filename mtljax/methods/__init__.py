@@ -14,6 +14,7 @@ import jax
 
 from mtljax._src import describe
 from mtljax._src.base import Method
+from mtljax._src.layer_subset import on_layers
 from mtljax._src.methods.aligned_mtl import aligned_mtl
 from mtljax._src.methods.cagrad import cagrad
 from mtljax._src.methods.config import config
@@ -104,16 +105,22 @@ def get(name: str, *, like=None, **kwargs) -> Method:
 
     ``like`` (e.g. the shared parameters, or their ``jax.ShapeDtypeStruct``) is passed on to
     the factories whose state holds gradient-shaped arrays (``db_mtl``) and ignored by others.
+    ``params`` (``"last"``, ``"all"`` or a tuple of parameter path prefixes) takes a weighting
+    method's Gramian over those shared parameters only (:func:`on_layers`):
+    ``get("upgrad", params="last")``.
     """
     if name not in _FACTORIES:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(names())}")
     factory = _FACTORIES[name]
-    takes_like = "like" in inspect.signature(factory).parameters
-    if like is not None and "like" not in kwargs and takes_like:
+    accepted = inspect.signature(factory).parameters
+    if like is not None and "like" not in kwargs and "like" in accepted:
         kwargs["like"] = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like
         )
+    if "params" in kwargs and "params" not in accepted:
+        layers = kwargs.pop("params")
+        return on_layers(factory(**kwargs), layers)
     return factory(**kwargs)
 
 
-__all__ = ["Method", "get", "names", *_FACTORIES]
+__all__ = ["Method", "get", "names", "on_layers", *_FACTORIES]
