@@ -37,6 +37,21 @@ def test_train_result_and_determinism():
     assert line.startswith("30 of 30 steps were skipped") and "--nonfinite raise" in line
 
 
+def test_cli_layerwise_gramian_trains_like_the_jacobian_path(tmp_path):
+    """``--gramian layerwise``: the same run as the Jacobian path, to float32 rounding (the
+    Gramian is exact either way; only the order of the sums differs)."""
+    args = ["train", "--problem", "gradnorm_toy", "--method", "upgrad", "--steps", "5"]
+    args += [f"--problem-arg={k}={v}" for k, v in SMALL_TOY.items()] + ["--no-progress"]
+    out = {}
+    for path in ("jacobian", "layerwise"):
+        runner.main([*args, "--gramian", path, "--out", str(tmp_path / f"{path}.json")])
+        with open(tmp_path / f"{path}.json") as f:
+            out[path] = json.load(f)["final"]
+    for key in ("train_losses", "weights"):
+        a, b = out["jacobian"][key], out["layerwise"][key]
+        assert np.allclose(list(a.values()), list(b.values()), rtol=1e-4, atol=1e-6), key
+
+
 def test_solver_report_and_the_unconverged_flag():
     r = runner.run_training("toy2d", "mgda", steps=20, unconverged="raise", progress=False)
     assert r["solver"] == {

@@ -207,6 +207,7 @@ def run_training(
     unconverged: str = "report",
     compute_dtype: str | None = None,
     gramian_chunk_size: int | None = None,
+    gramian: str = "jacobian",
 ) -> dict[str, Any]:
     """Trains ``method_name`` on ``problem_name``; returns a JSON-serialisable result.
 
@@ -279,6 +280,8 @@ def run_training(
             "mode": mode,
             "chunk_size": chunk_size,
             "gramian_chunk_size": gramian_chunk_size,
+            # (only when not the default: checkpoints written before the option still resume)
+            **({"gramian": gramian} if gramian != "jacobian" else {}),
             "compute_dtype": None if compute_dtype is None else str(np.dtype(compute_dtype)),
         }
         try:
@@ -311,6 +314,7 @@ def run_training(
             unconverged=unconverged,
             compute_dtype=compute_dtype,
             gramian_chunk_size=gramian_chunk_size,
+            gramian=gramian,
         )
         data_key = np.asarray(jax.random.key_data(key_data))
         impl = str(jax.random.key_impl(key_data))
@@ -622,6 +626,14 @@ def build_parser() -> argparse.ArgumentParser:
         "forming the T x P Jacobian",
     )
     t.add_argument(
+        "--gramian",
+        choices=("jacobian", "layerwise"),
+        default="jacobian",
+        help="weighting methods: 'layerwise' computes the Gramian layer by layer without "
+        "per-task weight gradients for dense layers (exact; pays when the batch is smaller "
+        "than the layers' width)",
+    )
+    t.add_argument(
         "--compute-dtype",
         choices=("float32", "bfloat16", "float16"),
         default=None,
@@ -815,6 +827,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 unconverged=args.unconverged,
                 compute_dtype=args.compute_dtype,
                 gramian_chunk_size=args.gramian_chunk_size,
+                gramian=args.gramian,
             )
             if main_process:
                 print(summary_table(result))
