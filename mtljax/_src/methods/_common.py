@@ -35,7 +35,10 @@ def check_choice(name: str, arg: str, value: Any, choices: Sequence[Any]) -> Any
 
 
 def per_task_vector(name: str, arg: str, values: Sequence[float], num_tasks: int) -> jax.Array:
-    arr = jnp.asarray(values, dtype=jnp.float32)
+    """``values`` as a ``[num_tasks]`` array in the default float dtype (:func:`float_dtype`,
+    read when called), so that under ``jax_enable_x64`` a per-task argument reaches a float64
+    computation without passing through float32."""
+    arr = jnp.asarray(values, dtype=float_dtype())
     if arr.shape != (num_tasks,):
         raise ValueError(f"{name}: {arg} has {arr.size} entries but there are {num_tasks} tasks")
     return arr
