@@ -9,7 +9,7 @@ import optax
 from mtljax._src.base import Method
 from mtljax._src.methods import _common
 from mtljax._src.methods.imtl_g import impartial_weights
-from mtljax._src.methods.imtl_l import IMTLLState, scale_update
+from mtljax._src.methods.imtl_l import IMTLLState, scale_init, scale_update
 
 
 def scaled_impartial_weights(gramian: jax.Array, scales: jax.Array) -> jax.Array:
@@ -95,10 +95,6 @@ def imtl(
     s0 = float(init_log_scale)
 
     def make(opt: optax.GradientTransformation, shared: bool):
-        def init(num_tasks: int) -> IMTLLState:
-            s = jnp.full((num_tasks,), s0, _common.float_dtype())
-            return IMTLLState(s, _common.init_joint(name, opt, s, shared))
-
         def weights(losses, gramian, state: IMTLLState, key):
             c = jnp.exp(state.log_scales)
             g = gramian.astype(jnp.promote_types(gramian.dtype, jnp.float32))
@@ -107,6 +103,6 @@ def imtl(
             s, opt_state = scale_update(opt, state.log_scales, state.opt_state, losses)
             return w.astype(losses.dtype), IMTLLState(s, opt_state)
 
-        return init, weights
+        return scale_init(name, opt, shared, s0), weights
 
     return _common.jointly_trained(name, own, make, needs="gramian", head_grads="unit")
