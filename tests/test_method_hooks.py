@@ -1,6 +1,6 @@
 """The train step's method hooks: ``after_update`` (the losses after the update, on the same
 batch) and ``with_optimizer`` (learned weighting parameters trained with the model's
-optimizer, i.e. jointly with the model as UW's and IMTL-L's papers do)."""
+optimizer, i.e. jointly with the model as UW's and IMTL's papers do)."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,7 @@ import pytest
 
 import mtljax as mtl
 from mtljax._src import base
+from tests.conformance import references
 from tests.methods.test_loss_methods import linear_model
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ def test_only_a_method_with_the_hook_pays_for_the_extra_forward_pass(name, forwa
 
 
 # ----------------------------------------------------------------------------------------------
-# with_optimizer: UW and IMTL-L trained jointly with the model
+# with_optimizer: UW, IMTL-L and IMTL trained jointly with the model
 
 
 def _scaled_linear_model():
@@ -179,6 +180,43 @@ def test_default_equals_joint_training_with_the_models_optimizer(name, objective
     assert np.abs(np.asarray(getattr(own.method_state, field)) - s).max() > 0.5
 
 
+def imtl_joint_reference(model, params, batch, lr, steps):
+    """IMTL's hybrid (Liu et al. 2021, Algorithm 1) by plain gradient descent with ``lr`` on
+    ``(θ, s)``: the shared parameters along ``Σᵢ αᵢ e^{sᵢ} ∇Lᵢ`` (``α``: IMTL-G on the scaled
+    gradients, the float64 reference), each task's own parameters along ``∇Lᵢ``
+    (``head_grads="unit"``), ``s`` along ``e^{s} ∘ L − 1``."""
+    jac = jax.jit(jax.jacobian(lambda p: model.losses(p, batch)))
+    theta, s = params, np.zeros(model.num_tasks)
+    for _ in range(steps):
+        losses = np.asarray(model.losses(theta, batch), float)
+        jp = jac(theta)
+        j = np.asarray(jp.shared["w"], float).reshape(model.num_tasks, -1)
+        e = np.exp(s)
+        w = references.impartial_weights(e[:, None] * (j @ j.T) * e[None, :]) * e
+        shared = theta.shared["w"] - lr * jnp.tensordot(
+            jnp.asarray(w, jnp.float32), jp.shared["w"], 1
+        )
+        specific = theta.specific - lr * jnp.sum(jp.specific, axis=0)
+        theta = mtl.Params({"w": shared}, specific)
+        s = s - lr * (e * losses - 1.0)
+    return theta, s
+
+
+def test_imtl_default_equals_joint_training_with_the_models_optimizer():
+    """IMTL's scales follow the same rule as IMTL-L's: the model's optimizer by default."""
+    model, params, batch = _scaled_linear_model()
+    lr = 0.05
+    state = _train(model, params, batch, mtl.methods.imtl(), optax.sgd(lr), 50)
+    theta, s = imtl_joint_reference(model, params, batch, lr, 50)
+    np.testing.assert_allclose(state.method_state.log_scales, s, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(state.params.shared["w"], theta.shared["w"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(state.params.specific, theta.specific, rtol=1e-4, atol=1e-6)
+    assert np.abs(s).max() > 1.0  # the scales did move
+    # An optimizer of its own (here Adam(1e-3)) is not the joint training.
+    own = _train(model, params, batch, mtl.methods.imtl(learning_rate=1e-3), optax.sgd(lr), 50)
+    assert np.abs(np.asarray(own.method_state.log_scales) - s).max() > 0.5
+
+
 def test_uw_shares_adams_moments_structure_but_not_its_state():
     model, params, batch = _scaled_linear_model()
     opt = optax.adam(1e-2)
@@ -207,6 +245,8 @@ def test_binding_the_models_optimizer():
     # Its own optimizer: nothing to bind.
     assert mtl.methods.uw(optimizer=optax.sgd(0.1)).with_optimizer is None
     assert mtl.methods.imtl_l(learning_rate=1e-2).with_optimizer is None
+    assert mtl.methods.imtl(optimizer=optax.sgd(0.1)).with_optimizer is None
+    assert mtl.methods.imtl().with_optimizer is not None
     with pytest.raises(ValueError, match="not both"):
         mtl.methods.uw(optimizer=optax.sgd(0.1), learning_rate=0.1)
     # Outside a train step: Adam(1e-3) on s.

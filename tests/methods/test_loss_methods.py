@@ -485,3 +485,43 @@ def test_bad_hyper_parameters_raise(name, kwargs, param):
 def test_per_task_vectors_must_match_the_number_of_tasks(name, kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         mtl.methods.get(name, **kwargs).init(3)
+
+
+def _famo_first_weights(losses: np.ndarray, floors: np.ndarray, eps: float) -> np.ndarray:
+    """FAMO's first weights (``ξ = 0``): ``wᵢ ∝ 1/ℓ̃ᵢ``, ``ℓ̃ = max(ℓ − ℓ*, 0) + ε``."""
+    inv = 1.0 / (np.maximum(losses - floors, 0.0) + eps)
+    return inv / inv.sum()
+
+
+def _stch_weights(losses, mu, pref, ideal):
+    """``wᵢ = T λᵢ pᵢ``, ``p = softmax(λ(L − z*)/μ)``."""
+    s = pref * (losses - ideal) / mu
+    p = np.exp(s - s.max())
+    return len(losses) * pref * p / p.sum()
+
+
+@pytest.mark.parametrize("per_task", [True, False], ids=["per_task", "scalar"])
+def test_per_task_arguments_keep_float64_under_x64(per_task):
+    """Under ``jax_enable_x64`` FAMO's ``min_losses`` and STCH's ``preference`` and ``ideal``
+    reach a float64 computation without passing through float32: losses 1e-6 above floors of
+    0.1–0.3 (float32 would move ``ℓ̃`` by 1e-3 of itself) and preferences like 0.1 (1e-8) give
+    the float64 weights to rounding."""
+    floors = np.array([0.1, 0.2, 0.3]) if per_task else np.full(3, 0.1)
+    famo_losses = floors + np.array([1e-6, 2e-6, 3e-6])
+    pref = np.array([0.1, 0.3, 0.7])
+    ideal = np.array([0.1, 0.2, 0.3]) if per_task else np.full(3, 0.1)
+    stch_losses = np.array([1.0, 2.0, 3.0])
+    with jax.enable_x64(True):
+        famo = mtl.methods.famo(min_losses=tuple(floors) if per_task else 0.1)
+        stch = mtl.methods.stch(
+            mu=0.5, preference=tuple(pref), ideal=tuple(ideal) if per_task else 0.1
+        )
+        for method, losses, want in (
+            (famo, famo_losses, _famo_first_weights(famo_losses, floors, 1e-8)),
+            (stch, stch_losses, _stch_weights(stch_losses, 0.5, pref, ideal)),
+        ):
+            w, _ = jax.jit(lambda l, s, m=method: m.weights(l, None, s, None))(
+                jnp.asarray(losses, jnp.float64), method.init(3)
+            )
+            assert w.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(w), want, rtol=1e-12)

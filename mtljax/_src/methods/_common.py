@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtljax._src.base import Method, make_method
+from mtljax._src.base import HeadGrads, Method, Needs, make_method
 
 
 def check_positive(name: str, arg: str, value: Any, *, allow_zero: bool = False) -> float:
@@ -35,7 +35,10 @@ def check_choice(name: str, arg: str, value: Any, choices: Sequence[Any]) -> Any
 
 
 def per_task_vector(name: str, arg: str, values: Sequence[float], num_tasks: int) -> jax.Array:
-    arr = jnp.asarray(values, dtype=jnp.float32)
+    """``values`` as a ``[num_tasks]`` array in the default float dtype (:func:`float_dtype`,
+    read when called), so that under ``jax_enable_x64`` a per-task argument reaches a float64
+    computation without passing through float32."""
+    arr = jnp.asarray(values, dtype=float_dtype())
     if arr.shape != (num_tasks,):
         raise ValueError(f"{name}: {arg} has {arr.size} entries but there are {num_tasks} tasks")
     return arr
@@ -62,9 +65,9 @@ def joint_optimizer(
     learning_rate: float | None,
 ) -> optax.GradientTransformation | None:
     """The optimizer of parameters that their paper trains jointly with the model (UW's
-    log-variances, IMTL-L's log-scales): ``optimizer`` if given, else Adam(``learning_rate``)
-    if that is given, else ``None``: the model's optimizer, bound by the train step
-    (``Method.with_optimizer``)."""
+    log-variances, IMTL-L's and IMTL's log-scales): ``optimizer`` if given, else
+    Adam(``learning_rate``) if that is given, else ``None``: the model's optimizer, bound by
+    the train step (``Method.with_optimizer``)."""
     if optimizer is not None:
         if learning_rate is not None:
             raise ValueError(f"{name}: give optimizer or learning_rate, not both")
@@ -130,13 +133,17 @@ def jointly_trained(
     name: str,
     own: optax.GradientTransformation | None,
     make: Callable[[optax.GradientTransformation, bool], tuple[Callable, Callable]],
+    *,
+    needs: Needs = "losses",
+    head_grads: HeadGrads = "weighted",
 ) -> Method:
-    """A losses-only method whose parameters train jointly with the model (UW, IMTL-L).
+    """A weights method whose parameters train jointly with the model (UW, IMTL-L, IMTL).
 
     ``make(opt, shared) -> (init, weights)`` builds the method around ``opt`` (``shared``:
     ``opt`` is the model's optimizer). With ``own`` (from :func:`joint_optimizer`) that is the
     method; without, the method uses Adam(:data:`FALLBACK_LEARNING_RATE`) until the train step
-    binds the model's optimizer through ``Method.with_optimizer``.
+    binds the model's optimizer through ``Method.with_optimizer``. ``needs`` and
+    ``head_grads`` are the method's (:func:`~mtljax._src.base.make_method`).
     """
 
     def build(opt: optax.GradientTransformation, shared: bool, bindable: bool) -> Method:
@@ -148,8 +155,9 @@ def jointly_trained(
         return make_method(
             name,
             init,
-            needs="losses",
+            needs=needs,
             weights=weights,
+            head_grads=head_grads,
             with_optimizer=with_optimizer if bindable else None,
         )
 

@@ -161,7 +161,7 @@ def famo(
 
     def floors(num_tasks: int) -> jax.Array:
         if isinstance(floor_values, float):
-            return jnp.full((num_tasks,), floor_values, jnp.float32)
+            return jnp.full((num_tasks,), floor_values, _common.float_dtype())
         return _common.per_task_vector(name, "min_losses", floor_values, num_tasks)
 
     def log_shifted(losses: jax.Array, dtype) -> jax.Array:

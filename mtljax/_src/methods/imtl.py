@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtljax._src.base import Method, make_method
+from mtljax._src.base import Method
 from mtljax._src.methods import _common
 from mtljax._src.methods.imtl_g import impartial_weights
-from mtljax._src.methods.imtl_l import IMTLLState, scale_update
+from mtljax._src.methods.imtl_l import IMTLLState, scale_init, scale_update
 
 
 def scaled_impartial_weights(gramian: jax.Array, scales: jax.Array) -> jax.Array:
@@ -49,8 +49,8 @@ def scaled_impartial_weights(gramian: jax.Array, scales: jax.Array) -> jax.Array
 
 def imtl(
     *,
-    learning_rate: float = 1e-3,
     optimizer: optax.GradientTransformation | None = None,
+    learning_rate: float | None = None,
     init_log_scale: float = 0.0,
 ) -> Method:
     """IMTL: IMTL-L's learned loss scales, then IMTL-G's impartial weights on the scaled losses.
@@ -60,15 +60,25 @@ def imtl(
     ``L̃ᵢ = e^{sᵢ} Lᵢ − sᵢ``; IMTL-G runs on the gradients of the scaled losses,
     ``g̃ᵢ = e^{sᵢ} gᵢ`` (Gramian ``G̃ = D G D``, ``D = diag(e^{s})``), giving ``α`` with
     ``Σα = 1``; the shared update is ``Σᵢ αᵢ g̃ᵢ``, i.e. the weights on the raw gradients are
-    ``wᵢ = αᵢ e^{sᵢ}``. ``s`` takes one step of the method's own optimizer (Adam,
-    ``learning_rate``) on ``Σᵢ e^{sᵢ} Lᵢ − sᵢ`` (stationary where ``e^{sᵢ} Lᵢ = 1``). The
-    direction is that of IMTL-G (its equal-projection direction does not depend on the row
-    scales); the scales change its length and the weights reported.
+    ``wᵢ = αᵢ e^{sᵢ}``. The direction is that of IMTL-G (its equal-projection direction does
+    not depend on the row scales); the scales change its length and the weights reported.
+
+    The paper trains ``s`` jointly with the model, by gradient steps on
+    ``Σᵢ e^{sᵢ} Lᵢ − sᵢ`` (stationary where ``e^{sᵢ} Lᵢ = 1``) taken with the model's. Each step
+    here is one step of that joint training: the weights use the current ``s``, and ``s`` takes
+    one step in the same train step with the gradient at the same point.
+
+    Optimizer of ``s``: by default the model's own (``make_train_step``'s ``optimizer``, with
+    its own state for ``s``), as for IMTL-L; this equals the joint training for any optimizer
+    that treats parameters coordinate-wise (SGD, momentum, Adam…). Outside a train step
+    (:func:`mtljax.aggregate`, :func:`mtljax.gradients`) there is no model optimizer to share
+    and ``s`` takes Adam(1e-3) steps.
 
     Args:
-      learning_rate: Adam's learning rate for ``s`` (ignored when ``optimizer`` is given).
-      optimizer: an optax optimizer for ``s``.
-      init_log_scale: the initial ``sᵢ``.
+      optimizer: an optax optimizer of its own for ``s`` instead of the model's.
+      learning_rate: give ``s`` its own Adam with this learning rate instead of the model's
+        optimizer.
+      init_log_scale: the initial ``sᵢ`` (default 0: every scale starts at 1).
 
     State: ``s`` and its optimizer's state in the default float dtype (float64 under
     ``jax_enable_x64``, float32 otherwise); ``s``'s step is IMTL-L's
@@ -81,19 +91,18 @@ def imtl(
     negative).
     """
     name = "imtl"
-    opt = _common.weight_optimizer(optimizer, learning_rate, name)
+    own = _common.joint_optimizer(name, optimizer, learning_rate)
     s0 = float(init_log_scale)
 
-    def init(num_tasks: int) -> IMTLLState:
-        s = jnp.full((num_tasks,), s0, _common.float_dtype())
-        return IMTLLState(s, opt.init(s))
+    def make(opt: optax.GradientTransformation, shared: bool):
+        def weights(losses, gramian, state: IMTLLState, key):
+            c = jnp.exp(state.log_scales)
+            g = gramian.astype(jnp.promote_types(gramian.dtype, jnp.float32))
+            c = c.astype(jnp.promote_types(c.dtype, g.dtype))
+            w = scaled_impartial_weights(g.astype(c.dtype), c)
+            s, opt_state = scale_update(opt, state.log_scales, state.opt_state, losses)
+            return w.astype(losses.dtype), IMTLLState(s, opt_state)
 
-    def weights(losses, gramian, state: IMTLLState, key):
-        c = jnp.exp(state.log_scales)
-        g = gramian.astype(jnp.promote_types(gramian.dtype, jnp.float32))
-        c = c.astype(jnp.promote_types(c.dtype, g.dtype))
-        w = scaled_impartial_weights(g.astype(c.dtype), c)
-        s, opt_state = scale_update(opt, state.log_scales, state.opt_state, losses)
-        return w.astype(losses.dtype), IMTLLState(s, opt_state)
+        return scale_init(name, opt, shared, s0), weights
 
-    return make_method(name, init, needs="gramian", weights=weights, head_grads="unit")
+    return _common.jointly_trained(name, own, make, needs="gramian", head_grads="unit")

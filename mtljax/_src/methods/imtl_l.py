@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -33,6 +34,20 @@ def scale_update(
     grad_s = _common.bounded_gradient(jnp.exp(log_scales) * losses - 1.0)
     updates, opt_state = opt.update(grad_s, opt_state, log_scales)
     return optax.apply_updates(log_scales, updates), opt_state
+
+
+def scale_init(
+    name: str, opt: optax.GradientTransformation, shared: bool, init_log_scale: float
+) -> Callable[[int], IMTLLState]:
+    """``init`` of a method that learns IMTL's log-scales: ``s = init_log_scale`` for every
+    task, in the default float dtype, with ``opt``'s state (``shared``: ``opt`` is the
+    model's optimizer, see :func:`~mtljax._src.methods._common.init_joint`)."""
+
+    def init(num_tasks: int) -> IMTLLState:
+        s = jnp.full((num_tasks,), init_log_scale, _common.float_dtype())
+        return IMTLLState(s, _common.init_joint(name, opt, s, shared))
+
+    return init
 
 
 def imtl_l(
@@ -78,15 +93,11 @@ def imtl_l(
     s0 = float(init_log_scale)
 
     def make(opt: optax.GradientTransformation, shared: bool):
-        def init(num_tasks: int) -> IMTLLState:
-            s = jnp.full((num_tasks,), s0, _common.float_dtype())
-            return IMTLLState(s, _common.init_joint(name, opt, s, shared))
-
         def weights(losses, gramian, state: IMTLLState, key):
             w = jnp.exp(state.log_scales)
             s, opt_state = scale_update(opt, state.log_scales, state.opt_state, losses)
             return w.astype(losses.dtype), IMTLLState(s, opt_state)
 
-        return init, weights
+        return scale_init(name, opt, shared, s0), weights
 
     return _common.jointly_trained(name, own, make)

@@ -126,7 +126,7 @@ def stch(
 
     def ideal_vector(num_tasks: int) -> jax.Array:
         if isinstance(ideal_values, float):
-            return jnp.full((num_tasks,), ideal_values, jnp.float32)
+            return jnp.full((num_tasks,), ideal_values, _common.float_dtype())
         return _common.per_task_vector(name, "ideal", ideal_values, num_tasks)
 
     def init(num_tasks: int) -> STCHState:
