@@ -1,12 +1,12 @@
 """Test configuration: `slow` reproductions run only with --runslow (or MTLJAX_RUNSLOW=1).
 
 The suite compiles hundreds of small programs, and on a 2-core CPU compiling is most of its
-time. Tests therefore compile with LLVM at optimisation level 0 (``TEST_XLA_FLAGS``, set here
-before JAX starts and passed on to the tests' subprocesses and notebook kernels): this takes
-about a third off the suite's time. It changes how fast the compiled code runs and, through
-float rounding, the last bits of what it computes (which a long chaotic run, such as MGDA on
-the 2-D toy, can amplify); tests judge with tolerances or robust outcomes, and benchmarks and
-users compile at XLA's default level.
+time. Tests therefore compile with LLVM at optimisation level 0 and XLA:CPU's faster-compiling
+emitters (``TEST_XLA_FLAGS``, see ``tests/__init__.py``; set here before JAX starts and passed on
+to the tests' subprocesses and notebook kernels): this takes most of the compile time off the
+suite. It changes how fast the compiled code runs and, through float rounding, the last bits of
+what it computes (which a long chaotic run, such as MGDA on the 2-D toy, can amplify); tests
+judge with tolerances or robust outcomes, and benchmarks and users compile with XLA's defaults.
 """
 
 import os

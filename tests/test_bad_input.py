@@ -18,6 +18,9 @@ import mtljax as mtl
 from mtljax._src import runner
 from tests.helpers import tiny_batch, tiny_model
 
+# `--dist loadgroup` keeps this module on one worker: module fixtures.
+pytestmark = pytest.mark.xdist_group("bad_input")
+
 T = 3
 
 

@@ -15,6 +15,9 @@ from mtljax import bench
 from mtljax._src import runner
 from tests.helpers import tiny_batch, tiny_model
 
+# `--dist loadgroup` keeps this module on one worker: a module fixture runs the benchmark once.
+pytestmark = pytest.mark.xdist_group("bench")
+
 # ----------------------------------------------------------------------------------------------
 # Δm%
 

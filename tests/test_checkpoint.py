@@ -19,6 +19,9 @@ import pytest
 import mtljax as mtl
 from tests.helpers import max_abs_diff, subprocess_env, tiny_batch, tiny_model
 
+# `--dist loadgroup` keeps this module on one worker: module fixtures.
+pytestmark = pytest.mark.xdist_group("checkpoint")
+
 # A stateful method (GradNorm: learned weights, initial losses, its own Adam state, a step
 # counter) on a small GradNorm toy.
 PROBLEM = "gradnorm_toy"

@@ -18,6 +18,9 @@ from mtljax._src import engine, runner
 from mtljax._src import tree as tree_lib
 from tests.helpers import tiny_batch, tiny_model
 
+# `--dist loadgroup` keeps this module on one worker: module fixtures.
+pytestmark = pytest.mark.xdist_group("layer_gramians")
+
 T = 3
 # Every weighting method reads the subset's Gramian through the same engine path; these cover
 # closed forms and an iterative solver at a small compile cost.

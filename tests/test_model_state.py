@@ -17,6 +17,9 @@ import warnings
 import numpy as np
 import pytest
 
+# `--dist loadgroup` keeps this module on one worker: module fixtures.
+pytestmark = pytest.mark.xdist_group("model_state")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 T = 3
 BATCH = 16

@@ -17,6 +17,9 @@ from mtljax._src.nn import mpnn
 from mtljax._src.problems import qm9 as Q
 from mtljax._src.problems import qm9_data as qd
 
+# `--dist loadgroup` keeps this module on one worker: the cached data slice and model.
+pytestmark = pytest.mark.xdist_group("qm9")
+
 HAS_QM9 = importlib.util.find_spec("qm9pack") is not None
 needs_qm9 = pytest.mark.skipif(not HAS_QM9, reason='needs qm9pack (pip install -e ".[qm9]")')
 HAR2EV = 27.211386246

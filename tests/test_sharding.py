@@ -21,6 +21,10 @@ import time
 import numpy as np
 import pytest
 
+# `--dist loadgroup` keeps this module on one worker: the eight-device subprocess runs once per
+# module fixture.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 

@@ -12,6 +12,9 @@ import pytest
 import mtljax as mtl
 from mtljax._src.problems import toy2d
 
+# `--dist loadgroup` keeps this module on one worker: the cached reproductions.
+pytestmark = pytest.mark.xdist_group("toy2d")
+
 
 def hand_objectives(x1, x2):
     """CAGrad's objectives written out in scalar math, for comparison."""

@@ -14,6 +14,9 @@ import mtljax as mtl
 from mtljax._src import tree as tree_lib
 from tests.helpers import max_abs_diff, tiny_batch, tiny_model
 
+# `--dist loadgroup` keeps this module on one worker: module fixtures.
+pytestmark = pytest.mark.xdist_group("train")
+
 T = 3
 
 

@@ -17,6 +17,10 @@ import pytest
 import mtljax as mtl
 from tests.helpers import subprocess_env
 
+# `--dist loadgroup` keeps this module on one worker: every method's float64 run happens once, in a
+# subprocess started by a module fixture.
+pytestmark = pytest.mark.xdist_group("x64")
+
 _SCRIPT = r"""
 import json, sys, tempfile
 import jax

@@ -23,8 +23,21 @@ from tests.conformance import corpus, properties, references
 
 RUNS = ((2, "float32"), (5, "float32"), (5, "float64"))
 CONFIGS = properties.configurations()
-IDS = [properties.config_id(name, claims) for name, claims in CONFIGS]
 SOLVER_CONFIGS = [(n, c) for n, c in CONFIGS if c is not None and c.solver]
+
+
+def params(configs) -> list:
+    """The configurations as parameters; `--dist loadgroup` keeps each configuration's tests on
+    one xdist worker, so that its batches (``properties.batch``, cached) are computed once."""
+    return [
+        pytest.param(
+            n,
+            c,
+            id=properties.config_id(n, c),
+            marks=pytest.mark.xdist_group(f"conformance-{properties.config_id(n, c)}"),
+        )
+        for n, c in configs
+    ]
 
 
 def claimed(name: str, claims):
@@ -51,7 +64,7 @@ def test_every_registered_method_declares_its_claims():
 # Contract: finite, one compilation, vmap
 
 
-@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+@pytest.mark.parametrize(("name", "claims"), params(CONFIGS))
 def test_finite_on_every_input(name, claims):
     """Finite directions, weights and states on the adversarial corpus and on degenerate
     inputs (zero, identical and opposite rows, norms from 1e-15 to 1e15, zero, negative,
@@ -64,7 +77,7 @@ def test_finite_on_every_input(name, claims):
     assert not bad, failures(bad)
 
 
-@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+@pytest.mark.parametrize(("name", "claims"), params(CONFIGS))
 def test_jit_once_and_vmap(name, claims):
     """New values and the states the method returned reuse the compilation; the vmapped batch
     equals one-by-one jitted calls (``weights_from_gramian`` for a weighting, ``aggregate`` for
@@ -114,7 +127,7 @@ def test_jit_once_and_vmap(name, claims):
     assert fn._cache_size() == 1
 
 
-@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+@pytest.mark.parametrize(("name", "claims"), params(CONFIGS))
 def test_one_task(name, claims):
     """With one task every method moves along the task's gradient (a positive multiple), or
     refuses ``T = 1`` when its paper needs several tasks."""
@@ -140,7 +153,7 @@ def test_one_task(name, claims):
 # Properties the papers claim
 
 
-@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+@pytest.mark.parametrize(("name", "claims"), params(CONFIGS))
 def test_permutation_equivariance(name, claims):
     claims = claimed(name, claims)
     if claims.permutation is None:
@@ -173,7 +186,7 @@ def _permuted_hyper_parameters(name, claims, t, dtype, entries, out):
     return out._replace(directions=directions)
 
 
-@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+@pytest.mark.parametrize(("name", "claims"), params(CONFIGS))
 def test_scaling(name, claims):
     """``d(cJ) = c^k d(J)``; the claimed behaviour under row scaling (linear, invariant, same
     direction or line) and under scaling rows and losses together."""
@@ -191,7 +204,7 @@ def test_scaling(name, claims):
     assert not bad, failures(bad)
 
 
-@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+@pytest.mark.parametrize(("name", "claims"), params(CONFIGS))
 def test_non_conflicting(name, claims):
     """``gᵢ·d ≥ 0`` for every task, on the whole batch (``"always"``) or wherever the
     gradients are linearly independent."""
@@ -259,7 +272,7 @@ def _verdicts(name, claims, t, dtype):
 
 
 @pytest.mark.parametrize(("t", "dtype"), RUNS, ids=[f"T{t}-{d}" for t, d in RUNS])
-@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+@pytest.mark.parametrize(("name", "claims"), params(CONFIGS))
 def test_matches_reference(name, claims, t, dtype):
     """Every case of the adversarial corpus: the method's output against the reference on the
     input it received; a step fails when its error exceeds both the tolerance and 10× the
@@ -302,7 +315,7 @@ def test_known_failures_still_fail():
 # Solver reporting
 
 
-@pytest.mark.parametrize(("name", "claims"), CONFIGS, ids=IDS)
+@pytest.mark.parametrize(("name", "claims"), params(CONFIGS))
 def test_solver_report_in_the_state(name, claims):
     """A method that runs an iterative solver keeps its last solve's ``SolverInfo`` in its
     state at every step; one that runs none keeps none."""
@@ -317,9 +330,7 @@ def test_solver_report_in_the_state(name, claims):
     assert not bad, failures(bad)
 
 
-@pytest.mark.parametrize(
-    ("name", "claims"), SOLVER_CONFIGS, ids=[properties.config_id(*c) for c in SOLVER_CONFIGS]
-)
+@pytest.mark.parametrize(("name", "claims"), params(SOLVER_CONFIGS))
 def test_train_step_reports_solver_metrics(name, claims):
     """The train step's metrics hold ``solver_iterations`` (int32), ``solver_converged`` (bool)
     and ``solver_residual`` (float32) for every method that runs a solver."""

@@ -18,6 +18,9 @@ import pytest
 import mtljax as mtl
 from tests.methods import _equal_projection_corpus as corpus_lib
 
+# `--dist loadgroup` keeps this module on one worker: the cached corpus and its references.
+pytestmark = pytest.mark.xdist_group("equal_projection")
+
 PER_FAMILY = 10
 # Families whose answers are far from any rank decision: none of their cases may be ambiguous
 # (a check that the exemption below is not what lets them pass).

@@ -16,6 +16,9 @@ from mtljax._src.methods.aligned_mtl import alignment_matrix
 from mtljax._src.methods.pcgrad import project_conflicting
 from tests import helpers
 
+# `--dist loadgroup` keeps this module on one worker: cached corpora.
+pytestmark = pytest.mark.xdist_group("projection_methods")
+
 ALL = (
     "pcgrad",
     "graddrop",

@@ -23,6 +23,9 @@ from mtljax._src.methods.nash_mtl import NashMTLState
 from mtljax._src.methods.upgrad import _upgrad
 from tests.helpers import max_abs_diff, tiny_batch, tiny_model
 
+# `--dist loadgroup` keeps this module on one worker: cached batches of solves.
+pytestmark = pytest.mark.xdist_group("solver_methods")
+
 T, P = 4, 8
 PERM = np.array([2, 0, 3, 1])
 ROW_SCALE = np.array([1e-2, 1.0, 10.0, 1e3])

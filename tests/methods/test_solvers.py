@@ -18,6 +18,10 @@ from mtljax._src.solvers import cagrad as solvers_cagrad
 from mtljax._src.solvers.cagrad import cagrad_solve
 from mtljax._src.solvers.potential import POTENTIAL_RIDGE, RESIDUAL_TOL_FACTOR
 
+# `--dist loadgroup` keeps this module on one worker: the solved corpora and their scipy references
+# are cached per process.
+pytestmark = pytest.mark.xdist_group("solvers")
+
 T, P = 5, 12
 C_VALUES = (0.0, 0.4, 0.9)
 FAIR_P = 0.5  # p = 1/α for FairGrad's α = 2
