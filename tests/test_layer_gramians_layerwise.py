@@ -21,14 +21,9 @@ from mtljax._src import gramian_layerwise as gl
 from tests import test_nn
 from tests.helpers import tiny_batch, tiny_model
 
-# Every block that shares parameters (soft sharing has none: its Gramian is zero); the first
-# ones cover dense trunks, stacked experts and stitches in the fast suite (convolutions: ResNet).
-_FAST = ("hard_sharing", "mmoe", "cross_stitch")
-BLOCKS = [
-    n if n in _FAST else pytest.param(n, marks=pytest.mark.slow)
-    for n, s in test_nn.SPECS.items()
-    if s.shares
-]
+# Every block that shares parameters (soft sharing has none: its Gramian is zero; convolutions:
+# ResNet, below).
+BLOCKS = [n for n, s in test_nn.SPECS.items() if s.shares]
 # Blocks whose shared parameters are all convolutions (they take the exact path).
 _CONV_ONLY = ("mtan", "mtan_task_extractors")
 

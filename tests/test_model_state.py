@@ -232,7 +232,7 @@ def test_every_method_builds_a_step_that_carries_the_model_state(name):
     """Every method's step on the BatchNorm + dropout model traces, keeps the model state's
     structure, shapes and dtypes, and reports the metrics every method reports. (Traced only:
     the steps of one method per path through the engine run in the test above; every method
-    runs in the slow test below.)"""
+    runs in the test below.)"""
     import jax
     import optax
 
@@ -257,7 +257,6 @@ def test_every_method_builds_a_step_that_carries_the_model_state(name):
     assert set(METHOD_METRICS) <= set(metrics), name
 
 
-@pytest.mark.slow
 def test_every_method_trains_and_updates_the_statistics_once_per_step():
     import mtljax as mtl
 

@@ -86,7 +86,6 @@ def test_training_moves_the_batchnorm_statistics(name):
     np.testing.assert_allclose(got["var"][...], enc.stem_bn.var[...], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.slow  # (eval mode and exact resume of BatchNorm models: tests/test_model_state.py)
 def test_evaluate_uses_the_running_statistics_without_dropout():
     problem = _problem()
     _, state, _ = _train("ew", 3)
@@ -110,7 +109,6 @@ def test_evaluate_uses_the_running_statistics_without_dropout():
     assert np.max(np.abs(np.asarray(train_mode) - np.asarray(want))) > 1e-3
 
 
-@pytest.mark.slow  # (eval mode and exact resume of BatchNorm models: tests/test_model_state.py)
 def test_the_runner_resumes_a_resnet_run_bit_identically(tmp_path):
     """The command line (``--arch resnet``) trains 4 steps; a run of 2 steps resumed to 4 from
     its checkpoint ends with the same parameters and the same running statistics."""

@@ -211,11 +211,8 @@ SPECS: dict[str, Spec] = {
 }
 
 
-SLOW_SPECS = ("mtan_task_extractors", "dselect_k_static")
-
-
 def _names() -> list:
-    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_SPECS else n for n in SPECS]
+    return list(SPECS)
 
 
 def _setup(name: str):
@@ -389,14 +386,7 @@ def _encode_heads(name: str):
     return (lambda m, b: m.encode(b["x"]), lambda m, z, b: _mse(m.predict(z), b["y"]))
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.slow) if n in SLOW_SPECS else n
-        for n, s in SPECS.items()
-        if s.feature
-    ],
-)
+@pytest.mark.parametrize("name", [n for n, s in SPECS.items() if s.feature])
 def test_feature_level_split_matches_parameter_level(name):
     """encode touches shared parameters only and heads task-specific ones: the feature-level
     gradient of the summed losses equals the ordinary one."""

@@ -37,7 +37,6 @@ def test_train_result_and_determinism():
     assert line.startswith("30 of 30 steps were skipped") and "--nonfinite raise" in line
 
 
-@pytest.mark.slow  # (the step's layer-wise path: tests/test_layer_gramians_layerwise.py)
 def test_cli_layerwise_gramian_trains_like_the_jacobian_path(tmp_path):
     """``--gramian layerwise``: the same run as the Jacobian path, to float32 rounding (the
     Gramian is exact either way; only the order of the sums differs)."""
