@@ -112,6 +112,31 @@ def test_lr_scale_in_the_optimizer_state_scales_adam_without_recompiling():
     assert len(traces) == 1
 
 
+def test_progress_shows_time_per_epoch_and_estimated_total(monkeypatch):
+    from mtljax._src import display
+
+    now = [0.0]
+    monkeypatch.setattr(display.time, "perf_counter", lambda: now[0])
+    bar = display.Progress(1000, enabled=False)  # started at t = 0
+    assert bar.timing() == ""
+    bar.epoch(100)
+    bar.advance(250)
+    now[0] = 30.0
+    # 30 s for 250 steps: 12 s per 100-step epoch, 1000 steps in 2 minutes
+    assert bar.timing() == "12s/epoch, total ≈ 2m00s"
+
+
+def test_sampler_ms_times_the_sampler_alone():
+    calls = []
+
+    def sample(key):
+        calls.append(None)
+        return {"x": jax.random.normal(key, (64, 8)), "i": jnp.arange(3)}
+
+    ms = run_lib.sampler_ms(sample, jax.random.split(jax.random.key(0), 20), repeats=2)
+    assert ms > 0 and len(calls) == 1  # traced once, inside one compiled scan
+
+
 # ----------------------------------------------------------------------------------------------
 # Published numbers and rank correlation
 
