@@ -193,6 +193,42 @@ def cache_dir(tmp_path_factory):
         os.environ["MTLJAX_CACHE"] = old
 
 
+def test_report_fields_on_a_cheap_problem_with_published_single_task_maes():
+    """The reporting path of a problem with published single-task MAEs (Δm% against them,
+    the published comparison, the data share, the plateau's history), on a small regression
+    problem standing in for QM9 (the end-to-end QM9 run below is slow: its compiles)."""
+    base = mtl.problems.get("uw_noise", num_train=512, num_validation=256, num_test=256)
+    pub = {t: 0.5 for t in base.task_names}
+    problem = dataclasses.replace(base, name="qm9", info={"published_stl_mae": pub})
+    pl = S.Plateau(initial_lr=1e-3, factor=0.5, patience=0, min_lr=4e-4)
+    sec = run_lib.run_problem(problem, ["ew", "famo"], steps=6, eval_every=2, seeds=2, plateau=pl)
+    hib = {t: problem.metrics[t][1] for t in problem.task_names}
+    for m in ("ew", "famo"):
+        e = sec["methods"][m]
+        per_seed = [delta_m(r["test"], pub, hib, problem.main_tasks) for r in e["runs"]]
+        assert e["delta_m_published"]["mean"] == pytest.approx(np.mean(per_seed))
+        assert sec["data"]["share"][m] == pytest.approx(sec["data"]["sample_ms"] / e["step_ms"])
+        for run in e["runs"]:
+            assert run["history"]["learning_rate"] == _replay(pl, run["history"]["score"])[0]
+    c = sec["published"]
+    assert c["methods"] == ["ew", "famo"]
+    assert c["published_delta_m"] == {"ew": 177.6, "famo": 58.5}
+    dm = [sec["methods"][m]["delta_m"]["mean"] for m in ("ew", "famo")]
+    assert c["spearman"] == pytest.approx(1.0 if dm[0] > dm[1] else -1.0)
+    assert (c["disagreeing_pairs"] == []) == (dm[0] > dm[1])
+    text = R.leaderboard_text(
+        {
+            "problems": {"qm9": sec},
+            "suite": "t",
+            "wall_s": 1.0,
+            "device": "cpu",
+            "jax_version": jax.__version__,
+        }
+    )
+    assert "Δm% vs published STL" in text and "Spearman" in text and "building a batch" in text
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_QM9, reason='needs qm9pack (pip install -e ".[qm9]")')
 def test_tiny_qm9_suite_reports_published_comparison_and_data_share(cache_dir):
     quick = S.get_suite("qm9-quick").problems[0]
