@@ -57,6 +57,15 @@ def test_qm9_quick_suite_is_cpu_sized_and_says_it_is_not_comparable():
     assert spec.plateau is not None
 
 
+def test_eval_every_epoch_is_the_problems_steps_per_epoch():
+    problem = mtl.problems.get("uw_noise", num_train=512, num_validation=256, num_test=256)
+    spec = S.ProblemSpec("uw_noise", eval_every="epoch")
+    assert run_lib._eval_every(spec, dataclasses.replace(problem, steps_per_epoch=7)) == 7
+    with pytest.raises(ValueError, match="no epochs"):
+        run_lib._eval_every(spec, dataclasses.replace(problem, steps_per_epoch=None))
+    assert run_lib._eval_every(S.ProblemSpec("uw_noise", eval_every=5), problem) == 5
+
+
 # ----------------------------------------------------------------------------------------------
 # Plateau schedule
 
