@@ -443,3 +443,40 @@ def test_edge_messages_gradient_matches_differentiating_through_the_edge_matrice
         for got, want in zip(jax.vmap(vjp)(cots), jax.vmap(ref_vjp)(cots), strict=True):
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_edge_network_conv_same_outputs_and_gradients_with_and_without_shared_vjp():
+    n, src, dst = 4, [], []
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                src.append(i)
+                dst.append(j)
+    e = len(src)
+    ks = jax.random.split(jax.random.key(1), 2)
+    graph = mpnn.GraphBatch(
+        nodes=jax.random.normal(ks[0], (n, 6)),
+        node_graph=jnp.zeros((n,), jnp.int32),
+        node_mask=jnp.ones((n,), bool),
+        edge_src=jnp.asarray(src, jnp.int32),
+        edge_dst=jnp.asarray(dst, jnp.int32),
+        edge_attr=jax.random.normal(ks[1], (e, 5)),
+        edge_mask=jnp.ones((e,), bool),
+        graph_mask=jnp.ones((1,), bool),
+    )
+    outs, grads = [], []
+    for shared in (True, False):
+        conv = mpnn.EdgeNetworkConv(6, 6, 5, 3, shared_vjp=shared, rngs=nnx.Rngs(0))
+        gdef, state = nnx.split(conv)
+
+        def f(state, x, gdef=gdef):
+            c = nnx.merge(gdef, state)
+            return c(x, c.edge_weights(graph.edge_attr), graph)
+
+        out, vjp = jax.vjp(f, state, graph.nodes)
+        cots = jax.random.normal(jax.random.key(2), (3, *out.shape))
+        outs.append(out)
+        grads.append(jax.tree_util.tree_leaves(jax.vmap(vjp)(cots)))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
