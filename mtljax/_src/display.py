@@ -38,12 +38,14 @@ def _duration(seconds: float) -> str:
 class Progress:
     """A progress bar over ``total`` steps on stderr: tqdm when installed, else a plain line
     with the rate, the elapsed time and an estimate of the time left. Silent when ``enabled``
-    is False; ``done`` counts the steps advanced either way."""
+    is False; ``done`` counts the steps advanced either way. After :meth:`epoch` it also shows
+    the time per epoch and the estimated total time."""
 
     def __init__(self, total: int, label: str = "", enabled: bool = True):
         self.total, self.enabled, self.done = int(total), bool(enabled), 0
         self.start = time.perf_counter()
         self._label, self._extra, self._last = label, "", 0.0
+        self._epoch: int | None = None
         self._tqdm = None
         if self.enabled:
             try:
@@ -60,6 +62,20 @@ class Progress:
         if self._tqdm is not None:
             self._tqdm.set_description_str(text, refresh=False)
 
+    def epoch(self, steps_per_epoch: int | None) -> None:
+        """Steps per epoch of what follows (``None``: no epochs shown)."""
+        self._epoch = int(steps_per_epoch) if steps_per_epoch else None
+
+    def timing(self) -> str:
+        """``"<time>/epoch, total ≈ <time>"`` at the mean rate so far ("" before a step or
+        without :meth:`epoch`)."""
+        elapsed = time.perf_counter() - self.start
+        if not self._epoch or not self.done:
+            return ""
+        per_step = elapsed / self.done
+        total = per_step * self.total
+        return f"{_duration(per_step * self._epoch)}/epoch, total ≈ {_duration(total)}"
+
     def advance(self, n: int, extra: str = "") -> None:
         """``n`` more steps done; ``extra``: a short note shown after the bar (a loss...)."""
         self.update(self.done + n, extra)
@@ -69,6 +85,9 @@ class Progress:
         n, self.done, self._extra = done - self.done, int(done), extra
         if not self.enabled:
             return
+        timing = self.timing()
+        if timing:
+            extra = f"{timing} {extra}".strip()
         if self._tqdm is not None:
             if extra:
                 self._tqdm.set_postfix_str(extra, refresh=False)

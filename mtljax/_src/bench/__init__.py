@@ -33,6 +33,9 @@ shared parameters) are measured at every evaluation on a fixed probe set of trai
 
 The package: :mod:`~mtljax._src.bench.stats` (Δm%, means ± s.e., ranks),
 :mod:`~mtljax._src.bench.suites` (what each suite runs), :mod:`~mtljax._src.bench.run` (baselines,
-methods over seeds, suites), :mod:`~mtljax._src.bench.report` (text and JSON) and
-:mod:`~mtljax._src.bench.plots` (figures).
+methods over seeds, suites), :mod:`~mtljax._src.bench.report` (text and JSON),
+:mod:`~mtljax._src.bench.plots` (figures) and :mod:`~mtljax._src.bench.published` (published
+results with their sources, rank correlation). A suite's problem may carry a plateau
+learning-rate schedule (:class:`~mtljax._src.bench.suites.Plateau`); each problem's report
+gives the share of the step time spent building batches (``data``).
 """

@@ -56,11 +56,17 @@ def problem_table(section: Mapping[str, Any]) -> str:
     metrics = section["metrics"]
     arrow = {True: "↑", False: "↓"}
 
+    units = (section.get("info") or {}).get("units") or {}
+
     def head(t):
         aux = "" if t in main else " (aux)"
-        return f"{t} {metrics[t]['name']} {arrow[metrics[t]['higher_is_better']]}{aux}"
+        unit = f" [{units[t]}]" if t in units else ""
+        return f"{t} {metrics[t]['name']}{unit} {arrow[metrics[t]['higher_is_better']]}{aux}"
 
-    headers = ["rank", "method", "Δm% ↓", *(head(t) for t in tasks), "MR", "step ms"]
+    pub = section.get("published")
+    has_pub = any("delta_m_published" in e for e in section["methods"].values())
+    pub_cols = ["Δm% vs published STL ↓", "published Δm%"] if has_pub else []
+    headers = ["rank", "method", "Δm% ↓", *pub_cols, *(head(t) for t in tasks), "MR", "step ms"]
     rows = []
     base = section["baselines"]
     rows.append(
@@ -68,6 +74,7 @@ def problem_table(section: Mapping[str, Any]) -> str:
             "-",
             SINGLE_TASK,
             "0",
+            *(["-", "-"] if has_pub else []),
             *(_pm(base[t]["test"]) for t in tasks),
             "-",
             _fmt(float(np.mean([base[t]["step_ms"] for t in tasks]))),
@@ -80,6 +87,14 @@ def problem_table(section: Mapping[str, Any]) -> str:
                 f"{e['rank']:g}",
                 label,
                 _pm(e["delta_m"], fixed=2),
+                *(
+                    [
+                        _pm(e.get("delta_m_published", {}), fixed=1),
+                        _fmt((pub or {}).get("published_delta_m", {}).get(label)),
+                    ]
+                    if has_pub
+                    else []
+                ),
                 *(_pm(e["test"][t]) for t in tasks),
                 f"{e.get('mean_rank', float('nan')):.1f}",
                 _fmt(e["step_ms"], 3),
@@ -123,6 +138,20 @@ def problem_table(section: Mapping[str, Any]) -> str:
             nonfinite.append(f"{label} ({', '.join(bad)} of {len(e['seeds'])} seeds)")
     if nonfinite:
         lines.append("non-finite test metrics (means shown as '-'): " + "; ".join(nonfinite))
+    data = section.get("data")
+    if data:
+        shares = [v for v in data["share"].values() if v is not None and math.isfinite(v)]
+        if shares:
+            lines.append(
+                f"data: building a batch on device takes {data['sample_ms']:.3g} ms "
+                f"({100 * min(shares):.1f}–{100 * max(shares):.1f}% of the step times)"
+            )
+    if pub:
+        pairs = "; ".join(f"{a} vs {b}" for a, b in pub["disagreeing_pairs"]) or "none"
+        lines.append(
+            f"published Δm% ({len(pub['methods'])} methods in common): Spearman rank "
+            f"correlation {_fmt(pub['spearman'], 3)}; pairs ordered the other way: {pairs}"
+        )
     if section["failed"]:
         lines.append("failed: " + "; ".join(f"{m}: {msg}" for m, msg in section["failed"].items()))
     return "\n".join(lines)

@@ -15,14 +15,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from mtljax import methods as methods_lib
 from mtljax import problems as problems_lib
 from mtljax._src import analysis, base, engine
 from mtljax._src.base import Method, make_method
+from mtljax._src.bench import published as published_lib
 from mtljax._src.bench.plots import _pyplot, plot_report
 from mtljax._src.bench.stats import _ranks, delta_m, mean_se
-from mtljax._src.bench.suites import MAIN_ONLY, PROBE_BATCHES, SINGLE_TASK, Suite, get_suite
+from mtljax._src.bench.suites import (
+    MAIN_ONLY,
+    PROBE_BATCHES,
+    SINGLE_TASK,
+    Plateau,
+    Suite,
+    get_suite,
+    plateau_init,
+    plateau_step,
+)
 from mtljax._src.display import Progress
 from mtljax._src.model import Params
 from mtljax._src.problems.base import Problem, evaluation_input
@@ -50,6 +61,45 @@ def single_task_method() -> Method:
     return make_method("single_task", init, needs="losses", weights=weights)
 
 
+def with_lr_scale(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``optimizer`` followed by an injectable scale (1 at init) of its updates: the runner's
+    handle on the learning rate of a :class:`~mtljax._src.bench.suites.Plateau` schedule."""
+    return optax.chain(optimizer, optax.inject_hyperparams(optax.scale)(step_size=1.0))
+
+
+def set_lr_scale(opt_state: PyTree, scale: float) -> PyTree:
+    """The state of a :func:`with_lr_scale` optimizer with its scale set to ``scale`` (same
+    shape and dtype: the compiled step is reused)."""
+    inner, inj = opt_state
+    hp = dict(inj.hyperparams)
+    hp["step_size"] = jnp.asarray(scale, jnp.asarray(hp["step_size"]).dtype)
+    return (inner, inj._replace(hyperparams=hp))
+
+
+def _batch_checksum(batch: PyTree) -> jax.Array:
+    """A scalar that depends on every leaf of a batch (keeps a timed sampler from being
+    optimised away)."""
+    leaves = jax.tree_util.tree_leaves(batch)
+    return sum(jnp.sum(x.astype(jnp.float32)) for x in leaves)
+
+
+def sampler_ms(sample: Callable[[jax.Array], PyTree], keys: jax.Array, repeats: int = 3) -> float:
+    """Milliseconds per batch of ``sample`` alone, run as the train step runs it: one compiled
+    ``lax.scan`` over ``keys`` (median of ``repeats`` timed runs after a compiling one)."""
+
+    @jax.jit
+    def scan(keys):
+        return jax.lax.scan(lambda c, k: (c + _batch_checksum(sample(k)), None), 0.0, keys)[0]
+
+    jax.block_until_ready(scan(keys))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(scan(keys))
+        times.append((time.perf_counter() - t0) / keys.shape[0])
+    return 1e3 * float(np.median(times))
+
+
 def _probe_stats(model, params: Params, batches: PyTree) -> dict[str, jax.Array]:
     """Conflict statistics of the task gradients on the union of stacked probe batches: the
     per-batch Jacobians are averaged (the Jacobian of the mean loss), then the Gramian."""
@@ -70,6 +120,7 @@ class _ProblemRunner:
         seeds: Sequence[int],
         init: Callable[[int], Params] | None,
         bar: Progress,
+        plateau: Plateau | None = None,
     ):
         if problem.evaluate_split is None or not problem.metrics:
             raise ValueError(
@@ -90,6 +141,7 @@ class _ProblemRunner:
         self.steps = self.chunks * self.eval_every
         self.seeds = list(seeds)
         self.bar = bar
+        self.plateau = plateau
         model = problem.model
         self._stats = jax.jit(partial(_probe_stats, model))
         self._sample = problem.sample
@@ -139,6 +191,7 @@ class _ProblemRunner:
         state = init_train_state(problem.model, params, step.method, step.optimizer, k_train)
         if method_state is not None:
             state = state._replace(method_state=method_state)
+        sched = plateau_init(self.plateau) if self.plateau is not None else None
         hist: dict[str, list] = {
             "step": [],
             "validation": [],
@@ -148,6 +201,7 @@ class _ProblemRunner:
             "cosines": [],
             "grad_norms": [],
             "conflict_fraction": [],
+            "learning_rate": [],
         }
         times = []
         best_score, best_params, best_step = math.inf, None, None
@@ -176,6 +230,11 @@ class _ProblemRunner:
             hist["conflict_fraction"].append(float(stats["conflict_fraction"]))
             if math.isfinite(s) and s < best_score:
                 best_score, best_params, best_step = s, trained, (c + 1) * self.eval_every
+            if sched is not None:  # the rate of the next chunk, set in the optimizer state
+                hist["learning_rate"].append(sched.lr)
+                sched = plateau_step(self.plateau, sched, s)
+                scale = sched.lr / self.plateau.initial_lr
+                state = state._replace(opt_state=set_lr_scale(state.opt_state, scale))
             self.bar.advance(self.eval_every)
         if best_params is None:  # never a finite validation score: keep the last parameters
             best_params, best_step = evaluation_input(problem.model, state), self.steps
@@ -280,6 +339,7 @@ def run_problem(
     method_args: Mapping[str, Mapping[str, Any]] | None = None,
     init: Callable[[int], Params] | None = None,
     progress: bool | Progress = False,
+    plateau: Plateau | None = None,
 ) -> dict[str, Any]:
     """Benchmarks methods on one problem against single-task baselines.
 
@@ -298,13 +358,20 @@ def run_problem(
         a factory that takes ``steps_per_epoch`` (``dwa``) gets the problem's unless given.
       init: ``seed -> initial Params`` for problems without ``init_params``.
       progress: show a progress bar.
+      plateau: a :class:`~mtljax._src.bench.suites.Plateau` learning-rate schedule, stepped
+        at every evaluation on the run's selection score; the learning rate of each chunk
+        goes to the run's ``history["learning_rate"]``. ``None``: the problem's optimizer.
 
     Returns the problem's section of the report: ``tasks``, ``main_tasks``, ``auxiliary``,
     ``metrics``, ``baselines`` (per task), ``methods`` (per method: per-task test metrics and
     Δm% as mean ± standard error over seeds, median step time, rank, mean rank over the main
     tasks ``mean_rank``, conflict statistics, negative transfer, and every run with its
     validation history), ``leaderboard`` (method labels by rank), ``auxiliary_report`` and
-    ``failed`` (``{label: error}``).
+    ``failed`` (``{label: error}``), ``data`` (the share of the step time spent building
+    batches: :func:`sampler_ms` against each method's step time) and, for a problem whose
+    ``info`` has ``published_stl_mae``, each method's ``delta_m_published`` (Δm% against
+    those single-task MAEs) and ``published`` (the comparison with the published Δm%,
+    :func:`~mtljax._src.bench.published.compare`).
     """
     if isinstance(seeds, int):
         seed_list = list(range(base_seed, base_seed + seeds))
@@ -338,7 +405,13 @@ def run_problem(
     bar = Progress(n_runs * runner_steps, enabled=bool(progress)) if own_bar else progress
     try:
         runner = _ProblemRunner(
-            problem, steps=steps, eval_every=eval_every, seeds=seed_list, init=init, bar=bar
+            problem,
+            steps=steps,
+            eval_every=eval_every,
+            seeds=seed_list,
+            init=init,
+            bar=bar,
+            plateau=plateau,
         )
         section = _run_problem(problem, runner, built, failed, method_args)
     finally:
@@ -352,7 +425,10 @@ def _run_problem(problem, runner, built, failed, method_args) -> dict[str, Any]:
     t0 = time.perf_counter()
     # Single-task baselines: one separate model per task, all on one compiled step.
     stl = single_task_method()
-    stl_step = make_train_step(problem.model, stl, problem.optimizer)
+    optimizer = problem.optimizer
+    if runner.plateau is not None:
+        optimizer = with_lr_scale(optimizer)
+    stl_step = make_train_step(problem.model, stl, optimizer)
     baselines: dict[str, Any] = {}
     for i, task in enumerate(tasks):
         onehot = jnp.zeros((len(tasks),), jnp.float32).at[i].set(1.0)
@@ -392,7 +468,7 @@ def _run_problem(problem, runner, built, failed, method_args) -> dict[str, Any]:
     for label, method in built.items():
         done = runner.bar.done
         try:
-            step = make_train_step(problem.model, method, problem.optimizer)
+            step = make_train_step(problem.model, method, optimizer)
             runs = [runner.run(label, step, seed, selection_score) for seed in runner.seeds]
             entries[label] = _summarize_method(label, runs, runner, baselines)
             entries[label]["args"] = dict(method_args.get(label, {}))
@@ -435,7 +511,27 @@ def _run_problem(problem, runner, built, failed, method_args) -> dict[str, Any]:
         "wall_s": time.perf_counter() - t0,
     }
     section["auxiliary_report"] = auxiliary_report(section)
+    section["data"] = _data_wait(problem, runner, entries, baselines)
+    pub_stl = (problem.info or {}).get("published_stl_mae")
+    if pub_stl:
+        for e in entries.values():
+            per_seed = [delta_m(r["test"], pub_stl, hib, main) for r in e["runs"]]
+            e["delta_m_published"] = mean_se(per_seed)
+        section["published"] = published_lib.compare(
+            problem.name, {m: entries[m]["delta_m"]["mean"] for m in labels}
+        )
     return section
+
+
+def _data_wait(problem, runner, entries, baselines) -> dict[str, Any]:
+    """Batch building's share of each step: the sampler alone in a compiled scan over the
+    keys of the first chunk (at most 100 of them) against the median step time."""
+    keys = runner.seed_setup(runner.seeds[0])[2][0][:100]
+    ms = sampler_ms(runner._sample, keys)
+    steps = {SINGLE_TASK: float(np.nanmedian([b["step_ms"] for b in baselines.values()]))}
+    steps.update({m: e["step_ms"] for m, e in entries.items()})
+    share = {m: ms / t if t and math.isfinite(t) else float("nan") for m, t in steps.items()}
+    return {"sample_ms": ms, "step_ms": steps, "share": share}
 
 
 def auxiliary_report(section: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -486,6 +582,15 @@ def _params_of_seed(name: str, options: dict[str, Any]) -> Callable[[int], Param
         return problems_lib.get(name, seed=seed, **options).params
 
     return init
+
+
+def _eval_every(spec, problem: Problem) -> int:
+    """A spec's ``eval_every``; ``"epoch"`` is the problem's ``steps_per_epoch``."""
+    if spec.eval_every == "epoch":
+        if problem.steps_per_epoch is None:
+            raise ValueError(f"problem {problem.name!r} has no epochs; give eval_every steps")
+        return int(problem.steps_per_epoch)
+    return int(spec.eval_every)
 
 
 def run_suite(
@@ -540,15 +645,17 @@ def run_suite(
         )
         unavailable = [m for m in (spec.methods or ()) if m not in available]
         n_steps = steps or spec.steps or problem.steps
-        prepared.append((spec, problem, names, unavailable, n_steps))
+        every = _eval_every(spec, problem)
+        prepared.append((spec, problem, names, unavailable, n_steps, every))
     total = 0
-    for spec, problem, names, _, n_steps in prepared:
+    for _, problem, names, _, n_steps, every in prepared:
         runs = problem.model.num_tasks + (1 if problem.auxiliary else 0) + len(names)
-        total += runs * n_seeds * math.ceil(n_steps / spec.eval_every) * spec.eval_every
+        total += runs * n_seeds * math.ceil(n_steps / every) * every
     bar = Progress(total, enabled=bool(progress))
     sections = {}
     try:
-        for spec, problem, names, unavailable, n_steps in prepared:
+        for spec, problem, names, unavailable, n_steps, every in prepared:
+            bar.epoch(problem.steps_per_epoch)
             init = None
             if problem.init_params is None:
                 init = _params_of_seed(spec.name, dict(spec.options))
@@ -556,12 +663,13 @@ def run_suite(
                 problem,
                 names,
                 steps=n_steps,
-                eval_every=spec.eval_every,
+                eval_every=every,
                 seeds=n_seeds,
                 base_seed=base_seed,
                 method_args=spec.method_args,
                 init=init,
                 progress=bar,
+                plateau=spec.plateau,
             )
             section["options"] = dict(spec.options)
             section["unavailable_methods"] = unavailable

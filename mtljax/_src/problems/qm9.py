@@ -266,8 +266,8 @@ def qm9(
         papers shuffle once per epoch); a draw over the batch's node/edge budget is redrawn
         (:func:`sampling_budget`: about one draw in 10¹¹).
       eval_batch_size: molecules per evaluation chunk.
-      learning_rate: Adam's (1e-3, the papers'; their plateau schedule is not part of the
-        problem).
+      learning_rate: Adam's (1e-3, the papers'; their plateau schedule is applied by the
+        ``qm9-paper`` benchmark suite, not by the problem).
       epochs: ``steps = epochs × steps_per_epoch`` (300 in the papers).
       standardize: train on standardised targets (Nash-MTL's ``--scale-y`` default, true);
         ``False`` trains on the targets in their units (eV, D, …), the default of the FAMO
