@@ -69,9 +69,9 @@ class Progress:
     def timing(self) -> str:
         """``"<time>/epoch, total ≈ <time>"`` at the mean rate so far ("" before a step or
         without :meth:`epoch`)."""
-        elapsed = time.perf_counter() - self.start
         if not self._epoch or not self.done:
             return ""
+        elapsed = time.perf_counter() - self.start
         per_step = elapsed / self.done
         total = per_step * self.total
         return f"{_duration(per_step * self._epoch)}/epoch, total ≈ {_duration(total)}"
