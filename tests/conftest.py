@@ -22,6 +22,19 @@ import pytest  # noqa: E402
 jax.config.update("jax_enable_x64", False)
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A fresh mtljax cache folder (``MTLJAX_CACHE``) for one test module."""
+    folder = str(tmp_path_factory.mktemp("mtljax-cache"))
+    old = os.environ.get("MTLJAX_CACHE")
+    os.environ["MTLJAX_CACHE"] = folder
+    yield folder
+    if old is None:
+        del os.environ["MTLJAX_CACHE"]
+    else:
+        os.environ["MTLJAX_CACHE"] = old
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run slow tests")
 

@@ -2,7 +2,6 @@
 padded graph batches, the MPNN, and a short training; on a slice of the bundled data."""
 
 import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -38,18 +37,6 @@ REF = {
     "O": (-75.064579, -75.063162, -75.062219, -75.079532),
 }
 SLICE = {"max_molecules": 600, "num_test": 100, "num_validation": 100, "model": "mpnn-light"}
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("mtljax-cache"))
-    old = os.environ.get("MTLJAX_CACHE")
-    os.environ["MTLJAX_CACHE"] = folder
-    yield folder
-    if old is None:
-        del os.environ["MTLJAX_CACHE"]
-    else:
-        os.environ["MTLJAX_CACHE"] = old
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ end-to-end suite run on a slice of the bundled data."""
 
 import dataclasses
 import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -188,18 +187,6 @@ def test_compare_lists_the_pairs_ordered_the_other_way():
 
 # ----------------------------------------------------------------------------------------------
 # A tiny suite run
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("mtljax-cache"))
-    old = os.environ.get("MTLJAX_CACHE")
-    os.environ["MTLJAX_CACHE"] = folder
-    yield folder
-    if old is None:
-        del os.environ["MTLJAX_CACHE"]
-    else:
-        os.environ["MTLJAX_CACHE"] = old
 
 
 def test_report_fields_on_a_cheap_problem_with_published_single_task_maes():

@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from mtljax._src.bench.stats import _ranks
+
 NASH = "Navon et al., ICML 2022 (Nash-MTL), Table 1 / App. D.1 Table 6"
 FAMO = "Liu et al., NeurIPS 2023 (FAMO), Table 2"
 FAIRGRAD = (
@@ -88,18 +90,6 @@ QM9_ROWS: dict[str, tuple[tuple[float, ...], str]] = {
 }
 
 
-def ranks(values) -> np.ndarray:
-    """1-based ranks, ascending, ties given their average rank."""
-    x = np.asarray(values, np.float64)
-    order = np.argsort(x, kind="mergesort")
-    r = np.empty(len(x), np.float64)
-    r[order] = np.arange(1, len(x) + 1)
-    for v in np.unique(x):
-        tie = x == v
-        r[tie] = r[tie].mean()
-    return r
-
-
 def spearman(a, b) -> float:
     """Spearman's rank correlation: Pearson's correlation of the (tie-averaged) ranks; NaN
     with fewer than 2 values or a constant ranking."""
@@ -108,7 +98,7 @@ def spearman(a, b) -> float:
         raise ValueError(f"spearman: need two equal-length vectors, got {a.shape}, {b.shape}")
     if len(a) < 2:
         return float("nan")
-    ra, rb = ranks(a) - (len(a) + 1) / 2, ranks(b) - (len(b) + 1) / 2
+    ra, rb = _ranks(a) - (len(a) + 1) / 2, _ranks(b) - (len(b) + 1) / 2
     den = np.sqrt(np.sum(ra**2) * np.sum(rb**2))
     return float(np.sum(ra * rb) / den) if den > 0 else float("nan")
 
@@ -133,8 +123,8 @@ def compare(problem: str, ours: Mapping[str, float]) -> dict[str, Any] | None:
         "methods": common,
         "published_delta_m": {m: table[m].delta_m for m in common},
         "delta_m": dict(zip(common, mine, strict=True)),
-        "published_rank": dict(zip(common, ranks(pub).tolist(), strict=True)),
-        "rank": dict(zip(common, ranks(mine).tolist(), strict=True)),
+        "published_rank": dict(zip(common, _ranks(pub).tolist(), strict=True)),
+        "rank": dict(zip(common, _ranks(mine).tolist(), strict=True)),
         "spearman": spearman(mine, pub),
         "disagreeing_pairs": pairs,
         "sources": {m: table[m].source for m in common},
