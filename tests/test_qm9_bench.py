@@ -224,7 +224,6 @@ def test_report_fields_on_a_cheap_problem_with_published_single_task_maes():
     assert "Δm% vs published STL" in text and "Spearman" in text and "building a batch" in text
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not HAS_QM9, reason='needs qm9pack (pip install -e ".[qm9]")')
 def test_tiny_qm9_suite_reports_published_comparison_and_data_share(cache_dir):
     quick = S.get_suite("qm9-quick").problems[0]
