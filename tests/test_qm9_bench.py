@@ -192,7 +192,7 @@ def test_compare_lists_the_pairs_ordered_the_other_way():
 def test_report_fields_on_a_cheap_problem_with_published_single_task_maes():
     """The reporting path of a problem with published single-task MAEs (Δm% against them,
     the published comparison, the data share, the plateau's history), on a small regression
-    problem standing in for QM9 (the end-to-end QM9 run below is slow: its compiles)."""
+    problem standing in for QM9 (the end-to-end run below checks it on QM9)."""
     base = mtl.problems.get("uw_noise", num_train=512, num_validation=256, num_test=256)
     pub = {t: 0.5 for t in base.task_names}
     problem = dataclasses.replace(base, name="qm9", info={"published_stl_mae": pub})
