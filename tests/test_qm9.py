@@ -284,6 +284,49 @@ def test_sampler_redraws_batches_over_budget(data, tools):
 
 
 @needs_qm9
+def test_epoch_sampler_sees_every_molecule_once_per_epoch(data, tools):
+    mols, _, _ = tools
+    pool = np.arange(100, 150)  # 50 molecules, batches of 8: 7 steps per epoch, the last 2 real
+    n = data.num_atoms.astype(np.int64)
+    budget = (8 * qd.MAX_ATOMS, 8 * qd.MAX_ATOMS * (qd.MAX_ATOMS - 1))
+    sample_at = jax.jit(Q.make_epoch_sampler(mols, pool, 8, *budget))
+    key = jax.random.key(3)
+
+    def molecules(step):
+        """The molecules of a step's batch (each identified by its atom count and targets)."""
+        b = sample_at(key, jnp.int32(step))
+        mask = np.asarray(b["graph"].graph_mask)
+        return [tuple(r) for r in np.asarray(b["y"])[mask]], b["graph"]
+
+    def identity(i):
+        return tuple(np.asarray(mols["y"][i]))
+
+    epochs = []
+    for e in range(2):
+        seen = []
+        for s in range(7):
+            rows, g = molecules(7 * e + s)
+            assert len(rows) == (8 if s < 6 else 2)
+            seen += rows
+            per = np.bincount(np.asarray(g.node_graph)[np.asarray(g.node_mask)], minlength=8)
+            assert int(g.edge_mask.sum()) == int((per * (per - 1)).sum())
+        assert sorted(seen) == sorted(identity(i) for i in pool)  # each molecule once
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # a fresh shuffle per epoch
+    assert molecules(3)[0] == molecules(3)[0]  # a function of (key, step) only
+    # A budget too small for a batch masks the molecules past it instead of dropping atoms of
+    # a molecule still counted as present.
+    tight = jax.jit(Q.make_epoch_sampler(mols, pool, 8, 40, 40 * 9))
+    b = tight(key, jnp.int32(0))
+    g, mask = b["graph"], np.asarray(b["graph"].graph_mask)
+    per = np.bincount(np.asarray(g.node_graph)[np.asarray(g.node_mask)], minlength=8)
+    atoms_of = {identity(i): n[i] for i in pool}
+    kept = [atoms_of[tuple(r)] for r in np.asarray(b["y"])[mask]]
+    assert 0 < mask.sum() < 8 and np.all(per[mask] == kept) and np.all(per[~mask] == 0)
+    assert per.sum() <= 40 and (per * (per - 1)).sum() <= 40 * 9
+
+
+@needs_qm9
 def test_problem_shapes_split_metrics_and_jit(problem, data, tools):
     p = problem
     assert p.task_names == qd.TARGETS and p.metrics["U0"] == ("mae", False)
@@ -293,6 +336,12 @@ def test_problem_shapes_split_metrics_and_jit(problem, data, tools):
     assert p.steps_per_epoch == -(-400 // 24) and p.steps == 300 * p.steps_per_epoch
     batch = jax.jit(p.sample)(jax.random.key(0))
     assert batch["y"].shape == (24, 11) and batch["graph"].graph_mask.shape == (24,)
+    # Training shuffles per epoch (``sample_at``), in the same batch shapes as ``sample``.
+    epoch_batch = jax.jit(p.sample_step)(jax.random.key(0), jnp.int32(p.steps_per_epoch - 1))
+    assert jax.tree_util.tree_map(jnp.shape, epoch_batch) == jax.tree_util.tree_map(
+        jnp.shape, batch
+    )
+    assert int(epoch_batch["graph"].graph_mask.sum()) == 400 - 24 * (p.steps_per_epoch - 1)
     budget = p.info["batch_budget"]
     g = batch["graph"]
     assert g.nodes.shape == (budget["max_nodes"], 11)
@@ -335,9 +384,9 @@ def test_short_training_lowers_every_target_loss(problem):
     step = mtl.make_train_step(p.model, method, opt)
     state = mtl.init_train_state(p.model, p.params, method, opt, jax.random.key(0))
     before = np.asarray(p.evaluate_split(p.params, "train")["loss"])
-    sample = jax.jit(p.sample)
+    sample = jax.jit(p.sample_step)  # the training order: a fresh shuffle per epoch
     for i in range(150):
-        state, _ = step(state, sample(jax.random.key(i)))
+        state, _ = step(state, sample(jax.random.key(0), jnp.int32(i)))
     after = np.asarray(p.evaluate_split(state.params, "train")["loss"])
     assert np.all(after < 0.9 * before), (before, after)
 

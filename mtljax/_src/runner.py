@@ -211,7 +211,8 @@ def run_training(
 ) -> dict[str, Any]:
     """Trains ``method_name`` on ``problem_name``; returns a JSON-serialisable result.
 
-    The batch of step ``i`` is ``problem.sample(fold_in(data_key, i))`` with ``data_key``
+    The batch of step ``i`` is ``problem.sample_step(data_key, i)`` (``sample_at`` of a problem
+    that shuffles per epoch, else ``sample(fold_in(data_key, i))``) with ``data_key``
     derived from ``seed``: the data position is the step count, so a run resumed from a
     checkpoint (``ckpt_dir``, ``resume``) sees exactly the batches the uninterrupted run would
     have, and ends with bit-identical parameters. ``devices`` > 1 trains data-parallel on that
@@ -320,7 +321,7 @@ def run_training(
         impl = str(jax.random.key_impl(key_data))
 
         def sample_at(kd, i):
-            return problem.sample(jax.random.fold_in(jax.random.wrap_key_data(kd, impl=impl), i))
+            return problem.sample_step(jax.random.wrap_key_data(kd, impl=impl), i)
 
         num_devices = 1 if devices is None else int(devices)
         if num_devices > 1 or fsdp or jax.process_count() > 1:

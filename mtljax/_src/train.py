@@ -1008,15 +1008,17 @@ class TrainStep:
         return jax.lax.scan(body, state, keys)
 
     def scan(
-        self, state: TrainState, sample: Callable[[jax.Array], Batch], keys: jax.Array
+        self, state: TrainState, sample: Callable[[Any], Batch], keys: Any
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         """Runs ``len(keys)`` steps as one jitted ``lax.scan``, step ``i`` on ``sample(keys[i])``.
 
-        Returns the final state and the metrics of every step, stacked along a leading axis.
-        With ``nonfinite="raise"`` the error (naming the first failing step) comes after the
-        scan.
+        ``keys``: an array (keys, say) or a pytree of arrays with a leading step axis, sliced
+        per step as ``lax.scan`` slices its inputs. Returns the final state and the metrics of
+        every step, stacked along a leading axis. With ``nonfinite="raise"`` the error (naming
+        the first failing step) comes after the scan.
         """
-        self.check_if_new(state, jax.eval_shape(sample, keys[0]))
+        first = jax.tree_util.tree_map(lambda x: x[0], keys)
+        self.check_if_new(state, jax.eval_shape(sample, first))
         new, metrics = self._scan_jitted(state, sample, keys)
         self.raise_if_failed(metrics)
         return new, metrics

@@ -3,6 +3,7 @@ model selection on validation, and whole suites. The protocol is :mod:`mtljax._s
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
@@ -83,9 +84,28 @@ def _batch_checksum(batch: PyTree) -> jax.Array:
     return sum(jnp.sum(x.astype(jnp.float32)) for x in leaves)
 
 
-def sampler_ms(sample: Callable[[jax.Array], PyTree], keys: jax.Array, repeats: int = 3) -> float:
+def _index(inputs: PyTree, i) -> PyTree:
+    """``inputs[i]`` of every leaf of a pytree of per-step data inputs."""
+    return jax.tree_util.tree_map(lambda x: x[i], inputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EpochSample:
+    """``(data_key, step) -> batch`` as the one-argument sampler that a scan over per-step
+    inputs calls. Equal for the same ``sample_at``, so compiled scans are reused."""
+
+    sample_at: Callable[[jax.Array, jax.Array], PyTree]
+
+    def __call__(self, inputs: tuple[jax.Array, jax.Array]) -> PyTree:
+        key, step = inputs
+        return self.sample_at(key, step)
+
+
+def sampler_ms(sample: Callable[[Any], PyTree], keys: PyTree, repeats: int = 3) -> float:
     """Milliseconds per batch of ``sample`` alone, run as the train step runs it: one compiled
-    ``lax.scan`` over ``keys`` (median of ``repeats`` timed runs after a compiling one)."""
+    ``lax.scan`` over ``keys`` (per-step inputs: an array or a pytree of arrays with a leading
+    step axis; median of ``repeats`` timed runs after a compiling one)."""
+    count = jax.tree_util.tree_leaves(keys)[0].shape[0]
 
     @jax.jit
     def scan(keys):
@@ -96,7 +116,7 @@ def sampler_ms(sample: Callable[[jax.Array], PyTree], keys: jax.Array, repeats: 
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(scan(keys))
-        times.append((time.perf_counter() - t0) / keys.shape[0])
+        times.append((time.perf_counter() - t0) / count)
     return 1e3 * float(np.median(times))
 
 
@@ -144,13 +164,19 @@ class _ProblemRunner:
         self.plateau = plateau
         model = problem.model
         self._stats = jax.jit(partial(_probe_stats, model))
-        self._sample = problem.sample
+        # Per-step data inputs: the step's own key, or (data key, step) for a problem that
+        # shuffles per epoch (``Problem.sample_at``).
+        if problem.sample_at is None:
+            self._sample = problem.sample
+        else:
+            self._sample = _EpochSample(problem.sample_at)
         self._init = init
         self._compiled: weakref.WeakSet[TrainStep] = weakref.WeakSet()
         self._seed_cache: dict[int, tuple] = {}
 
     def seed_setup(self, seed: int):
-        """``(params, train_key, data_keys (chunks, eval_every), probe batch)`` of a seed."""
+        """``(params, train_key, data inputs (chunks, eval_every), probe batch)`` of a seed:
+        the data inputs are ``self._sample``'s per-step arguments, a pytree of arrays."""
         if seed not in self._seed_cache:
             k_init, k_train, k_data, k_probe = jax.random.split(jax.random.key(seed), 4)
             if self.problem.init_params is not None:
@@ -159,8 +185,13 @@ class _ProblemRunner:
                 params = self._init(seed)
             else:
                 params = self.problem.params
-            data_keys = jax.random.split(k_data, self.steps).reshape(self.chunks, self.eval_every)
-            probe = jax.vmap(self._sample)(jax.random.split(k_probe, PROBE_BATCHES))
+            shape = (self.chunks, self.eval_every)
+            if self.problem.sample_at is None:
+                data_keys = jax.random.split(k_data, self.steps).reshape(shape)
+            else:
+                steps = jnp.arange(self.steps, dtype=jnp.int32).reshape(shape)
+                data_keys = (jnp.broadcast_to(k_data, shape), steps)
+            probe = jax.vmap(self.problem.sample)(jax.random.split(k_probe, PROBE_BATCHES))
             self._seed_cache[seed] = (params, k_train, data_keys, probe)
         return self._seed_cache[seed]
 
@@ -208,7 +239,7 @@ class _ProblemRunner:
         self.bar.label(f"{problem.name} {label} seed {seed}")
         for c in range(self.chunks):
             t0 = time.perf_counter()
-            state, metrics = step.scan(state, self._sample, data_keys[c])
+            state, metrics = step.scan(state, self._sample, _index(data_keys, c))
             jax.block_until_ready(state.params)
             dt = time.perf_counter() - t0
             if step in self._compiled:
@@ -526,8 +557,8 @@ def _run_problem(problem, runner, built, failed, method_args) -> dict[str, Any]:
 def _data_wait(problem, runner, entries, baselines) -> dict[str, Any]:
     """Batch building's share of each step: the sampler alone in a compiled scan over the
     keys of the first chunk (at most 100 of them) against the median step time."""
-    keys = runner.seed_setup(runner.seeds[0])[2][0][:100]
-    ms = sampler_ms(runner._sample, keys)
+    first = _index(runner.seed_setup(runner.seeds[0])[2], 0)
+    ms = sampler_ms(runner._sample, jax.tree_util.tree_map(lambda x: x[:100], first))
     steps = {SINGLE_TASK: float(np.nanmedian([b["step_ms"] for b in baselines.values()]))}
     steps.update({m: e["step_ms"] for m, e in entries.items()})
     share = {m: ms / t if t and math.isfinite(t) else float("nan") for m, t in steps.items()}

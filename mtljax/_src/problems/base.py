@@ -22,6 +22,11 @@ class Problem:
       params: initial parameters.
       sample: ``key -> batch``, jittable: a training batch (a fixed dataset samples from device
         arrays; a problem without data returns ``None``).
+      sample_at: ``(data_key, step) -> batch``, jittable, or ``None``: the batch of training
+        step ``step`` of a run whose data key is ``data_key``, for a problem that passes over
+        its training set epoch by epoch (a fresh shuffle per epoch, each example once, as a
+        data loader with ``shuffle=True``). ``None``: step ``step`` draws ``sample`` with its
+        own key. The runners train on :meth:`sample_step`, which picks between the two.
       evaluate: ``params -> {metric: f32[T]}`` on held-out data, or ``None``. It receives
         what :func:`evaluation_input` gives: the trained :class:`Params`, or, for a model with
         state (BatchNorm), the whole :class:`mtljax.TrainState`, so that it evaluates with the
@@ -62,6 +67,7 @@ class Problem:
     splits: tuple[str, ...] = ("validation", "test")
     init_params: Callable[[jax.Array], Params] | None = None
     steps_per_epoch: int | None = None
+    sample_at: Callable[[jax.Array, jax.Array], Batch] | None = None
 
     def __post_init__(self):
         names = self.model.task_names
@@ -77,6 +83,13 @@ class Problem:
         if self.metrics and set(self.metrics) != set(names):
             missing = [t for t in names if t not in self.metrics]
             raise ValueError(f"problem {self.name!r}: `metrics` lacks tasks {missing}")
+
+    def sample_step(self, data_key: jax.Array, step: jax.Array) -> Batch:
+        """The training batch of step ``step`` (jittable): ``sample_at(data_key, step)`` where
+        the problem defines it, else ``sample(fold_in(data_key, step))``."""
+        if self.sample_at is not None:
+            return self.sample_at(data_key, step)
+        return self.sample(jax.random.fold_in(data_key, step))
 
     @property
     def task_names(self) -> tuple[str, ...]:
