@@ -378,6 +378,15 @@ def test_problem_shapes_split_metrics_and_jit(problem, data, tools):
 
 
 @needs_qm9
+def test_data_parallel_runs_are_refused_naming_the_packed_graphs(cache_dir):
+    from mtljax._src.runner import run_training
+
+    args = {"max_molecules": 600, "num_test": 100, "num_validation": 100}
+    with pytest.raises(ValueError, match="trains on one device only: its batches pack"):
+        run_training("qm9", "ew", steps=1, devices=2, progress=False, problem_args=args)
+
+
+@needs_qm9
 def test_short_training_lowers_every_target_loss(problem):
     p = problem
     method, opt = mtl.methods.ew(), optax.adam(3e-3)

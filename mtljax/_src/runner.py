@@ -325,6 +325,11 @@ def run_training(
 
         num_devices = 1 if devices is None else int(devices)
         if num_devices > 1 or fsdp or jax.process_count() > 1:
+            if problem.single_device:
+                raise ValueError(
+                    f"problem {problem_name!r} trains on one device only: "
+                    f"{problem.single_device}; run it with devices=1 (--devices 1)"
+                )
             example = jax.eval_shape(sample_at, data_key, np.int32(0))
             if not jax.tree_util.tree_leaves(example):
                 raise ValueError(f"problem {problem_name!r} has no data to split across devices")

@@ -27,6 +27,8 @@ class Problem:
         its training set epoch by epoch (a fresh shuffle per epoch, each example once, as a
         data loader with ``shuffle=True``). ``None``: step ``step`` draws ``sample`` with its
         own key. The runners train on :meth:`sample_step`, which picks between the two.
+      single_device: why the problem trains on one device only (its batches cannot be split
+        along an example axis), or ``None``: data-parallel runs refuse it with this reason.
       evaluate: ``params -> {metric: f32[T]}`` on held-out data, or ``None``. It receives
         what :func:`evaluation_input` gives: the trained :class:`Params`, or, for a model with
         state (BatchNorm), the whole :class:`mtljax.TrainState`, so that it evaluates with the
@@ -68,6 +70,7 @@ class Problem:
     init_params: Callable[[jax.Array], Params] | None = None
     steps_per_epoch: int | None = None
     sample_at: Callable[[jax.Array, jax.Array], Batch] | None = None
+    single_device: str | None = None
 
     def __post_init__(self):
         names = self.model.task_names

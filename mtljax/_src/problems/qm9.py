@@ -415,4 +415,8 @@ def qm9(
         init_params=init_params,
         steps_per_epoch=steps_per_epoch,
         sample_at=sample_at,
+        single_device=(
+            "its batches pack the molecules' graphs into shared node and edge arrays, which "
+            "cannot be split by molecule across devices"
+        ),
     )
