@@ -10,6 +10,10 @@ weighting method that needs the Gramian works) and SGD. Three ways to get the Gr
 * ``gramian, chunk c``: ``gramian_chunk_size=c``: ``c`` rows of the Jacobian at a time, the
   Gramian's columns from ``c`` JVPs; ``T × P`` never exists (about +50% compute: ``T`` JVPs on
   top of the ``T`` VJPs, and one more VJP for the update).
+* ``layerwise``: ``gramian="layerwise"`` (:func:`mtljax.gramian_layerwise`): the Gramian
+  accumulated layer by layer from each dense layer's input activations and the ``T`` output
+  cotangents, without per-task weight gradients where that takes fewer multiply-adds; the
+  update is one VJP of ``w · losses``.
 
 For each, XLA's compiled memory analysis of the whole step (``jit(step).lower(...).compile()
 .memory_analysis()``): temporaries, and the peak estimate ``arguments + outputs + temporaries
@@ -61,10 +65,12 @@ def make_model(num_tasks: int, hidden: int, d_in: int = 128, d_rep: int = 256):
     return model, mtl.Params(encoder, heads_params)
 
 
-def measure(model, params, batch, method, *, chunk=None, gramian_chunk=None, reps=0):
+def measure(
+    model, params, batch, method, *, chunk=None, gramian_chunk=None, gramian="jacobian", reps=0
+):
     opt = optax.sgd(1e-3)
     step = mtl.make_train_step(
-        model, method, opt, chunk_size=chunk, gramian_chunk_size=gramian_chunk
+        model, method, opt, chunk_size=chunk, gramian_chunk_size=gramian_chunk, gramian=gramian
     )
     state = mtl.init_train_state(model, params, method, opt, jax.random.key(0))
     compiled = jax.jit(step._step).lower(state, batch).compile()
@@ -131,6 +137,14 @@ def main(argv=None):
                 **measure(model, params, batch, method, gramian_chunk=c, reps=reps),
             }
         )
+
+    rows.append(
+        {
+            "how": "layerwise",
+            "chunk": None,
+            **measure(model, params, batch, method, gramian="layerwise", reps=reps),
+        }
+    )
 
     mib = 2.0**20
     print(
