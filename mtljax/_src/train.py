@@ -374,22 +374,17 @@ def _method_direction(method: base.Method, jac, losses, state, key):
 
 
 def check_gramian_path(method: base.Method, gramian: str, mode: str) -> None:
-    """``gramian="layerwise"`` applies to weighting methods that need the Gramian, at
-    parameter level."""
+    """``gramian="layerwise"`` applies to weighting methods that need the Gramian (at
+    parameter or feature level)."""
     if gramian not in ("jacobian", "layerwise"):
         raise ValueError(f"gramian must be 'jacobian' or 'layerwise', got {gramian!r}")
-    if gramian == "layerwise" and (
-        method.weights is None or method.needs != "gramian" or mode != "parameter"
-    ):
+    if gramian == "layerwise" and (method.weights is None or method.needs != "gramian"):
         raise ValueError(
-            f"gramian='layerwise' computes a parameter-level Gramian for a weighting method; "
-            f"{method.name} in mode {mode!r} "
+            f"gramian='layerwise' computes a Gramian for a weighting method; {method.name} "
             + (
                 "needs the losses only"
                 if method.needs == "losses"
                 else "yields a direction from the full Jacobian"
-                if method.weights is None
-                else "works at feature level"
             )
         )
 
@@ -1083,10 +1078,11 @@ def make_train_step(
         applies it and reports it in the metrics; ``"skip"`` does not apply it (counted in
         ``state.skipped``, like a non-finite step) and goes on; ``"raise"`` does not apply it
         and raises :class:`SolverError` naming the step (one host synchronisation per step).
-      gramian: for weighting methods that need the Gramian, at parameter level: ``"jacobian"``
-        (``G = J Jᵀ`` from the formed Jacobian) or ``"layerwise"`` (accumulated layer by
-        layer, without the per-task gradients of dense weights where that takes fewer
-        multiply-adds; :func:`mtljax.gramian_layerwise`); the update is ``∇(w·L)``, one VJP.
+      gramian: for weighting methods that need the Gramian: ``"jacobian"`` (``G = J Jᵀ``
+        from the formed Jacobian) or ``"layerwise"`` (accumulated layer by layer, without the
+        per-task gradients of dense weights where that takes fewer multiply-adds,
+        :func:`mtljax.gramian_layerwise`; at feature level, without the representation
+        Jacobian where the heads apply ``z`` densely); the update is ``∇(w·L)``, one VJP.
 
     Metrics: a dict of arrays with the same keys, shapes and dtypes for every method, so that
     a loop that logs them works whichever method it runs (the keys of
