@@ -291,3 +291,30 @@ def test_feature_level_train_step_layerwise_equals_jacobian_path():
             strict=True,
         ):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_takes_the_layerwise_gramian_where_the_update_is_one_vjp_anyway():
+    from mtljax._src import train
+
+    def path(name, mode, **kw):
+        opts = {"chunk_size": None, "gramian_chunk_size": None, "constraint": None} | kw
+        return train.resolve_gramian_path(mtl.methods.get(name), "auto", mode, **opts)
+
+    assert path("mgda", "feature") == "layerwise"
+    assert path("gradnorm", "parameter") == "layerwise"  # the last shared layer only
+    assert path("mgda", "parameter") == "jacobian"  # Jᵀw from the formed Jacobian
+    assert path("graddrop", "feature") == "jacobian"  # a direction from J_z itself
+    assert path("ew", "feature") == "jacobian"  # losses only
+    assert path("mgda", "feature", chunk_size=2) == "jacobian"
+    assert path("gradnorm", "parameter", gramian_chunk_size=2) == "jacobian"
+    assert path("gradnorm", "parameter", constraint=lambda j: j) == "jacobian"
+    m = mtl.methods.mgda()
+    assert (
+        train.resolve_gramian_path(
+            m,
+            "jacobian",
+            "feature",
+            **dict.fromkeys(("chunk_size", "gramian_chunk_size", "constraint")),
+        )
+        == "jacobian"
+    )
