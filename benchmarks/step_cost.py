@@ -10,9 +10,10 @@ a full jitted train step (gradient + SGD update) measured in the same process:
   shared layer (plain ``jacrev`` of the losses w.r.t. that layer, given its input): the floor of
   GradNorm on the last shared layer;
 * each mtljax method through ``mtljax.make_train_step`` (parameter level, and feature level
-  for the methods that run on a Gramian or a Jacobian); weighting methods on a Gramian also
-  with ``gramian="layerwise"`` (mode ``… lw``) at feature level, and at parameter level for a
-  layer subset (GradNorm).
+  for the methods that run on a Gramian or a Jacobian), with the default Gramian path
+  (``gramian="auto"``: layer-wise for weighting methods on the Gramian at feature level and on
+  a layer subset such as GradNorm's), and there also with ``gramian="jacobian"`` (mode
+  ``… jac``).
 
 Targets: losses-only methods ≤ 1.1× EW; every other method ≤ 1.25× its floor; feature level
 ≤ 1.5× EW. Optional PyTorch rows (one backward of the sum; T backward passes, LibMTL's way;
@@ -139,20 +140,21 @@ def method_kwargs(name: str, num_tasks: int) -> dict:
 
 def step_paths(method) -> list[tuple[str, str]]:
     """The (mode, Gramian path) rows of a method: parameter level for every method; feature
-    level for the methods that run on a Gramian or a Jacobian; and for weighting methods on a
-    Gramian, the layer-wise Gramian (``gramian="layerwise"``) at feature level and, for a
-    layer subset (GradNorm's last shared layer), at parameter level."""
+    level for the methods that run on a Gramian or a Jacobian; each with the default path
+    (``gramian="auto"``), and, where that is the layer-wise Gramian (a weighting method on the
+    Gramian at feature level or on a layer subset, e.g. GradNorm's last shared layer), also
+    with the Jacobian path (``gramian="jacobian"``, mode ``… jac``)."""
     if method.needs == "losses":
-        return [("parameter", "jacobian")]
-    rows = [("parameter", "jacobian"), ("feature", "jacobian")]
+        return [("parameter", "auto")]
+    rows = [("parameter", "auto"), ("feature", "auto")]
     if method.needs == "gramian" and method.weights is not None:
         if method.params != "all":
-            rows.insert(1, ("parameter", "layerwise"))
-        rows.append(("feature", "layerwise"))
+            rows.insert(1, ("parameter", "jacobian"))
+        rows.append(("feature", "jacobian"))
     return rows
 
 
-def mtljax_step(method, model, params, mode: str, gramian: str = "jacobian"):
+def mtljax_step(method, model, params, mode: str, gramian: str = "auto"):
     opt = optax.sgd(LR)
     state = mtl.init_train_state(model, params, method, opt, jax.random.key(0))
     step = mtl.make_train_step(model, method, opt, mode=mode, gramian=gramian)
@@ -203,7 +205,7 @@ def measure(num_tasks: int, hidden: int, batch_size: int, reps: int, methods, to
                 {
                     "T": num_tasks,
                     "method": name,
-                    "mode": mode if path == "jacobian" else f"{mode} lw",
+                    "mode": mode if path == "auto" else f"{mode} jac",
                     "needs": method.needs,
                     "ms": ms,
                     "floor": floor,
