@@ -446,10 +446,11 @@ def compute(
       model_state: the model state the forward pass starts from (``None``: as built).
       key: seeds the model's random streams (dropout) for this forward pass; every quantity
         returned comes from the same pass, so under the same masks.
-      gramian: for ``needs="gramian"`` at parameter level: ``"jacobian"`` (``G = J Jᵀ`` from
-        the formed Jacobian) or ``"layerwise"`` (accumulated layer by layer without the
-        per-task gradients of the dense weights where that is cheaper,
-        :func:`mtljax.gramian_layerwise`; no Jacobian is returned).
+      gramian: for ``needs="gramian"``: ``"jacobian"`` (``G = J Jᵀ`` from the formed
+        Jacobian) or ``"layerwise"`` (accumulated layer by layer without the per-task
+        gradients of the dense weights where that is cheaper,
+        :func:`mtljax.gramian_layerwise`; at feature level without ``J_z`` where the heads
+        apply ``z`` densely, :func:`_feature_layerwise`; no Jacobian is returned).
     """
     t = model.num_tasks
     fns, ctx = _enter(model, model_state, key)
