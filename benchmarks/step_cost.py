@@ -10,7 +10,10 @@ a full jitted train step (gradient + SGD update) measured in the same process:
   shared layer (plain ``jacrev`` of the losses w.r.t. that layer, given its input): the floor of
   GradNorm on the last shared layer;
 * each mtljax method through ``mtljax.make_train_step`` (parameter level, and feature level
-  for the methods that run on a Gramian or a Jacobian).
+  for the methods that run on a Gramian or a Jacobian), with the default Gramian path
+  (``gramian="auto"``: layer-wise for weighting methods on the Gramian at feature level and on
+  a layer subset such as GradNorm's), and there also with ``gramian="jacobian"`` (mode
+  ``… jac``).
 
 Targets: losses-only methods ≤ 1.1× EW; every other method ≤ 1.25× its floor; feature level
 ≤ 1.5× EW. Optional PyTorch rows (one backward of the sum; T backward passes, LibMTL's way;
@@ -135,10 +138,26 @@ def method_kwargs(name: str, num_tasks: int) -> dict:
     return {"weights": [1.0] * num_tasks} if name == "fixed" else {}
 
 
-def mtljax_step(method, model, params, mode: str):
+def step_paths(method) -> list[tuple[str, str]]:
+    """The (mode, Gramian path) rows of a method: parameter level for every method; feature
+    level for the methods that run on a Gramian or a Jacobian; each with the default path
+    (``gramian="auto"``), and, where that is the layer-wise Gramian (a weighting method on the
+    Gramian at feature level or on a layer subset, e.g. GradNorm's last shared layer), also
+    with the Jacobian path (``gramian="jacobian"``, mode ``… jac``)."""
+    if method.needs == "losses":
+        return [("parameter", "auto")]
+    rows = [("parameter", "auto"), ("feature", "auto")]
+    if method.needs == "gramian" and method.weights is not None:
+        if method.params != "all":
+            rows.insert(1, ("parameter", "jacobian"))
+        rows.append(("feature", "jacobian"))
+    return rows
+
+
+def mtljax_step(method, model, params, mode: str, gramian: str = "auto"):
     opt = optax.sgd(LR)
     state = mtl.init_train_state(model, params, method, opt, jax.random.key(0))
-    step = mtl.make_train_step(model, method, opt, mode=mode)
+    step = mtl.make_train_step(model, method, opt, mode=mode, gramian=gramian)
     return step.jitted, state
 
 
@@ -163,11 +182,10 @@ def measure(num_tasks: int, hidden: int, batch_size: int, reps: int, methods, to
         method = mtl.methods.get(name, like=params.shared, **method_kwargs(name, num_tasks))
         if num_tasks < method.min_tasks:
             continue
-        modes = ["parameter"] if method.needs == "losses" else ["parameter", "feature"]
-        for mode in modes:
+        for mode, path in step_paths(method):
             if mode == "feature":  # methods with gradient-shaped state take the feature shape
                 method = mtl.methods.get(name, like=rep, **method_kwargs(name, num_tasks))
-            fn, state = mtljax_step(method, model, params, mode)
+            fn, state = mtljax_step(method, model, params, mode, path)
             ms = median_ms(
                 fn,
                 state,
@@ -187,7 +205,7 @@ def measure(num_tasks: int, hidden: int, batch_size: int, reps: int, methods, to
                 {
                     "T": num_tasks,
                     "method": name,
-                    "mode": mode,
+                    "mode": mode if path == "auto" else f"{mode} jac",
                     "needs": method.needs,
                     "ms": ms,
                     "floor": floor,
@@ -299,7 +317,7 @@ def torch_measurements(num_tasks, hidden, batch_size, reps):
 
 def print_table(rows):
     head = (
-        f"{'T':>3}  {'method':34s} {'mode':9s} {'ms':>9s}  {'floor':14s} {'floor ms':>9s}"
+        f"{'T':>3}  {'method':34s} {'mode':12s} {'ms':>9s}  {'floor':14s} {'floor ms':>9s}"
         f"  {'ratio':>6s}  {'target':>6s}  ok"
     )
     print(head)
@@ -307,12 +325,12 @@ def print_table(rows):
     for r in rows:
         if "floor" in r:
             print(
-                f"{r['T']:>3}  {r['method']:34s} {r['mode']:9s} {r['ms']:9.3f}  "
+                f"{r['T']:>3}  {r['method']:34s} {r['mode']:12s} {r['ms']:9.3f}  "
                 f"{r['floor']:14s} {r['floor_ms']:9.3f}  {r['ratio']:6.2f}  "
                 f"{r['target']:6.2f}  {'yes' if r['ok'] else 'NO'}"
             )
         else:
-            print(f"{r['T']:>3}  {r['method']:34s} {r['mode']:9s} {r['ms']:9.3f}")
+            print(f"{r['T']:>3}  {r['method']:34s} {r['mode']:12s} {r['ms']:9.3f}")
 
 
 def main(argv=None):

@@ -160,3 +160,18 @@ def test_no_shared_parameters_give_an_empty_jacobian_and_a_zero_gramian():
     np.testing.assert_allclose(
         vjp(jnp.array([1.0, 2.0, 3.0])).specific["w"], [[1, 1], [2, 2], [3, 3]]
     )
+
+
+def test_rows_finite_given_gramian_is_rows_finite():
+    """Read from the Gramian's diagonal, yet the same answer as scanning the rows: a row whose
+    squares overflow (finite entries, ``Gᵢᵢ = inf``) is finite, a row with an inf or a NaN is
+    not."""
+    rows = jnp.array(
+        [[1.0, 2.0, 3.0], [3e30, 1.0, 0.0], [1.0, jnp.inf, 0.0], [jnp.nan, 0.0, 1.0]], jnp.float32
+    )
+    jac = {"a": rows.reshape(4, 3, 1), "b": jnp.ones((4, 2))}
+    fn = jax.jit(lambda j: engine.rows_finite_given_gramian(j, mtl.gramian(j), 4))
+    np.testing.assert_array_equal(fn(jac), [True, True, False, False])
+    np.testing.assert_array_equal(fn(jac), engine.rows_finite(jac, 4))
+    finite = {"a": jnp.ones((4, 3, 1)), "b": jnp.ones((4, 2))}
+    np.testing.assert_array_equal(fn(finite), [True] * 4)

@@ -19,7 +19,7 @@ from mtljax import nn as mnn
 from mtljax._src import engine
 from mtljax._src import gramian_layerwise as gl
 from tests import test_nn
-from tests.helpers import tiny_batch, tiny_model
+from tests.helpers import max_abs_diff, tiny_batch, tiny_model
 
 # Every block that shares parameters (soft sharing has none: its Gramian is zero; convolutions:
 # ResNet, below).
@@ -210,9 +210,111 @@ def test_layerwise_refuses_what_it_cannot_serve():
         mtl.make_train_step(model, mtl.methods.graddrop(), optax.sgd(0.1), gramian="layerwise")
     with pytest.raises(ValueError, match="losses only"):
         mtl.make_train_step(model, mtl.methods.ew(), optax.sgd(0.1), gramian="layerwise")
-    with pytest.raises(ValueError, match="feature level"):
-        mtl.make_train_step(
-            model, mtl.methods.mgda(), optax.sgd(0.1), mode="feature", gramian="layerwise"
-        )
     with pytest.raises(ValueError, match="'jacobian' or 'layerwise'"):
         mtl.make_train_step(model, mtl.methods.mgda(), optax.sgd(0.1), gramian="chunks")
+
+
+# Feature level: the Gramian of the representation Jacobian J_z from the heads' dense uses of z.
+
+_D, _N, _TF = 24, 16, 4
+
+
+def _feature_model(heads_kind):
+    """An encoder to ``z`` (N × D) and heads that use ``z``: stacked (one matmul), separate
+    (one matmul per task: ``T`` dense uses of ``z``), or after a nonlinearity (no dense use)."""
+    k = jax.random.split(jax.random.key(3), 4)
+    shared = {"w": jax.random.normal(k[0], (5, _D)), "b": jax.random.normal(k[1], (_D,))}
+    w = jax.random.normal(k[2], (_D, _TF)) / np.sqrt(_D)
+    specific = (
+        [{"w": w[:, i : i + 1]} for i in range(_TF)] if heads_kind == "separate" else {"w": w}
+    )
+    batch = {"x": jax.random.normal(k[3], (_N, 5)), "y": jnp.cos(jnp.arange(_N * _TF))}
+    batch["y"] = batch["y"].reshape(_N, _TF)
+
+    def encode(s, b):
+        return jax.nn.relu(b["x"] @ s["w"] + s["b"])
+
+    def heads(sp, z, b):
+        if heads_kind == "separate":
+            pred = jnp.concatenate([z @ h["w"] for h in sp], axis=1)
+        else:
+            pred = (jnp.tanh(z) if heads_kind == "nonlinear" else z) @ sp["w"]
+        return jnp.mean((pred - b["y"]) ** 2, axis=0)
+
+    names = tuple(f"t{i}" for i in range(_TF))
+    return mtl.Model.from_encoder_heads(encode, heads, names), mtl.Params(shared, specific), batch
+
+
+@pytest.mark.parametrize("heads_kind", ["stacked", "separate", "nonlinear"])
+def test_feature_level_layerwise_gramian_equals_the_mapped_vjps(heads_kind):
+    with jax.enable_x64(True):
+        model, params, batch = _feature_model(heads_kind)
+        params, batch = _f64(params), _f64(batch)
+        z = model.encode_fn(params.shared, batch)
+        _, head_vjp = jax.vjp(lambda z_: model.heads_fn(params.specific, z_, batch), z)
+        jz = jax.vmap(lambda c: head_vjp(c)[0])(jnp.eye(_TF))  # the plain T mapped VJPs
+        ref = np.einsum("tnd,und->tu", np.asarray(jz), np.asarray(jz))
+        w = jnp.array([0.4, -1.0, 2.0, 0.5])
+
+        def quantities(p, b):
+            q = engine.compute(model, p, b, needs="gramian", mode="feature", gramian="layerwise")
+            return q.gramian, q.rows_finite, q.jacobian, q.vjp(w)
+
+        gram, rows_ok, jac, grads = jax.jit(quantities)(params, batch)
+        np.testing.assert_allclose(np.asarray(gram), ref, rtol=0, atol=1e-12 * ref.max())
+        assert jac is None and bool(rows_ok.all())
+        g_ref = jax.grad(lambda p: w @ model.losses_fn(p.shared, p.specific, batch))(params)
+        assert max_abs_diff(grads, g_ref) < 1e-12
+        plan = gl.plan(lambda z_, sp: model.heads_fn(sp, z_, batch), z, params.specific)
+    # z enters the heads densely (once, or once per head): no J_z is formed
+    assert plan.leaves[0].layerwise == (heads_kind != "nonlinear")
+
+
+def test_feature_level_train_step_layerwise_equals_jacobian_path():
+    model, params, batch = _feature_model("stacked")
+    rep = jax.eval_shape(model.encode_fn, params.shared, batch)
+    for name in ("mgda", "gradnorm"):
+        method, opt = mtl.methods.get(name, like=rep), optax.sgd(0.1)
+        state = mtl.init_train_state(model, params, method, opt, jax.random.key(0))
+        out = {
+            path: mtl.make_train_step(model, method, opt, mode="feature", gramian=path)(
+                state, batch
+            )
+            for path in ("jacobian", "layerwise")
+        }
+        (ref, m_ref), (new, m_new) = out["jacobian"], out["layerwise"]
+        np.testing.assert_allclose(m_new["weights"], m_ref["weights"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(m_new["grad_norms"], m_ref["grad_norms"], rtol=1e-4)
+        for a, b in zip(
+            jax.tree_util.tree_leaves(new.params),
+            jax.tree_util.tree_leaves(ref.params),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_takes_the_layerwise_gramian_where_the_update_is_one_vjp_anyway():
+    from mtljax._src import train
+
+    def path(name, mode, **kw):
+        opts = {"chunk_size": None, "gramian_chunk_size": None, "constraint": None} | kw
+        return train.resolve_gramian_path(mtl.methods.get(name), "auto", mode, **opts)
+
+    assert path("mgda", "feature") == "layerwise"
+    assert path("gradnorm", "parameter") == "layerwise"  # the last shared layer only
+    assert path("mgda", "parameter") == "jacobian"  # Jᵀw from the formed Jacobian
+    assert path("graddrop", "feature") == "jacobian"  # a direction from J_z itself
+    assert path("ew", "feature") == "jacobian"  # losses only
+    assert path("mgda", "feature", chunk_size=2) == "jacobian"
+    assert path("gradnorm", "parameter", gramian_chunk_size=2) == "jacobian"
+    assert path("gradnorm", "parameter", constraint=lambda j: j) == "jacobian"
+    m = mtl.methods.mgda()
+    assert (
+        train.resolve_gramian_path(
+            m,
+            "jacobian",
+            "feature",
+            **dict.fromkeys(("chunk_size", "gramian_chunk_size", "constraint")),
+        )
+        == "jacobian"
+    )

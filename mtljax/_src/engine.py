@@ -228,6 +228,17 @@ def rows_finite(jac: PyTree, num_tasks: int) -> jax.Array:
     return ok
 
 
+def rows_finite_given_gramian(jac: PyTree, gram: jax.Array, num_tasks: int) -> jax.Array:
+    """:func:`rows_finite` of ``J``, read from the diagonal of its Gramian ``G = J Jᵀ`` where it
+    answers: a finite ``Gᵢᵢ = Σⱼ Jᵢⱼ²`` means that every entry of row ``i`` is finite. Only when
+    some diagonal entry is not (a non-finite entry, or squares that overflow) are the rows of
+    ``J`` scanned, under ``lax.cond``, so the usual step never reads ``J`` a second time."""
+    diag_ok = jnp.isfinite(jnp.diagonal(gram))
+    return jax.lax.cond(
+        jnp.all(diag_ok), lambda j: diag_ok, lambda j: rows_finite(j, num_tasks), jac
+    )
+
+
 def gramian_by_chunks(
     f: Callable[[PyTree], jax.Array],
     primal: PyTree,
@@ -335,6 +346,36 @@ def _layerwise(model, fns, params, batch, ctx, subset):
     return out.losses, out.gramian, vjp, out.aux
 
 
+def _feature_layerwise(model, fns, params, batch, ctx):
+    """``(losses, G, vjp, ctx)`` with ``G = J_z J_zᵀ`` of the representation Jacobian from the
+    heads' dense uses of ``z`` (:func:`mtljax.gramian_layerwise` with ``z`` as the
+    differentiated input), without forming ``J_z``.
+
+    For heads ``y = z W`` (``z``: ``N × D``, ``W``: ``D × F``) with task ``t``'s cotangent
+    ``Δₜ = ∂Lₜ/∂y``, task ``t``'s row is ``J_z⁽ᵗ⁾ = Δₜ Wᵀ`` and
+
+        ⟨Δₜ Wᵀ, Δᵤ Wᵀ⟩ = ⟨Δₜ, Δᵤ (Wᵀ W)⟩,
+
+    ``F² D + 2 T N F²`` multiply-adds against ``T² N D`` for the inner products of the rows
+    alone (and ``T`` backward passes of the heads, ``T N F D`` each for dense cotangents, to
+    form them). Several dense uses of ``z`` (one head each) stack along ``F``; ``z`` used any
+    other way, or a cheaper ``T² N D``, takes the per-task rows (``policy="auto"``).
+    """
+    _check_features(model)
+    z, enc_vjp, ctx_z = jax.vjp(lambda s: fns.encode(s, batch, ctx), params.shared, has_aux=True)
+
+    def f(z_, spec):
+        return fns.heads(spec, z_, batch, ctx_z)
+
+    out = gramian_layerwise.linearize(f, z, params.specific, has_aux=True)
+
+    def vjp(c):
+        g_z, (g_spec,) = out.vjp(c)
+        return Params(enc_vjp(g_z)[0], g_spec)
+
+    return out.losses, out.gramian, vjp, out.aux
+
+
 # ----------------------------------------------------------------------------------------------
 # The one entry point of a train step
 
@@ -405,10 +446,11 @@ def compute(
       model_state: the model state the forward pass starts from (``None``: as built).
       key: seeds the model's random streams (dropout) for this forward pass; every quantity
         returned comes from the same pass, so under the same masks.
-      gramian: for ``needs="gramian"`` at parameter level: ``"jacobian"`` (``G = J Jᵀ`` from
-        the formed Jacobian) or ``"layerwise"`` (accumulated layer by layer without the
-        per-task gradients of the dense weights where that is cheaper,
-        :func:`mtljax.gramian_layerwise`; no Jacobian is returned).
+      gramian: for ``needs="gramian"``: ``"jacobian"`` (``G = J Jᵀ`` from the formed
+        Jacobian) or ``"layerwise"`` (accumulated layer by layer without the per-task
+        gradients of the dense weights where that is cheaper,
+        :func:`mtljax.gramian_layerwise`; at feature level without ``J_z`` where the heads
+        apply ``z`` densely, :func:`_feature_layerwise`; no Jacobian is returned).
     """
     t = model.num_tasks
     fns, ctx = _enter(model, model_state, key)
@@ -417,10 +459,13 @@ def compute(
         return Quantities(losses, fns.leave(ctx), None, None, None, vjp, vjp, None)
     if gramian not in ("jacobian", "layerwise"):
         raise ValueError(f"gramian must be 'jacobian' or 'layerwise', got {gramian!r}")
-    if gramian == "layerwise" and needs == "gramian" and mode == "parameter":
+    if gramian == "layerwise" and needs == "gramian":
         if gramian_chunk_size is not None:
             raise ValueError("gramian='layerwise' and gramian_chunk_size exclude each other")
-        losses, gram, vjp, ctx = _layerwise(model, fns, params, batch, ctx, subset)
+        if mode == "feature":
+            losses, gram, vjp, ctx = _feature_layerwise(model, fns, params, batch, ctx)
+        else:
+            losses, gram, vjp, ctx = _layerwise(model, fns, params, batch, ctx, subset)
         rows_ok = jnp.isfinite(jnp.diagonal(gram))
         return Quantities(losses, fns.leave(ctx), None, gram, rows_ok, vjp, vjp, None)
     if gramian_chunk_size is not None and needs == "gramian":
@@ -435,7 +480,6 @@ def compute(
         )
         if constraint is not None:
             jac = constraint(jac)
-        rows_ok = rows_finite(jac, t)
         if subset == "all":
 
             def weighted(w):
@@ -444,12 +488,13 @@ def compute(
         else:
             weighted = vjp
         gram = base.gramian(jac, t)
+        rows_ok = rows_finite_given_gramian(jac, gram, t)
         return Quantities(losses, fns.leave(ctx), jac, gram, rows_ok, vjp, weighted, lambda d: d)
     if mode == "feature":
         losses, jac, vjp, backprop, ctx = _feature_jacobian(
             model, fns, params, batch, ctx, chunk_size=chunk_size
         )
-        rows_ok = rows_finite(jac, t)
         gram = base.gramian(jac, t)
+        rows_ok = rows_finite_given_gramian(jac, gram, t)
         return Quantities(losses, fns.leave(ctx), jac, gram, rows_ok, vjp, vjp, backprop)
     raise ValueError(f"mode must be 'parameter' or 'feature', got {mode!r}")

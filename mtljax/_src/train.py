@@ -373,25 +373,49 @@ def _method_direction(method: base.Method, jac, losses, state, key):
     return direction, state
 
 
+GramianChoice = Literal["auto", "jacobian", "layerwise"]
+
+
 def check_gramian_path(method: base.Method, gramian: str, mode: str) -> None:
-    """``gramian="layerwise"`` applies to weighting methods that need the Gramian, at
-    parameter level."""
-    if gramian not in ("jacobian", "layerwise"):
-        raise ValueError(f"gramian must be 'jacobian' or 'layerwise', got {gramian!r}")
-    if gramian == "layerwise" and (
-        method.weights is None or method.needs != "gramian" or mode != "parameter"
-    ):
+    """``gramian="layerwise"`` applies to weighting methods that need the Gramian (at
+    parameter or feature level); ``"auto"`` to every method."""
+    if gramian not in ("auto", "jacobian", "layerwise"):
+        raise ValueError(f"gramian must be 'auto', 'jacobian' or 'layerwise', got {gramian!r}")
+    if gramian == "layerwise" and (method.weights is None or method.needs != "gramian"):
         raise ValueError(
-            f"gramian='layerwise' computes a parameter-level Gramian for a weighting method; "
-            f"{method.name} in mode {mode!r} "
+            f"gramian='layerwise' computes a Gramian for a weighting method; {method.name} "
             + (
                 "needs the losses only"
                 if method.needs == "losses"
                 else "yields a direction from the full Jacobian"
-                if method.weights is None
-                else "works at feature level"
             )
         )
+
+
+def resolve_gramian_path(
+    method: base.Method,
+    gramian: str,
+    mode: str,
+    *,
+    chunk_size: int | None,
+    gramian_chunk_size: int | None,
+    constraint: Callable[[PyTree], PyTree] | None,
+) -> engine.GramianPath:
+    """The Gramian path ``gramian="auto"`` takes: ``"layerwise"`` where the Jacobian is not
+    needed, i.e. a weighting method on the Gramian at feature level or on a layer subset
+    (GradNorm's last shared layer), whose update is one VJP of ``w · L`` either way; there
+    :func:`mtljax.gramian_layerwise` takes, layer by layer, the path with fewer multiply-adds
+    (the per-task gradients where the layer-wise one is not cheaper), so it never costs more
+    than forming the Jacobian. ``"jacobian"`` otherwise: over all shared parameters the
+    update ``Jᵀw`` comes from the formed Jacobian, saving a backward pass; and wherever
+    ``chunk_size``, ``gramian_chunk_size`` or a Jacobian constraint asks for the Jacobian."""
+    if gramian != "auto":
+        return gramian
+    gramian_only = method.weights is not None and method.needs == "gramian"
+    plain = chunk_size is None and gramian_chunk_size is None and constraint is None
+    if gramian_only and plain and (mode == "feature" or method.params != "all"):
+        return "layerwise"
+    return "jacobian"
 
 
 class StepGradients(NamedTuple):
@@ -418,7 +442,7 @@ def gradients(
     jacobian_constraint: Callable[[PyTree], PyTree] | None = None,
     model_state: PyTree = None,
     model_key: jax.Array | None = None,
-    gramian: engine.GramianPath = "jacobian",
+    gramian: GramianChoice = "auto",
 ) -> tuple[Params, PyTree, dict[str, jax.Array]]:
     """The parameter gradient (descent direction, negated by the optimizer) chosen by ``method``.
 
@@ -475,10 +499,18 @@ def step_gradients(
     jacobian_constraint: Callable[[PyTree], PyTree] | None = None,
     model_state: PyTree = None,
     model_key: jax.Array | None = None,
-    gramian: engine.GramianPath = "jacobian",
+    gramian: GramianChoice = "auto",
 ) -> StepGradients:
     """:func:`gradients`, with the model state its forward pass leaves."""
     check_gramian_path(method, gramian, mode)
+    gramian = resolve_gramian_path(
+        method,
+        gramian,
+        mode,
+        chunk_size=chunk_size,
+        gramian_chunk_size=gramian_chunk_size,
+        constraint=jacobian_constraint,
+    )
     head_grads = head_grads or method.head_grads
     _check_weights_defined(method, head_grads, params, mode)
     if mode not in ("parameter", "feature"):
@@ -653,7 +685,7 @@ class TrainStep:
         jacobian_constraint=None,
         prox=None,
         unconverged="report",
-        gramian="jacobian",
+        gramian="auto",
     ):
         _check_model_and_method("make_train_step", model, method)
         method = base.bind_optimizer(method, optimizer)
@@ -1037,7 +1069,7 @@ def make_train_step(
     gramian_chunk_size: int | None = None,
     prox: Callable[[Params], Params] | None = None,
     unconverged: Unconverged = "report",
-    gramian: engine.GramianPath = "jacobian",
+    gramian: GramianChoice = "auto",
 ) -> TrainStep:
     """Builds the jitted train step ``step(state, batch) -> (state, metrics)``.
 
@@ -1085,10 +1117,14 @@ def make_train_step(
         applies it and reports it in the metrics; ``"skip"`` does not apply it (counted in
         ``state.skipped``, like a non-finite step) and goes on; ``"raise"`` does not apply it
         and raises :class:`SolverError` naming the step (one host synchronisation per step).
-      gramian: for weighting methods that need the Gramian, at parameter level: ``"jacobian"``
-        (``G = J Jᵀ`` from the formed Jacobian) or ``"layerwise"`` (accumulated layer by
-        layer, without the per-task gradients of dense weights where that takes fewer
-        multiply-adds; :func:`mtljax.gramian_layerwise`); the update is ``∇(w·L)``, one VJP.
+      gramian: for weighting methods that need the Gramian: ``"jacobian"`` (``G = J Jᵀ``
+        from the formed Jacobian) or ``"layerwise"`` (accumulated layer by layer, without the
+        per-task gradients of dense weights where that takes fewer multiply-adds,
+        :func:`mtljax.gramian_layerwise`; at feature level, without the representation
+        Jacobian where the heads apply ``z`` densely); the update is ``∇(w·L)``, one VJP.
+        ``"auto"`` (default): ``"layerwise"`` at feature level and on a layer subset, where
+        the update is one VJP either way, ``"jacobian"`` otherwise (see
+        :func:`resolve_gramian_path`).
 
     Metrics: a dict of arrays with the same keys, shapes and dtypes for every method, so that
     a loop that logs them works whichever method it runs (the keys of
