@@ -55,6 +55,9 @@ MIN_STEP = 2.0**-40
 # Gramian of up to 22 tasks at one step), beyond that one per group of entries
 # (:func:`regrouped_signs`, four passes).
 MAX_COLUMNS = 256
+# Eigenpairs of a Gramian's cosine matrix, those of eigenvalues nearest 0, along which the worst
+# case is also sought (:func:`eigen_signs`).
+EIGEN_PAIRS = 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -950,6 +953,24 @@ def _group_pattern(ref: Reference, x, loss, entries, members, signs: dict, steps
     return rx, rl
 
 
+def eigen_signs(g: np.ndarray, count: int = EIGEN_PAIRS) -> list[np.ndarray]:
+    """Relative perturbations ``R`` of a Gramian (symmetric, ``|Rᵢⱼ| = 1``) that move the
+    ``count`` eigenvalues nearest 0 of its cosine matrix ``K`` the most: for an eigenpair
+    ``(λ, v)``, ``Gᵢⱼ(1 + uRᵢⱼ)`` changes ``λ`` by ``u·Σᵢⱼ Kᵢⱼvᵢvⱼ(Rᵢⱼ − (Rᵢᵢ + Rⱼⱼ)/2)`` to
+    first order, whose extremes over the cube ``|R| ≤ 1`` are at ``R = ±sign(K ∘ vvᵀ)``
+    (the diagonal term adds ``u(1 − λ)`` in the same direction). A reference that decides a
+    rank on ``K`` jumps where such a perturbation carries an eigenvalue across its cut, a jump
+    that a linearisation does not see. Returns the patterns that lower the eigenvalues."""
+    _, k = cosines(g)
+    lam, vec = np.linalg.eigh(0.5 * (k + k.T))
+    near = np.argsort(np.abs(lam))[:count]
+    out = [-np.where(k * np.outer(v, v) >= 0, 1.0, -1.0) for v in vec.T[near]]
+    for m in range(2, len(near) + 1):
+        proj = vec[:, near[:m]] @ vec[:, near[:m]].T
+        out.append(-np.where(k * proj >= 0, 1.0, -1.0))
+    return out
+
+
 def worst_case_sensitivity(
     name: str,
     jacs,
@@ -1051,6 +1072,13 @@ def worst_case_sensitivity(
                 ]
                 for s in block:
                     signs[s] = regrouped_signs(first_order(dirs, s), labels, signs[s])
+    if measured and sym:  # perturbations across a rank decision, measured (h = u)
+        for s in live:
+            for pattern in eigen_signs(x[s]):
+                rx = np.zeros_like(x)
+                rx[s] = pattern
+                for sign in (1.0, -1.0):
+                    at(sign * rx, np.zeros_like(loss), h)
     # The perturbations ±hσ: one with every step's own σ (no state), or one per step.
     combos = []
     for s in live:
