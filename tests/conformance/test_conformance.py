@@ -639,23 +639,34 @@ def test_eigen_signs_lower_an_eigenvalue_the_most():
 
 
 @pytest.mark.parametrize(
-    "case", ["stationary[η=0.01#2]", "stationary[η=0.0001#1]", "stationary[η=0.0001#2]"]
+    ("name", "case"),
+    [
+        ("imtl_g", "stationary[η=0.01#2]"),
+        ("imtl_g", "stationary[η=0.0001#1]"),
+        ("imtl_g", "stationary[η=0.0001#2]"),
+        ("config", "opposite[δ=0.0001#0]"),
+    ],
 )
-def test_imtl_g_near_stationary_cones_of_100_tasks(case):
-    """IMTL-G in float32 on near-stationary cones of 100 tasks (``benchmarks/solver_accuracy.py``'s
-    corpus, seed 1), judged against the float64 reference: a null-space cut of
+def test_rank_cuts_at_100_tasks(name, case):
+    """Float32 on cases of 100 tasks from ``benchmarks/solver_accuracy.py``'s corpus (seed 1),
+    judged against the float64 reference. IMTL-G on near-stationary cones: a null-space cut of
     ``4·T·ε·σ_max(A)`` counted a genuine singular value of the centred cosine matrix (8e-5) as
-    zero and missed the reference by 2.3–15× the allowance; the cut ``4·ε·‖K‖_∞`` keeps it."""
+    zero, 2.3–15× the allowance; the cut ``4·ε·‖K‖_∞`` keeps it. ConFIG on a nearly opposite
+    pair: a rank cut of ``T·ε·σ_max`` dropped ``σ_min/σ_max ≈ 9e-6`` of the unit gradients and
+    gave a direction 4e3 times too long (2.8e5× the allowance); the cut ``4·√T·ε·σ_max``
+    keeps it."""
     t = 100
     c = {c.name: c for c in corpus.jacobian_corpus(1, t, 2 * t + 2, steps=1, repeats=3)}[case]
-    method = mtl.methods.get("imtl_g")
-    g = jnp.asarray(references.gramians(c.jacobians[0]), jnp.float32)
-    w, _ = jax.jit(lambda g, loss: mtl.weights_from_gramian(method, g, loss, method.init(t)))(
-        g, jnp.asarray(c.losses[0], jnp.float32)
-    )
-    verdict = references.judge(
-        "imtl_g", case, c.jacobians, c.losses, [np.asarray(w)], {}, "float32"
-    )
+    method = mtl.methods.get(name)
+    loss = jnp.asarray(c.losses[0], jnp.float32)
+    if method.weights is not None:
+        x = jnp.asarray(references.gramians(c.jacobians[0]), jnp.float32)
+        call = functools.partial(mtl.weights_from_gramian, method)
+    else:
+        x = jnp.asarray(c.jacobians[0], jnp.float32)
+        call = functools.partial(mtl.aggregate, method)
+    out, _ = jax.jit(lambda x, loss: call(x, loss, method.init(t)))(x, loss)
+    verdict = references.judge(name, case, c.jacobians, c.losses, [np.asarray(out)], {}, "float32")
     assert verdict[0].outcome == "pass", verdict
 
 
