@@ -229,15 +229,6 @@ def test_non_conflicting(name, claims):
 # accuracy section; a case not listed here fails the test, and an entry whose case no longer
 # fails is reported by test_known_failures_still_fail (so the list cannot go stale).
 KNOWN_FAILURES: dict[tuple[str, int, str], dict[str, str]] = {
-    ("aligned_mtl", 5, "float32"): {
-        "collinear[s=0.0001]": "float32 limit: K's smallest eigenvalue (2.4e-9 in float64, "
-        "−1.1e-7 on the rounded input) is below the error of storing K in float32 (9.5e-8), so "
-        "the rank the paper's formula needs is not determined by a float32 cosine matrix; the "
-        "relative error is 39, the sensitivity 1.3",
-        "condition[1e+12]": "float32 limit: K's smallest eigenvalue (8e-12 in float64, 1.9e-8 "
-        "on the rounded input) is below the error of storing K in float32 (5.7e-8); the "
-        "relative error is 21, the sensitivity 1.7",
-    },
     ("upgrad", 5, "float32"): {
         "condition[1e+12]": "float32 limit: the float32 correlation matrix has condition ≈4e8 > "
         "1/ε₃₂; the same solver in float64 on the same rounded input is exact to 7e-12",
