@@ -646,10 +646,10 @@ def test_rank_cuts_at_100_tasks(name, case):
     ``4·T·ε·σ_max(A)`` counted a genuine singular value of the centred cosine matrix (8e-5) as
     zero, 2.3–15× the allowance; the cut ``4·ε·‖K‖_∞`` keeps it. ConFIG on a nearly opposite
     pair: a rank cut of ``T·ε·σ_max`` dropped ``σ_min/σ_max ≈ 9e-6`` of the unit gradients and
-    gave a direction 4e3 times too long (2.8e5× the allowance); the cut ``4·√T·ε·σ_max``
-    keeps it. Aligned-MTL: its cut ``0.1·T·ε·λ_max(K)`` (``10·ε·λ_max`` here) dropped
-    eigenvalues of ``7.5–8·ε·λ_max`` that a float32 eigensolver resolves; it is capped at
-    ``4·ε·λ_max``."""
+    gave a direction 4e3 times too long (2.8e5× the allowance); the cut
+    ``min(T, 4√T)·ε·σ_max`` keeps it. Aligned-MTL: its cut ``0.1·T·ε·λ_max(K)``
+    (``10·ε·λ_max`` here) dropped eigenvalues of ``7.5–8·ε·λ_max`` that a float32 eigensolver
+    resolves; it is capped at ``4·ε·λ_max``."""
     t = 100
     c = {c.name: c for c in corpus.jacobian_corpus(1, t, 2 * t + 2, steps=1, repeats=3)}[case]
     method = mtl.methods.get(name)
