@@ -8,18 +8,24 @@ near-collinear Jacobians, row scales up to 10^{±8} and Gramians of condition nu
 drawn ``--repeats`` times per family at each task count.
 
 Each method receives the Gramian rounded to the dtype (``mtljax.weights_from_gramian``, the
-whole corpus in one jitted ``vmap``); a case fails when the relative error of its direction
-``Jᵀw`` exceeds both the tolerance (1e-4 in float32, 1e-8 in float64) and 10× the change that
-rounding the input alone causes in the reference (``references.judge``). That change is
-estimated from random perturbations and, where the input has at most ``--max-columns`` entries,
-from a worst-case perturbation found by linearising the reference
-(``references.worst_case_sensitivity``; with the default 256, the Gramian's T(T+1)/2 entries up
-to T = 22, ConFIG's T × (2T + 2) Jacobian up to T = 10); the random draws alone can under-read
+whole corpus in one jitted ``lax.map``: a ``vmap`` batches the solvers' Cholesky
+factorisations, and jaxlib 0.10's CPU LAPACK kernels split a batch over the intra-op thread
+pool they run on and wait for it, which deadlocks when as many batched factorisations run at
+once as the pool has threads, as at T = 100 on two cores); a case fails when the relative error
+of its direction ``Jᵀw`` exceeds both the tolerance (1e-4 in float32, 1e-8 in float64) and 10×
+the change that rounding the input alone causes in the reference (``references.judge``). That
+change is estimated from random perturbations and from a worst-case perturbation found by
+linearising the reference (``references.worst_case_sensitivity``): one column per input entry
+up to ``--max-columns`` entries (default 256: the Gramian's T(T+1)/2 entries up to T = 22,
+ConFIG's T × (2T + 2) Jacobian up to T = 10), beyond that one column per group of entries, in
+four passes of at most ``--max-columns`` groups each; the random draws alone can under-read
 it several times. Per method and task count the table gives the failure rate, the worst
 relative error, the worst ratio of the error to what the judge allows, the median and largest
 solver iterations and the share of converged solves (from the ``SolverInfo`` in the method's
 state, where it keeps one), and the median time of one jitted call on one Gramian (after
-warm-up).
+warm-up). The float64 references are small dense problems: OpenBLAS runs single-threaded here
+(``OPENBLAS_NUM_THREADS=1`` unless set), which on a shared machine makes them tens of times
+faster than with threads that contend for the cores.
 
 Usage: ``python benchmarks/solver_accuracy.py`` (T = 2, 10, 40, 100), ``--quick`` for a small
 run, ``--out solver_accuracy.json`` for the figures as JSON.
@@ -30,16 +36,19 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads OpenBLAS
 
-import mtljax as mtl
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import mtljax as mtl  # noqa: E402
 
 _CONFORMANCE = Path(__file__).resolve().parents[1] / "tests" / "conformance"
 
@@ -105,7 +114,9 @@ def run_corpus(name: str, kwargs: dict, cases, t: int, dtype: str):
         return out, mtl.solver_info(state)
 
     with jax.enable_x64(dtype == "float64"):
-        w, info = jax.jit(jax.vmap(one))(jnp.asarray(inputs, dtype), jnp.asarray(losses, dtype))
+        w, info = jax.jit(lambda xs, ls: jax.lax.map(lambda a: one(*a), (xs, ls)))(
+            jnp.asarray(inputs, dtype), jnp.asarray(losses, dtype)
+        )
         w = np.asarray(w, np.float64)
         info = None if info is None else tuple(np.asarray(a) for a in info)
     return w, info
@@ -204,9 +215,9 @@ def main(argv=None):
         "--max-columns",
         type=int,
         default=references.MAX_COLUMNS,
-        help="largest number of input entries the judge linearises for its worst-case "
-        f"sensitivity (default {references.MAX_COLUMNS}: a Gramian up to T = 22; beyond, "
-        "random perturbations only)",
+        help="largest number of columns the judge linearises per pass for its worst-case "
+        f"sensitivity (default {references.MAX_COLUMNS}: one per entry for a Gramian up to "
+        "T = 22; beyond, groups of entries)",
     )
     p.add_argument("--quick", action="store_true", help="T = 2 and 10, one draw per family")
     p.add_argument("--out", default=None, help="write the rows as JSON")

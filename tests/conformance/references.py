@@ -51,9 +51,13 @@ PERTURBATIONS = 4  # random perturbations per case, besides the rounding itself
 # 2⁻³⁸ to 2⁻⁴⁶ (conditions up to 1e8); 2⁻³⁰ is already beyond the linear range of nearly
 # opposite pairs, and float64's own rounding of the reference is ≈ε₆₄/2⁻⁴⁰ ≈ 2e-4 of the change.
 MIN_STEP = 2.0**-40
-# At most this many entries are linearised (a Gramian of up to about 20 tasks at one step);
-# larger inputs are judged on the random perturbations alone.
+# At most this many columns are linearised per pass: one per entry up to this many entries (a
+# Gramian of up to 22 tasks at one step), beyond that one per group of entries
+# (:func:`regrouped_signs`, four passes).
 MAX_COLUMNS = 256
+# Eigenpairs of a Gramian's cosine matrix, those of eigenvalues nearest 0, along which the worst
+# case is also sought (:func:`eigen_signs`).
+EIGEN_PAIRS = 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -856,48 +860,144 @@ def worst_signs(a: np.ndarray) -> np.ndarray:
     return sign
 
 
-def _unit_patterns(ref: Reference, x, loss, groups, with_losses: bool):
-    """Relative perturbations ``(rx, rl)`` of one entry (a Gramian's ``(i, j)`` and ``(j, i)``
-    together) at the steps of each group; entries equal to 0 (no relative change) left out."""
-    patterns = []
+def _entries(ref: Reference, x, loss, groups, with_losses: bool) -> list:
+    """The entries that the sensitivity perturbs, ``(is_loss, index)``: a Gramian's upper
+    triangle ``(i, j)`` (mirrored to ``(j, i)`` when perturbed), a Jacobian's every entry, the
+    losses when ``with_losses``; at the steps of each group, entries equal to 0 (no relative
+    change) left out."""
+    out = []
     for g in groups:
-        entries = []
         if ref.given == "gramian":
             t = x.shape[-1]
-            entries = [(i, j) for i in range(t) for j in range(i, t)]
+            cells = [(i, j) for i in range(t) for j in range(i, t)]
         elif ref.given == "jacobian":
-            entries = list(np.ndindex(x.shape[1:]))
-        for e in entries:
-            if not np.any(x[(g, *e)]):
-                continue
-            rx = np.zeros_like(x)
-            rx[(g, *e)] = 1.0
-            if ref.given == "gramian":
-                rx[(g, *e[::-1])] = 1.0
-            patterns.append((rx, np.zeros_like(loss)))
+            cells = list(np.ndindex(x.shape[1:]))
+        else:
+            cells = []
+        out += [(False, (g, *e)) for e in cells if np.any(x[(g, *e)])]
         for i in range(loss.shape[1] if with_losses else 0):
             if np.any(loss[g, i]):
-                rl = np.zeros_like(loss)
-                rl[g, i] = 1.0
-                patterns.append((np.zeros_like(x), rl))
-    return patterns
+                out.append((True, (g, i)))
+    return out
+
+
+def _pattern(ref: Reference, x, loss, entries, signs) -> tuple[np.ndarray, np.ndarray]:
+    """The relative perturbation ``(rx, rl)`` that is ``signs[k]`` on ``entries[k]`` (and on a
+    Gramian entry's mirror) and 0 elsewhere."""
+    rx, rl = np.zeros_like(x), np.zeros_like(loss)
+    for (is_loss, idx), c in zip(entries, signs, strict=True):
+        if is_loss:
+            rl[idx] = c
+            continue
+        rx[idx] = c
+        if ref.given == "gramian":
+            rx[(idx[0], idx[2], idx[1])] = c
+    return rx, rl
+
+
+def _labels(keys: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """A partition of the entries into at most ``k`` groups that refines ``keys`` (entries of
+    one key split at random into ``k // #keys`` groups) or, with more than ``k`` keys, folds
+    them (key mod ``k``)."""
+    _, keys = np.unique(keys, return_inverse=True)
+    n = int(keys.max()) + 1
+    if n >= k:
+        return keys % k
+    return keys * (k // n) + rng.integers(0, k // n, size=len(keys))
+
+
+def _partitions(entries: list, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The partitions of :func:`regrouped_signs`' passes: by the entry's first index (the task
+    ``i`` of ``Gᵢⱼ``, ``Jᵢₚ`` or a loss), by its second (``j`` or ``p``), by the pair, then
+    at random."""
+    first = np.array([e[1][1] for e in entries])
+    second = np.array([e[1][-1] for e in entries])
+    pair = first * (int(second.max()) + 1) + second
+    return [
+        _labels(first, k, rng),
+        _labels(second, k, rng),
+        _labels(pair, k, rng),
+        rng.integers(0, k, size=len(entries)),
+    ]
+
+
+def regrouped_signs(a: np.ndarray, labels: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """One pass of the worst case above :data:`MAX_COLUMNS` entries: the entries are
+    partitioned into groups (``labels``, 0 to ``m − 1``), and column ``g`` of ``a`` is the
+    first-order change under the perturbation that carries the current signs on group ``g``'s
+    entries and is 0 elsewhere. :func:`worst_signs` seeks signs ``σ`` over the groups, and the
+    entries' signs become ``σ_{g(e)}·signs_e``; since ``a𝟙`` is the current vertex's change,
+    they are kept unless ``‖aσ‖ > ‖a𝟙‖``. Passes over different partitions are a block
+    coordinate ascent of ``‖Ar‖`` over the vertices of the cube ``‖r‖_∞ ≤ 1``."""
+    sigma = worst_signs(a)
+    if np.linalg.norm(a @ sigma) > np.linalg.norm(a.sum(axis=1)):
+        return sigma[labels] * signs
+    return signs
+
+
+def _entry_signs(x, loss, entries) -> np.ndarray:
+    """The sign of each entry (summed over the steps it covers; +1 where that is 0)."""
+    total = np.array([np.sum((loss if is_loss else x)[idx]) for is_loss, idx in entries])
+    return np.where(total < 0, -1.0, 1.0)
+
+
+def _group_pattern(ref: Reference, x, loss, entries, members, signs: dict, steps: list):
+    """The perturbation that carries each step's own ``signs[s]`` on the entries ``members``
+    at that step (:func:`_pattern` for one step)."""
+    rx, rl = np.zeros_like(x), np.zeros_like(loss)
+    for s in steps:
+        px, pl = _pattern(ref, x, loss, [entries[i] for i in members], signs[s][members])
+        if len(steps) == 1:
+            return px, pl
+        rx[s], rl[s] = px[s], pl[s]
+    return rx, rl
+
+
+def eigen_signs(g: np.ndarray, count: int = EIGEN_PAIRS) -> list[np.ndarray]:
+    """Relative perturbations ``R`` of a Gramian (symmetric, ``|Rᵢⱼ| = 1``) that move the
+    ``count`` eigenvalues nearest 0 of its cosine matrix ``K`` the most: for an eigenpair
+    ``(λ, v)``, ``Gᵢⱼ(1 + uRᵢⱼ)`` changes ``λ`` by ``u·Σᵢⱼ Kᵢⱼvᵢvⱼ(Rᵢⱼ − (Rᵢᵢ + Rⱼⱼ)/2)`` to
+    first order, whose extremes over the cube ``|R| ≤ 1`` are at ``R = ±sign(K ∘ vvᵀ)``
+    (the diagonal term adds ``u(1 − λ)`` in the same direction). A reference that decides a
+    rank on ``K`` jumps where such a perturbation carries an eigenvalue across its cut, a jump
+    that a linearisation does not see. Returns the patterns that lower the eigenvalues."""
+    _, k = cosines(g)
+    lam, vec = np.linalg.eigh(0.5 * (k + k.T))
+    near = np.argsort(np.abs(lam))[:count]
+    out = [-np.where(k * np.outer(v, v) >= 0, 1.0, -1.0) for v in vec.T[near]]
+    for m in range(2, len(near) + 1):
+        proj = vec[:, near[:m]] @ vec[:, near[:m]].T
+        out.append(-np.where(k * proj >= 0, 1.0, -1.0))
+    return out
 
 
 def worst_case_sensitivity(
-    name: str, jacs, losses, kwargs: dict, dtype: str, seed: int = 0, *, base=None
+    name: str,
+    jacs,
+    losses,
+    kwargs: dict,
+    dtype: str,
+    seed: int = 0,
+    *,
+    base=None,
+    max_columns: int | None = None,
 ) -> np.ndarray:
     """Every step's largest relative change of the reference under relative perturbations of
     the input's entries by at most ``u =`` :data:`PERTURBATION`: a structured estimate of the
     worst case, of which the random draws of :func:`perturbed_inputs` only take samples.
 
     The reference is linearised in the relative perturbation ``r`` by forward differences of
-    step ``h = max(u, MIN_STEP)``, one entry at a time: a Gramian's upper triangle (mirrored),
-    the losses where perturbing them changes the output at all, each entry at every step at
-    once where perturbing the first step changes no later output (a reference without state;
-    otherwise every step's entries apart). Per step, the columns ``A`` of its direction's
-    relative change give a sign vector ``σ`` of (nearly) the largest ``‖Aσ‖``
-    (:func:`worst_signs`): a perturbation ``±uσ`` changes the step by ``u‖Aσ‖`` to first order,
-    a random ``|r| ≤ u`` by ``‖Ar‖``, at most the maximum over the cube that ``σ`` seeks.
+    step ``h = max(u, MIN_STEP)``: a Gramian's upper triangle (mirrored), the losses where
+    perturbing them changes the output at all, each entry at every step at once where
+    perturbing the first step changes no later output (a reference without state; otherwise
+    every step's entries apart). Per step, the columns ``A`` of its direction's relative change
+    give a sign vector ``σ`` of (nearly) the largest ``‖Aσ‖`` (:func:`worst_signs`): a
+    perturbation ``±uσ`` changes the step by ``u‖Aσ‖`` to first order, a random ``|r| ≤ u`` by
+    ``‖Ar‖``, at most the maximum over the cube that ``σ`` seeks. Up to ``max_columns``
+    (default :data:`MAX_COLUMNS`) entries, one column per entry; beyond, one column per group
+    of entries with fixed signs, over passes of different groupings (:func:`regrouped_signs`):
+    every perturbation tried is still a vertex of the cube, so the estimate stays a lower bound
+    of the worst case (a looser one than the full linearisation).
 
     * Float32 input (``h = u``): every evaluation is itself a perturbation of size ``u``, the
       ``±uσ`` ones included, and the estimate is the largest change measured. A non-smooth
@@ -907,10 +1007,10 @@ def worst_case_sensitivity(
       change ``(u/h)·min(‖f(x(1 ± hσ)) − f(x)‖)/‖f(x)‖``; the smaller side keeps an active-set
       change or a jump within ``h`` on one side from counting.
 
-    Inputs with more than :data:`MAX_COLUMNS` entries to linearise get zeros (the random
-    draws alone). ``base``: the reference's directions on the input, when already computed.
+    ``base``: the reference's directions on the input, when already computed.
     """
     ref = REFERENCES[name]
+    k = MAX_COLUMNS if max_columns is None else max_columns
     x, loss = method_input(ref, jacs, losses, dtype)
     if base is None:
         base = _directions(ref, jacs, x, loss, kwargs)
@@ -929,6 +1029,14 @@ def worst_case_sensitivity(
             np.maximum(out, _changes(base, dirs), out=out)
         return dirs
 
+    def first_order(dirs, s):
+        """Step ``s``'s columns of relative change, as a matrix."""
+        scale = h * max(np.linalg.norm(base[s]), np.finfo(float).tiny)
+        return np.stack(
+            [np.zeros_like(base[s]) if d[s] is None else (d[s] - base[s]) / scale for d in dirs],
+            axis=1,
+        )
+
     sym = ref.given == "gramian"
     uses_x = ref.given != "losses"
     uses_losses = True
@@ -940,29 +1048,41 @@ def worst_case_sensitivity(
         rx[0] = _random_signs(rng, x[0].shape, sym) if uses_x else 0.0
         rl[0] = _random_signs(rng, loss[0].shape, False)
         tied = _same(base[1:], at(rx, rl, h)[1:])
-    groups = [slice(None)] if tied else [slice(k, k + 1) for k in range(steps)]
-    patterns = _unit_patterns(ref, x, loss, groups, uses_losses)
-    if not patterns or len(patterns) > MAX_COLUMNS:
+    groups = [slice(None)] if tied else [slice(j, j + 1) for j in range(steps)]
+    entries = _entries(ref, x, loss, groups, uses_losses)
+    if not entries:
         return out
-    cols = [at(rx, rl, h) for rx, rl in patterns]
-    signs = []
-    for s in range(steps):
-        if base[s] is None:
-            signs.append(None)
-            continue
-        scale = h * max(np.linalg.norm(base[s]), np.finfo(float).tiny)
-        a = np.stack(
-            [np.zeros_like(base[s]) if c[s] is None else (c[s] - base[s]) / scale for c in cols],
-            axis=1,
-        )
-        signs.append(worst_signs(a))
+    live = [s for s in range(steps) if base[s] is not None]
+    if len(entries) <= k:
+        cols = [at(*_pattern(ref, x, loss, [e], [1.0]), h) for e in entries]
+        signs = {s: worst_signs(first_order(cols, s)) for s in live}
+    else:
+        # One sign vector per step, starting from the entries' own signs: the first-order
+        # change of a solve with G, yᵀ(G∘R)z, is largest at Rᵢⱼ = sign(Gᵢⱼ)·sign(yᵢ)·sign(zⱼ),
+        # which the passes by row and by column then reach. Without state the steps' groups
+        # are perturbed together (each step with its own signs), with state each step apart.
+        start = _entry_signs(x, loss, entries)
+        signs = {s: start for s in live}
+        for labels in _partitions(entries, k, rng):
+            _, labels = np.unique(labels, return_inverse=True)
+            members = [np.flatnonzero(labels == g) for g in range(int(labels.max()) + 1)]
+            for block in [live] if tied else [[s] for s in live]:
+                dirs = [
+                    at(*_group_pattern(ref, x, loss, entries, m, signs, block), h) for m in members
+                ]
+                for s in block:
+                    signs[s] = regrouped_signs(first_order(dirs, s), labels, signs[s])
+    if measured and sym:  # perturbations across a rank decision, measured (h = u)
+        for s in live:
+            for pattern in eigen_signs(x[s]):
+                rx = np.zeros_like(x)
+                rx[s] = pattern
+                for sign in (1.0, -1.0):
+                    at(sign * rx, np.zeros_like(loss), h)
     # The perturbations ±hσ: one with every step's own σ (no state), or one per step.
     combos = []
-    for s, sign in enumerate(signs):
-        if sign is None:
-            continue
-        rx = sum(c * px for c, (px, _) in zip(sign, patterns, strict=True))
-        rl = sum(c * pl for c, (_, pl) in zip(sign, patterns, strict=True))
+    for s in live:
+        rx, rl = _pattern(ref, x, loss, entries, signs[s])
         if not tied:
             combos.append(([s], rx, rl))
             continue
@@ -973,11 +1093,11 @@ def worst_case_sensitivity(
     for where, rx, rl in combos:
         plus = _changes(base, at(rx, rl, h))
         minus = _changes(base, at(-rx, -rl, h))
-        first_order = np.minimum(plus, minus) * (size / h)
+        change = np.minimum(plus, minus) * (size / h)
         if not measured:  # (no answer at ±hσ, h ≫ u: no estimate)
             for s in where:
-                if np.isfinite(first_order[s]):
-                    out[s] = max(out[s], first_order[s])
+                if np.isfinite(change[s]):
+                    out[s] = max(out[s], change[s])
     return out
 
 
