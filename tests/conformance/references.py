@@ -1113,6 +1113,7 @@ def judge(
     seed: int = 0,
     tolerance: float | None = None,
     precomputed=None,
+    max_columns: int | None = None,
 ) -> list[Verdict]:
     """The verdicts of one case: ``outputs`` are the method's outputs per step (weights for a
     weighting, directions for a Jacobian method), from the input :func:`method_input` gives."""
@@ -1141,7 +1142,9 @@ def judge(
     # The worst case can change a verdict only where the error exceeds the tolerance.
     worst = np.zeros(len(base))
     if any(e > tol for e in errors):  # (NaN: no reference answer or a non-finite output)
-        worst = worst_case_sensitivity(name, jacs, losses, kwargs, dtype, seed, base=base)
+        worst = worst_case_sensitivity(
+            name, jacs, losses, kwargs, dtype, seed, base=base, max_columns=max_columns
+        )
     for s, err in enumerate(errors):
         if not finite[s]:
             verdicts.append(Verdict(case_name, s, np.inf, 0.0, tol, "nonfinite"))

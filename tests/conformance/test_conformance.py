@@ -661,7 +661,12 @@ def test_rank_cuts_at_100_tasks(name, case):
         x = jnp.asarray(c.jacobians[0], jnp.float32)
         call = functools.partial(mtl.aggregate, method)
     out, _ = jax.jit(lambda x, loss: call(x, loss, method.init(t)))(x, loss)
-    verdict = references.judge(name, case, c.jacobians, c.losses, [np.asarray(out)], {}, "float32")
+    # 16 groups per pass instead of 256: every perturbation tried is still a vertex of the
+    # rounding cube, so the allowance stays a lower bound of the worst case (the old cuts fail
+    # it by 1.1-3e5x), at a few seconds per case instead of up to 90.
+    verdict = references.judge(
+        name, case, c.jacobians, c.losses, [np.asarray(out)], {}, "float32", max_columns=16
+    )
     assert verdict[0].outcome == "pass", verdict
 
 
