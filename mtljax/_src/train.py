@@ -376,7 +376,7 @@ def _method_direction(method: base.Method, jac, losses, state, key):
 GramianChoice = Literal["auto", "jacobian", "layerwise"]
 
 
-def check_gramian_path(method: base.Method, gramian: str, mode: str) -> None:
+def check_gramian_path(method: base.Method, gramian: str) -> None:
     """``gramian="layerwise"`` applies to weighting methods that need the Gramian (at
     parameter or feature level); ``"auto"`` to every method."""
     if gramian not in ("auto", "jacobian", "layerwise"):
@@ -502,7 +502,7 @@ def step_gradients(
     gramian: GramianChoice = "auto",
 ) -> StepGradients:
     """:func:`gradients`, with the model state its forward pass leaves."""
-    check_gramian_path(method, gramian, mode)
+    check_gramian_path(method, gramian)
     gramian = resolve_gramian_path(
         method,
         gramian,
@@ -738,7 +738,7 @@ class TrainStep:
         )
         self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
         self.gramian_chunk_size = gramian_chunk_size
-        check_gramian_path(method, gramian, mode)
+        check_gramian_path(method, gramian)
         self.gramian = gramian
         self.jacobian_constraint = jacobian_constraint
         self.prox = prox
