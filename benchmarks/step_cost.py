@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 import mtljax as mtl
+from mtljax._src.train import resolve_gramian_path
 
 LR = 1e-3
 
@@ -144,13 +145,15 @@ def step_paths(method) -> list[tuple[str, str]]:
     (``gramian="auto"``), and, where that is the layer-wise Gramian (a weighting method on the
     Gramian at feature level or on a layer subset, e.g. GradNorm's last shared layer), also
     with the Jacobian path (``gramian="jacobian"``, mode ``… jac``)."""
-    if method.needs == "losses":
-        return [("parameter", "auto")]
-    rows = [("parameter", "auto"), ("feature", "auto")]
-    if method.needs == "gramian" and method.weights is not None:
-        if method.params != "all":
-            rows.insert(1, ("parameter", "jacobian"))
-        rows.append(("feature", "jacobian"))
+    modes = ["parameter"] if method.needs == "losses" else ["parameter", "feature"]
+    rows = []
+    for mode in modes:
+        rows.append((mode, "auto"))
+        auto = resolve_gramian_path(
+            method, "auto", mode, chunk_size=None, gramian_chunk_size=None, constraint=None
+        )
+        if auto == "layerwise":
+            rows.append((mode, "jacobian"))
     return rows
 
 
