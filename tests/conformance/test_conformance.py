@@ -229,10 +229,6 @@ def test_non_conflicting(name, claims):
 # accuracy section; a case not listed here fails the test, and an entry whose case no longer
 # fails is reported by test_known_failures_still_fail (so the list cannot go stale).
 KNOWN_FAILURES: dict[tuple[str, int, str], dict[str, str]] = {
-    ("upgrad", 5, "float32"): {
-        "condition[1e+12]": "float32 limit: the float32 correlation matrix has condition ≈4e8 > "
-        "1/ε₃₂; the same solver in float64 on the same rounded input is exact to 7e-12",
-    },
     ("mgda", 5, "float32"): {
         "condition[1e+12]": "float32 limit: the Gramian's condition 1e12 (its cosine "
         "matrix's ≈2e11–1e12, the matrix solved) exceeds 1/ε₃₂",

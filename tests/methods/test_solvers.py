@@ -425,6 +425,30 @@ def test_upgrad_projections_at_40_tasks_kkt_and_nnls(dtype):
     assert moved >= t // 2  # most projections are not the gradient itself
 
 
+def test_pivoting_certifies_nearly_orthogonal_tasks():
+    # 40 random gradients in 131072 dimensions: correlations of about 0.003, the feature-level
+    # Gramian of many independent heads. Principal pivoting alone must find every projection's
+    # active set (a fixed wⱼ is judged against its own scale (|Q||x| + |c|)ⱼ, not against
+    # the row's Σ|Qⱼₖ|, whose unit diagonal would hide a wⱼ < 0 far above its rounding), so
+    # the batch never falls back to the Cholesky or interior-point stages.
+    from mtljax._src.solvers import dual_cone
+    from mtljax._src.solvers._linalg import correlation
+
+    t = 40
+    pivot = jax.jit(
+        jax.vmap(lambda q, c: dual_cone._pivoting(q, c, max_iter=2 * t), in_axes=(None, 0))
+    )
+    for seed in range(10):
+        j = jax.random.normal(jax.random.PRNGKey(seed), (t, 131072))
+        corr, d = correlation(j @ j.T)
+        q = corr + jnp.finfo(jnp.float32).eps * jnp.eye(t)
+        y0 = (d / jnp.max(d)) * jnp.eye(t)
+        y0 = y0 / jnp.max(y0, axis=1, keepdims=True)
+        _, _, pivots, certified = pivot(q, y0 @ q)
+        assert bool(jnp.all(certified)), (seed, int(jnp.sum(~certified)))
+        assert int(jnp.max(pivots)) <= 2 * t
+
+
 # ----------------------------------------------------------------------------------------------
 # Potential equations: (Gα)ᵢ = αᵢ^{-p}  (Nash-MTL: p = 1; FairGrad: p = 1/α)
 

@@ -51,8 +51,9 @@ def project_dual_cone(
     negative ``xⱼ``) by one rank-one update of the ``T × (T+1)`` tableau, and after ``T``
     pivots switches to Murty's least-index rule, which cannot cycle on positive definite
     matrices (Murty, "Note on a Bard-type scheme for solving the complementarity problem",
-    Opsearch 1974). Pivoting stops when every basic value is ``≥ −10 ε_dtype (1 + ‖x‖∞)``
-    times the row's ``Σⱼ|Qᵢⱼ|``, or after ``max_iter`` pivots (default ``2T``). The
+    Opsearch 1974). Pivoting stops when every basic value is ``≥ −10 ε_dtype`` times its
+    scale (``‖x‖∞`` for a free ``xᵢ``, ``(|Q||x| + |c|)ᵢ`` for a fixed ``wᵢ``, the measures of
+    the certificate below), or after ``max_iter`` pivots (default ``2T``). The
     tableau's solution, after one step of iterative refinement, is kept when it is certified
     exact to rounding (primal and dual feasible and stationary relative to the magnitudes of
     the terms, within ``10³ ε_dtype``). Where a projection of the batch is not certified (an
@@ -165,14 +166,20 @@ def _pivoting(
     n = c.shape[0]
     dtype = c.dtype
     idx = jnp.arange(n)
-    tol = 10.0 * jnp.finfo(dtype).eps * jnp.sum(jnp.abs(q), axis=1)
+    eps10 = 10.0 * jnp.finfo(dtype).eps
+    abs_q, abs_c = jnp.abs(q), jnp.abs(c)
     last = jnp.zeros((1,), dtype)
 
     def body(state):
         tab, free, it, _ = state
         t = tab[:, n]
-        xmax = jnp.max(jnp.where(free, t, 0.0))
-        bad = t < -tol * (1.0 + xmax)
+        x = jnp.where(free, t, 0.0)
+        # Each basic value against its own scale, as the certificate measures it: a free xⱼ
+        # against ‖x‖∞, a fixed wⱼ = (Qx + c)ⱼ against (|Q||x| + |c|)ⱼ (not against the
+        # row's Σ|Qⱼₖ|: its diagonal multiplies xⱼ = 0, and nearly orthogonal tasks would
+        # otherwise stop with wⱼ < 0 far above its rounding).
+        scale = jnp.where(free, jnp.max(jnp.abs(x)), _mm(abs_q, jnp.abs(x)) + abs_c)
+        bad = t < -eps10 * scale
         most_negative = jnp.argmin(jnp.where(bad, t, jnp.inf))
         j = jnp.where(it < n, most_negative, jnp.argmax(bad))
         row = lax.dynamic_index_in_dim(tab, j, 0, keepdims=False)
