@@ -631,6 +631,26 @@ def test_aligned_mtl_rank_deficient_gramian():
     np.testing.assert_allclose(w, [1.0, 1.0, 0.0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("t", [2, 7, 40])
+def test_aligned_mtl_jacobi_rotations_match_a_float64_svd(t):
+    # One-sided Jacobi in round-robin order on Y with columns graded over eight decades: V
+    # orthogonal, the columns of YV orthogonal, and their norms the singular values of Y to a
+    # relative accuracy that the grading does not spoil (Demmel & Veselić).
+    from mtljax._src.methods.aligned_mtl import _jacobi_rotations
+
+    rng = np.random.default_rng(t)
+    y = rng.normal(size=(t, t)) * 10.0 ** rng.uniform(-8, 0, size=(1, t))
+    yv, v, sweeps = jax.jit(_jacobi_rotations)(f32(y))
+    yv, v = np.asarray(yv, float), np.asarray(v, float)
+    assert 1 <= int(sweeps) < 30
+    np.testing.assert_allclose(v.T @ v, np.eye(t), atol=1e-5)
+    sigma = np.linalg.norm(yv, axis=0)
+    cos = (yv.T @ yv) / np.outer(sigma, sigma)
+    np.testing.assert_allclose(cos, np.eye(t), atol=1e-5)
+    ref = np.linalg.svd(f32(y).astype(float), compute_uv=False)
+    np.testing.assert_allclose(np.sort(sigma)[::-1], ref, rtol=2e-4)
+
+
 def test_aligned_mtl_scaling_the_jacobian_scales_the_direction():
     j = rand(74, 3)
     w = gram_weights(get("aligned_mtl"), j)

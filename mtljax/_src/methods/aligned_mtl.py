@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from mtljax._src.base import Method, make_method
@@ -22,26 +21,43 @@ _dot = functools.partial(jnp.dot, precision=lax.Precision.HIGHEST)
 
 def _jacobi_rotations(y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One-sided Jacobi (Hestenes): an orthogonal ``V`` such that the columns of ``YV`` are
-    mutually orthogonal, by plane rotations of pairs of columns, cyclic sweeps until every pair
-    is orthogonal to the dtype's ε relative to the product of their norms (at most
+    mutually orthogonal, by plane rotations of pairs of columns, in sweeps until every pair is
+    orthogonal to the dtype's ε relative to the product of their norms (at most
     :data:`_MAX_SWEEPS` sweeps). Returns ``(YV, V, sweeps)``. With ``YᵀY = G`` the columns of
     ``V`` are eigenvectors of ``G`` and the squared column norms of ``YV`` its eigenvalues, to
     a relative accuracy set by the conditioning of ``Y`` with its columns scaled to unit norm
-    (Demmel & Veselić, SIAM J. Matrix Anal. Appl. 1992), whatever the columns' scales."""
+    (Demmel & Veselić, SIAM J. Matrix Anal. Appl. 1992), whatever the columns' scales.
+
+    Each sweep visits every pair once in a round-robin (parallel) ordering (Brent & Luk,
+    "The solution of singular-value and symmetric eigenvalue problems on multiprocessor
+    arrays", SIAM J. Sci. Stat. Comput. 1985): ``T − 1`` rounds of ``T/2`` rotations of disjoint
+    pairs (an odd ``T`` gets a zero column, which no rotation touches), applied at once. The
+    columns are kept in two halves, the pairs of a round side by side; between rounds they move
+    by the circle method (the first column stays, the others turn by one place), which meets
+    every pair once in ``T − 1`` rounds and restores the order at the end of a sweep. The
+    rotations of a round commute, so a round is the cyclic method's rotations in another
+    order, with its convergence and its accuracy; ``T − 1`` batched steps replace
+    ``T(T − 1)/2`` sequential ones."""
     t = y.shape[1]
     dtype = y.dtype
+    if t < 2:
+        return y, jnp.eye(t, dtype=dtype), jnp.zeros((), jnp.int32)
     eps = float(jnp.finfo(dtype).eps)
     tiny = float(jnp.finfo(dtype).tiny)
-    pairs = np.array([(p, q) for p in range(t) for q in range(p + 1, t)], np.int32).reshape(-1, 2)
-    if len(pairs) == 0:
-        return y, jnp.eye(t, dtype=dtype), jnp.zeros((), jnp.int32)
-    ps, qs = jnp.asarray(pairs[:, 0]), jnp.asarray(pairs[:, 1])
+    n = t + t % 2
+    h = n // 2
+    y = jnp.pad(y, ((0, 0), (0, n - t)))
 
-    def rotate(k, carry):
-        y, v, rotated = carry
-        p, q = ps[k], qs[k]
-        yp, yq = y[:, p], y[:, q]
-        a, b, c = _dot(yp, yp), _dot(yq, yq), _dot(yp, yq)
+    def turn(top, bot):
+        # The circle method: top = [t₀, t₁, …], bot = [b₀, b₁, …] → [t₀, b₀, t₁, …], [b₁, …, t₋₁].
+        if h == 1:
+            return top, bot
+        new_top = jnp.concatenate([top[:, :1], bot[:, :1], top[:, 1:-1]], axis=1)
+        return new_top, jnp.concatenate([bot[:, 1:], top[:, -1:]], axis=1)
+
+    def rotate(_, carry):
+        yp, yq, vp, vq, rotated = carry
+        a, b, c = (jnp.sum(u * w, axis=0) for u, w in ((yp, yp), (yq, yq), (yp, yq)))
         act = jnp.abs(c) > eps * jnp.sqrt(a) * jnp.sqrt(b) + tiny
         # tan θ of the rotation that makes the pair orthogonal: t = sgn(ζ)/(|ζ| + √(1 + ζ²)),
         # ζ = (b − a)/(2c), written so that a large |ζ| cannot overflow.
@@ -54,22 +70,24 @@ def _jacobi_rotations(y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         tan = jnp.where(act, tan, 0.0)
         cs = 1.0 / jnp.sqrt(1.0 + tan * tan)
         sn = cs * tan
-        y = y.at[:, p].set(cs * yp - sn * yq).at[:, q].set(sn * yp + cs * yq)
-        vp, vq = v[:, p], v[:, q]
-        v = v.at[:, p].set(cs * vp - sn * vq).at[:, q].set(sn * vp + cs * vq)
-        return y, v, rotated | act
+        yp, yq = turn(cs * yp - sn * yq, sn * yp + cs * yq)
+        vp, vq = turn(cs * vp - sn * vq, sn * vp + cs * vq)
+        return yp, yq, vp, vq, rotated | jnp.any(act)
 
     def sweep(state):
-        y, v, _, n = state
-        y, v, rotated = lax.fori_loop(0, len(pairs), rotate, (y, v, jnp.zeros((), bool)))
-        return y, v, rotated, n + 1
+        yp, yq, vp, vq, _, n_sweeps = state
+        out = lax.fori_loop(0, n - 1, rotate, (yp, yq, vp, vq, jnp.zeros((), bool)))
+        return (*out, n_sweeps + 1)
 
     def cond(state):
-        return state[2] & (state[3] < _MAX_SWEEPS)
+        return state[4] & (state[5] < _MAX_SWEEPS)
 
-    init = (y, jnp.eye(t, dtype=dtype), jnp.asarray(len(pairs) > 0), jnp.zeros((), jnp.int32))
-    y, v, _, sweeps = lax.while_loop(cond, sweep, init)
-    return y, v, sweeps
+    v = jnp.eye(n, dtype=dtype)
+    init = (y[:, :h], y[:, h:], v[:, :h], v[:, h:], jnp.asarray(True), jnp.zeros((), jnp.int32))
+    yp, yq, vp, vq, _, sweeps = lax.while_loop(cond, sweep, init)
+    y = jnp.concatenate([yp, yq], axis=1)
+    v = jnp.concatenate([vp, vq], axis=1)
+    return y[:, :t], v[:t, :t], sweeps
 
 
 @jax.jit
