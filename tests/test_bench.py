@@ -194,6 +194,34 @@ def test_report_structure_leaderboard_and_json(counted, tmp_path):
     assert np.asarray(cos).shape == (4, 4)
 
 
+def test_step_args_reach_each_methods_train_step():
+    pytest.importorskip("sklearn")
+    problem = mtl.problems.get("multidigits", **SMALL)
+    methods = {
+        "upgrad": mtl.methods.upgrad(),
+        "upgrad [feature]": mtl.methods.upgrad(),
+        "ew": mtl.methods.ew(),
+    }
+    step_args = {"upgrad [feature]": {"mode": "feature"}, "ew": {"mode": "sideways"}}
+    section = bench.run_problem(
+        problem, methods, steps=20, eval_every=10, seeds=1, step_args=step_args
+    )
+    entries = section["methods"]
+    assert entries["upgrad [feature]"]["step_args"] == {"mode": "feature"}
+    assert "step_args" not in entries["upgrad"]
+    # The same method, seed, batches and baselines; weights from the representation's Gramian
+    # at feature level, from the shared parameters' otherwise.
+    weights = [
+        np.asarray(entries[k]["runs"][0]["history"]["weights"]) for k in methods if k != "ew"
+    ]
+    assert weights[0].shape == weights[1].shape == (2, 4)
+    assert not np.allclose(weights[0], weights[1])
+    # The options go to make_train_step as given: an invalid one fails that method only.
+    assert "mode must be" in section["failed"]["ew"]
+    with pytest.raises(ValueError, match="not methods of this run"):
+        bench.run_problem(problem, methods, steps=2, eval_every=1, seeds=1, step_args={"mgda": {}})
+
+
 def test_leaderboard_shows_non_finite_seeds(counted):
     _, section, _ = counted
     section = copy.deepcopy(section)

@@ -371,6 +371,7 @@ def run_problem(
     init: Callable[[int], Params] | None = None,
     progress: bool | Progress = False,
     plateau: Plateau | None = None,
+    step_args: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Benchmarks methods on one problem against single-task baselines.
 
@@ -392,6 +393,11 @@ def run_problem(
       plateau: a :class:`~mtljax._src.bench.suites.Plateau` learning-rate schedule, stepped
         at every evaluation on the run's selection score; the learning rate of each chunk
         goes to the run's ``history["learning_rate"]``. ``None``: the problem's optimizer.
+      step_args: ``{label: {argument: value}}``, keyword arguments of
+        :func:`~mtljax.make_train_step` for that method's train step (``mode="feature"``,
+        ``gramian="jacobian"``…), recorded in its entry as ``step_args`` (a value that is not
+        a JSON scalar by its ``repr``). The single-task baselines keep the defaults, so
+        methods trained along different paths are compared with the same baselines.
 
     Returns the problem's section of the report: ``tasks``, ``main_tasks``, ``auxiliary``,
     ``metrics``, ``baselines`` (per task), ``methods`` (per method: per-task test metrics and
@@ -414,6 +420,7 @@ def run_problem(
     if steps < 1:
         raise ValueError(f"run_problem: steps must be ≥ 1, got {steps}")
     method_args = dict(method_args or {})
+    step_args = {k: dict(v) for k, v in (step_args or {}).items()}
     failed: dict[str, str] = {}
     built: dict[str, Method] = {}
     if isinstance(methods, Mapping):
@@ -428,6 +435,12 @@ def run_problem(
                 built[name] = methods_lib.get(name, **args)
             except Exception as e:  # noqa: BLE001 - reported, the others still run
                 failed[name] = f"{type(e).__name__}: {e}"
+    unknown = [k for k in step_args if k not in built and k not in failed]
+    if unknown:
+        raise ValueError(
+            f"run_problem: step_args names {unknown}, which are not methods of this run "
+            f"({', '.join(built) or 'none'})"
+        )
 
     t = problem.model.num_tasks
     n_runs = (t + (1 if problem.auxiliary else 0) + len(built)) * len(seed_list)
@@ -444,14 +457,14 @@ def run_problem(
             bar=bar,
             plateau=plateau,
         )
-        section = _run_problem(problem, runner, built, failed, method_args)
+        section = _run_problem(problem, runner, built, failed, method_args, step_args)
     finally:
         if own_bar:
             bar.close()
     return section
 
 
-def _run_problem(problem, runner, built, failed, method_args) -> dict[str, Any]:
+def _run_problem(problem, runner, built, failed, method_args, step_args) -> dict[str, Any]:
     tasks, main, hib = runner.tasks, runner.main, runner.hib
     t0 = time.perf_counter()
     # Single-task baselines: one separate model per task, all on one compiled step.
@@ -499,10 +512,16 @@ def _run_problem(problem, runner, built, failed, method_args) -> dict[str, Any]:
     for label, method in built.items():
         done = runner.bar.done
         try:
-            step = make_train_step(problem.model, method, optimizer)
+            options = step_args.get(label, {})
+            step = make_train_step(problem.model, method, optimizer, **options)
             runs = [runner.run(label, step, seed, selection_score) for seed in runner.seeds]
             entries[label] = _summarize_method(label, runs, runner, baselines)
             entries[label]["args"] = dict(method_args.get(label, {}))
+            if options:  # JSON-friendly: other values (a dtype, a prox) by their repr
+                entries[label]["step_args"] = {
+                    k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
+                    for k, v in options.items()
+                }
         except Exception as e:  # noqa: BLE001 - reported, the others still run
             failed[label] = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
             runner.bar.advance(len(runner.seeds) * runner.steps - (runner.bar.done - done))
