@@ -12,8 +12,9 @@ a full jitted train step (gradient + SGD update) measured in the same process:
 * each mtljax method through ``mtljax.make_train_step`` (parameter level, and feature level
   for the methods that run on a Gramian or a Jacobian), with the default Gramian path
   (``gramian="auto"``: layer-wise for weighting methods on the Gramian at feature level and on
-  a layer subset such as GradNorm's), and there also with ``gramian="jacobian"`` (mode
-  ``… jac``).
+  a layer subset such as GradNorm's, and over all shared parameters where the engine's count
+  of multiply-adds finds it cheaper than the formed Jacobian), and there also with
+  ``gramian="jacobian"`` (mode ``… jac``).
 
 Targets: losses-only methods ≤ 1.1× EW; every other method ≤ 1.25× its floor; feature level
 ≤ 1.5× EW. Optional PyTorch rows (one backward of the sum; T backward passes, LibMTL's way;
@@ -142,9 +143,10 @@ def method_kwargs(name: str, num_tasks: int) -> dict:
 def step_paths(method) -> list[tuple[str, str]]:
     """The (mode, Gramian path) rows of a method: parameter level for every method; feature
     level for the methods that run on a Gramian or a Jacobian; each with the default path
-    (``gramian="auto"``), and, where that is the layer-wise Gramian (a weighting method on the
-    Gramian at feature level or on a layer subset, e.g. GradNorm's last shared layer), also
-    with the Jacobian path (``gramian="jacobian"``, mode ``… jac``)."""
+    (``gramian="auto"``), and, where that may be the layer-wise Gramian (a weighting method on
+    the Gramian: at feature level, on a layer subset such as GradNorm's last shared layer, and
+    over all shared parameters where the engine finds it cheaper), also with the Jacobian path
+    (``gramian="jacobian"``, mode ``… jac``)."""
     modes = ["parameter"] if method.needs == "losses" else ["parameter", "feature"]
     rows = []
     for mode in modes:
@@ -152,7 +154,7 @@ def step_paths(method) -> list[tuple[str, str]]:
         auto = resolve_gramian_path(
             method, "auto", mode, chunk_size=None, gramian_chunk_size=None, constraint=None
         )
-        if auto == "layerwise":
+        if auto != "jacobian":
             rows.append((mode, "jacobian"))
     return rows
 

@@ -174,6 +174,30 @@ def test_auto_chooses_by_multiply_adds():
     assert not w.layerwise and w.flops_layerwise > w.flops_exact
 
 
+def test_auto_at_parameter_level_weighs_the_extra_backward_pass():
+    # Over all shared parameters the layer-wise Gramian costs one more backward pass (the
+    # update ∇(w·L)) than the formed Jacobian (Jᵀw): the engine takes it only where its blocks
+    # save more than that pass. Wide layers, few rows, many tasks: layer-wise; two tasks:
+    # the Jacobian. The choice shows in what comes back (no Jacobian on the layer-wise path).
+    def chosen(t, n, width):
+        f, p, x = _dense(t=t, d_in=width, d_out=width, n=n)
+        model = mtl.Model(tuple(f"t{i}" for i in range(t)), lambda s, sp, b: f(s, b))
+        q = engine.compute(model, mtl.Params(p, {}), x, needs="gramian", gramian="auto")
+        pays = engine.layerwise_pays(lambda s, sp: f(s, x), p, {})
+        assert (q.jacobian is None) == pays
+        ref = engine.compute(model, mtl.Params(p, {}), x, needs="gramian", gramian="jacobian")
+        np.testing.assert_allclose(q.gramian, ref.gramian, rtol=1e-4, atol=1e-5)
+        return pays
+
+    assert chosen(t=40, n=16, width=128)
+    assert not chosen(t=2, n=64, width=128)
+    assert not chosen(t=40, n=256, width=8)
+    # The step cost benchmark's MLP (B = 256, H = 512): layer-wise from T = 10, not at T = 2.
+    for t, expected in ((2, False), (10, True), (40, True)):
+        f, p, x = _dense(t=t, d_in=512, d_out=512, n=256)
+        assert engine.layerwise_pays(lambda s, sp, f=f, x=x: f(s, x), p, {}) == expected, t
+
+
 def test_train_step_layerwise_equals_jacobian_path():
     model, params = tiny_model(3, features=(5, 48, 48))
     batch = tiny_batch(3, n=8)
@@ -302,7 +326,7 @@ def test_auto_takes_the_layerwise_gramian_where_the_update_is_one_vjp_anyway():
 
     assert path("mgda", "feature") == "layerwise"
     assert path("gradnorm", "parameter") == "layerwise"  # the last shared layer only
-    assert path("mgda", "parameter") == "jacobian"  # Jᵀw from the formed Jacobian
+    assert path("mgda", "parameter") == "auto"  # decided from the shapes, by the engine
     assert path("graddrop", "feature") == "jacobian"  # a direction from J_z itself
     assert path("ew", "feature") == "jacobian"  # losses only
     assert path("mgda", "feature", chunk_size=2) == "jacobian"

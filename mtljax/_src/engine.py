@@ -39,7 +39,7 @@ from mtljax._src.model import Batch, Model, Params, StateFns
 
 PyTree = Any
 Mode = Literal["parameter", "feature"]
-GramianPath = Literal["jacobian", "layerwise"]
+GramianPath = Literal["jacobian", "layerwise", "auto"]
 
 
 def map_cotangents(vjp_fn: Callable, num_tasks: int, chunk_size: int | None, dtype: Any) -> Any:
@@ -346,6 +346,27 @@ def _layerwise(model, fns, params, batch, ctx, subset):
     return out.losses, out.gramian, vjp, out.aux
 
 
+def layerwise_pays(f: Callable[..., Any], shared: PyTree, *args: PyTree) -> bool:
+    """Whether, at parameter level over all shared parameters, the layer-wise Gramian plus
+    the backward pass of the update ``∇(w·L)`` costs fewer multiply-adds than the Gramian of
+    the formed Jacobian plus ``Jᵀw`` from it (``f(shared, *args)``: the task losses first).
+
+    From :func:`mtljax._src.gramian_layerwise.plan` (shapes only): the layer-wise path costs
+    its blocks (per leaf the cheaper of the two ways) and one more backward pass, ``2BNCF``
+    for a dense use (the input's and the weight's gradients); the Jacobian path the blocks
+    from per-task gradients (``T`` weight gradients and their ``T²`` inner products) and
+    ``T·P`` for ``Jᵀw``. The ``T`` backward passes through the activations are common to both
+    and not counted. With ``T`` tasks, batch ``B`` and a dense ``C × F`` weight the layer-wise
+    block costs ``B²C + TB²F + T²BF`` against ``TBCF + T²CF``: it pays when ``B`` is below
+    the layers' width and ``T`` is large enough to amortise the extra pass."""
+    p = gramian_layerwise.plan(f, shared, *args)
+    t = int(jax.tree_util.tree_leaves(jax.eval_shape(f, shared, *args))[0].shape[0])
+    size = sum(math.prod(jnp.shape(x)) for x in jax.tree_util.tree_leaves(shared))
+    backward = sum(2 * u.b * u.n * u.c * u.f for u in p.uses)
+    exact = sum(leaf.flops_exact for leaf in p.leaves) + t * size
+    return p.flops() + backward < exact
+
+
 def _feature_layerwise(model, fns, params, batch, ctx):
     """``(losses, G, vjp, ctx)`` with ``G = J_z J_zᵀ`` of the representation Jacobian from the
     heads' dense uses of ``z`` (:func:`mtljax.gramian_layerwise` with ``z`` as the
@@ -447,18 +468,30 @@ def compute(
       key: seeds the model's random streams (dropout) for this forward pass; every quantity
         returned comes from the same pass, so under the same masks.
       gramian: for ``needs="gramian"``: ``"jacobian"`` (``G = J Jᵀ`` from the formed
-        Jacobian) or ``"layerwise"`` (accumulated layer by layer without the per-task
+        Jacobian), ``"layerwise"`` (accumulated layer by layer without the per-task
         gradients of the dense weights where that is cheaper,
         :func:`mtljax.gramian_layerwise`; at feature level without ``J_z`` where the heads
-        apply ``z`` densely, :func:`_feature_layerwise`; no Jacobian is returned).
+        apply ``z`` densely, :func:`_feature_layerwise`; no Jacobian is returned) or
+        ``"auto"``: at parameter level over all shared parameters, without chunks or a
+        constraint, whichever of the two :func:`layerwise_pays` finds cheaper by its
+        multiply-adds, ``"jacobian"`` otherwise.
     """
     t = model.num_tasks
     fns, ctx = _enter(model, model_state, key)
     if needs == "losses":
         losses, vjp, ctx = _losses_and_vjp(fns, params, batch, ctx)
         return Quantities(losses, fns.leave(ctx), None, None, None, vjp, vjp, None)
-    if gramian not in ("jacobian", "layerwise"):
-        raise ValueError(f"gramian must be 'jacobian' or 'layerwise', got {gramian!r}")
+    if gramian not in ("jacobian", "layerwise", "auto"):
+        raise ValueError(f"gramian must be 'jacobian', 'layerwise' or 'auto', got {gramian!r}")
+    if gramian == "auto":
+        plain = gramian_chunk_size is None and constraint is None and subset == "all"
+        gramian = "jacobian"
+        if needs == "gramian" and mode == "parameter" and plain:
+
+            def f(shared, spec):
+                return fns.losses(shared, spec, batch, ctx)
+
+            gramian = "layerwise" if layerwise_pays(f, params.shared, params.specific) else gramian
     if gramian == "layerwise" and needs == "gramian":
         if gramian_chunk_size is not None:
             raise ValueError("gramian='layerwise' and gramian_chunk_size exclude each other")

@@ -633,11 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--gramian",
-        choices=("jacobian", "layerwise"),
+        choices=("jacobian", "layerwise", "auto"),
         default="jacobian",
         help="weighting methods: 'layerwise' computes the Gramian layer by layer without "
         "per-task weight gradients for dense layers (exact; pays when the batch is smaller "
-        "than the layers' width)",
+        "than the layers' width); 'auto' (make_train_step's default) takes it where it "
+        "counts fewer multiply-adds. The default stays 'jacobian' so that checkpoints "
+        "written without the option resume bit for bit",
     )
     t.add_argument(
         "--compute-dtype",

@@ -401,21 +401,24 @@ def resolve_gramian_path(
     gramian_chunk_size: int | None,
     constraint: Callable[[PyTree], PyTree] | None,
 ) -> engine.GramianPath:
-    """The Gramian path ``gramian="auto"`` takes: ``"layerwise"`` where the Jacobian is not
-    needed, i.e. a weighting method on the Gramian at feature level or on a layer subset
-    (GradNorm's last shared layer), whose update is one VJP of ``w · L`` either way; there
-    :func:`mtljax.gramian_layerwise` takes, layer by layer, the path with fewer multiply-adds
-    (the per-task gradients where the layer-wise one is not cheaper), so it never costs more
-    than forming the Jacobian. ``"jacobian"`` otherwise: over all shared parameters the
-    update ``Jᵀw`` comes from the formed Jacobian, saving a backward pass; and wherever
-    ``chunk_size``, ``gramian_chunk_size`` or a Jacobian constraint asks for the Jacobian."""
+    """The Gramian path ``gramian="auto"`` takes, for a weighting method on the Gramian with
+    neither chunks nor a Jacobian constraint: ``"layerwise"`` at feature level and on a layer
+    subset (GradNorm's last shared layer), whose update is one VJP of ``w · L`` either way;
+    there :func:`mtljax.gramian_layerwise` takes, layer by layer, the path with fewer
+    multiply-adds (the per-task gradients where the layer-wise one is not cheaper), so it
+    never costs more than forming the Jacobian. Over all shared parameters ``"auto"``: the
+    engine compares, from the shapes, the layer-wise Gramian plus one backward pass for the
+    update with the formed Jacobian, whose ``Jᵀw`` saves that pass
+    (:func:`mtljax._src.engine.layerwise_pays`), and takes the cheaper. ``"jacobian"`` for
+    every other method, and wherever ``chunk_size``, ``gramian_chunk_size`` or a constraint
+    asks for the Jacobian."""
     if gramian != "auto":
         return gramian
     gramian_only = method.weights is not None and method.needs == "gramian"
     plain = chunk_size is None and gramian_chunk_size is None and constraint is None
-    if gramian_only and plain and (mode == "feature" or method.params != "all"):
-        return "layerwise"
-    return "jacobian"
+    if not (gramian_only and plain):
+        return "jacobian"
+    return "layerwise" if (mode == "feature" or method.params != "all") else "auto"
 
 
 class StepGradients(NamedTuple):
