@@ -410,16 +410,28 @@ def _polish(model: _Model, w, s):
     beta, ok, viol = beta[best], ok[best], viol[best]
 
     # Active-set steps from the task of smallest relative slack, for supports that mix scales
-    # (a large gradient nearly orthogonal to the direction, active beside a small one).
-    def step(_, state):
-        mask, beta, ok, viol = state
+    # (a large gradient nearly orthogonal to the direction, active beside a small one), at
+    # most 2T; they stop at a certified support (further steps would solve it again).
+    def step(state):
+        k, mask, beta, ok, viol, _ = state
         b_new, ok_new, viol_new, nxt = solve(mask)
         better = ok_new & (viol_new < viol)
         pick = lambda new, old: jnp.where(better, new, old)  # noqa: E731
-        return jnp.where(ok_new, mask, nxt), pick(b_new, beta), ok | ok_new, pick(viol_new, viol)
+        return (
+            k + 1,
+            jnp.where(ok_new, mask, nxt),
+            pick(b_new, beta),
+            ok | ok_new,
+            pick(viol_new, viol),
+            ok_new,
+        )
+
+    def more(state):
+        return (state[0] < 2 * tn) & ~state[5]
 
     start = (jnp.arange(tn) == by_slack[0]) & nz
-    _, beta, ok, viol = lax.fori_loop(0, 2 * tn, step, (start, beta, ok, viol))
+    init = (jnp.zeros((), jnp.int32), start, beta, ok, viol, jnp.zeros((), bool))
+    _, _, beta, ok, viol, _ = lax.while_loop(more, step, init)
     return beta * inv, ok, viol
 
 
