@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -331,3 +332,41 @@ def test_json_output_is_written_whole_or_not_at_all(tmp_path):
         runner.write_json(str(path), {"a": object()})  # fails halfway through
     assert json.loads(path.read_text()) == {"a": [1, 2]}  # the previous file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_the_gramian_path_defaults_to_auto_and_a_resume_keeps_the_checkpoints_path(tmp_path):
+    """``gramian=None`` (the CLI's default): ``"auto"`` for a new run (recorded in its
+    checkpoints), and on ``--resume`` the path the checkpoints were written with, so that a
+    run saved on the Jacobian path (or before the option existed: no record) continues bit for
+    bit although ``"auto"`` would take the layer-wise Gramian on this problem."""
+    from mtljax._src import engine
+
+    args = {"num_train": 2000, "num_test": 500}  # T = 10: the layer-wise Gramian pays here
+    problem = mtl.problems.get("gradnorm_toy", seed=0, **args)
+    batch = problem.sample(jax.random.key(0))
+    fns, ctx = engine._enter(problem.model, None, None)
+    f = lambda s, sp: fns.losses(s, sp, batch, ctx)  # noqa: E731
+    assert engine.layerwise_pays(f, problem.params.shared, problem.params.specific)
+
+    def train(steps, **kw):
+        return runner.run_training(
+            "gradnorm_toy", "upgrad", steps=steps, problem_args=args, progress=False, **kw
+        )
+
+    def saved_config(folder):
+        with mtl.Checkpointer(folder, mode="read") as ckpt:
+            return ckpt.record()["config"]
+
+    reference = train(6, gramian="jacobian")
+    auto = train(6)
+    assert auto["params_sha256"] != reference["params_sha256"]  # another path, other rounding
+    jac_dir = str(tmp_path / "jacobian")
+    train(4, gramian="jacobian", ckpt_dir=jac_dir, save_every=2)
+    assert "gramian" not in saved_config(jac_dir)  # as written before the option existed
+    resumed = train(6, ckpt_dir=jac_dir, save_every=2, resume=True)
+    assert resumed["params_sha256"] == reference["params_sha256"]
+    auto_dir = str(tmp_path / "auto")
+    train(4, ckpt_dir=auto_dir, save_every=2)
+    assert saved_config(auto_dir)["gramian"] == "auto"
+    resumed = train(6, ckpt_dir=auto_dir, save_every=2, resume=True)
+    assert resumed["params_sha256"] == auto["params_sha256"]

@@ -178,6 +178,21 @@ def _close_after_error(ckpt: Any) -> None:
         pass
 
 
+def _saved_gramian_path(ckpt: Any) -> str:
+    """The Gramian path a checkpoint folder's newest readable record was written with:
+    ``"jacobian"`` where the record has none (written before the option, or with that path),
+    ``"auto"`` for a folder without checkpoints yet (a new run)."""
+    from mtljax._src.checkpoint import CheckpointDamagedError
+
+    for step in reversed(ckpt.steps()):
+        try:
+            record = ckpt.record(step)
+        except CheckpointDamagedError:  # the restore skips it too, and says so
+            continue
+        return (record.get("config") or {}).get("gramian", "jacobian")
+    return "auto"
+
+
 def _checkpoint_mode(resume: bool, overwrite: bool) -> str:
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
@@ -207,7 +222,7 @@ def run_training(
     unconverged: str = "report",
     compute_dtype: str | None = None,
     gramian_chunk_size: int | None = None,
-    gramian: str = "jacobian",
+    gramian: str | None = None,
 ) -> dict[str, Any]:
     """Trains ``method_name`` on ``problem_name``; returns a JSON-serialisable result.
 
@@ -226,7 +241,10 @@ def run_training(
     ``method_args`` sets it. ``nonfinite`` and ``unconverged`` are
     :func:`mtljax.make_train_step`'s: what a non-finite step or a solver that did not
     converge does (``unconverged="raise"`` stops with a :class:`mtljax.SolverError` naming
-    the step).
+    the step). ``gramian`` is :func:`mtljax.make_train_step`'s Gramian path; ``None`` (the
+    default) means ``"auto"`` for a new run and, when resuming, the path the checkpoint was
+    written with (``"jacobian"`` for checkpoints that do not record one), so that the resumed
+    run continues bit for bit.
     """
     from mtljax._src import sharding
     from mtljax._src.checkpoint import (
@@ -281,8 +299,8 @@ def run_training(
             "mode": mode,
             "chunk_size": chunk_size,
             "gramian_chunk_size": gramian_chunk_size,
-            # (only when not the default: checkpoints written before the option still resume)
-            **({"gramian": gramian} if gramian != "jacobian" else {}),
+            # (only when not "jacobian": checkpoints written before the option still resume)
+            **({"gramian": gramian} if gramian not in (None, "jacobian") else {}),
             "compute_dtype": None if compute_dtype is None else str(np.dtype(compute_dtype)),
         }
         try:
@@ -300,6 +318,11 @@ def run_training(
                 f"{ckpt_dir} already holds checkpoints (latest: step {e.latest}); pass --resume "
                 "to continue from it, --overwrite to replace them, or choose another --ckpt-dir"
             ) from None
+        if gramian is None:
+            gramian = _saved_gramian_path(ckpt) if resume else "auto"
+            if gramian != "jacobian":
+                ckpt.config["gramian"] = gramian
+    gramian = "auto" if gramian is None else gramian
     try:
         model = problem.model
         names = model.task_names
@@ -633,13 +656,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--gramian",
-        choices=("jacobian", "layerwise", "auto"),
-        default="jacobian",
+        choices=("auto", "jacobian", "layerwise"),
+        default=None,
         help="weighting methods: 'layerwise' computes the Gramian layer by layer without "
         "per-task weight gradients for dense layers (exact; pays when the batch is smaller "
-        "than the layers' width); 'auto' (make_train_step's default) takes it where it "
-        "counts fewer multiply-adds. The default stays 'jacobian' so that checkpoints "
-        "written without the option resume bit for bit",
+        "than the layers' width); 'auto' takes it where it counts fewer multiply-adds "
+        "(default for a new run; --resume continues on the checkpoint's path)",
     )
     t.add_argument(
         "--compute-dtype",
