@@ -74,6 +74,9 @@ def test_resnet_with_batch_norm_is_exact_and_convolutions_take_the_exact_path():
         plan = _check_exact(_losses_fn(model, batch), params.shared, params.specific)
     conv = [p for p in plan.leaves if p.path.endswith("kernel")]
     assert conv and not any(p.layerwise for p in conv)
+    # gramian="auto" keeps the Jacobian path: the extra backward pass through the convolutions
+    # is not counted, and no block is cheaper layer-wise.
+    assert not engine.layerwise_pays(_losses_fn(model, batch), params.shared, params.specific)
 
 
 def test_weight_batch_axes_several_uses_and_either_operand():

@@ -358,10 +358,24 @@ def layerwise_pays(f: Callable[..., Any], shared: PyTree, *args: PyTree) -> bool
     ``T·P`` for ``Jᵀw``. The ``T`` backward passes through the activations are common to both
     and not counted. With ``T`` tasks, batch ``B`` and a dense ``C × F`` weight the layer-wise
     block costs ``B²C + TB²F + T²BF`` against ``TBCF + T²CF``: it pays when ``B`` is below
-    the layers' width and ``T`` is large enough to amortise the extra pass."""
+    the layers' width and ``T`` is large enough to amortise the extra pass. ``False`` when no
+    leaf takes the layer-wise block, or when a weight of two or more axes has other than dense
+    uses (convolutions: the extra backward pass through them is not counted)."""
     p = gramian_layerwise.plan(f, shared, *args)
+    shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(shared)]
+    # The extra backward pass is counted for dense uses only: a weight of two or more axes
+    # used otherwise (a convolution's kernel, an embedding table) has a backward pass of
+    # uncounted cost, and then the Jacobian path is kept.
+    other_uses = [
+        len(sh) >= 2 and leaf.flops_layerwise is None
+        for leaf, sh in zip(p.leaves, shapes, strict=True)
+    ]
+    if any(other_uses):
+        return False
+    if not any(leaf.layerwise for leaf in p.leaves):
+        return False
     t = int(jax.tree_util.tree_leaves(jax.eval_shape(f, shared, *args))[0].shape[0])
-    size = sum(math.prod(jnp.shape(x)) for x in jax.tree_util.tree_leaves(shared))
+    size = sum(math.prod(sh) for sh in shapes)
     backward = sum(2 * u.b * u.n * u.c * u.f for u in p.uses)
     exact = sum(leaf.flops_exact for leaf in p.leaves) + t * size
     return p.flops() + backward < exact
