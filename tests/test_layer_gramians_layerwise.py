@@ -194,6 +194,11 @@ def test_auto_at_parameter_level_weighs_the_extra_backward_pass():
 
     assert chosen(t=40, n=16, width=128)
     assert not chosen(t=2, n=64, width=128)
+    # a chunk size caps the Jacobian's memory: "auto" keeps the chunked Jacobian path then
+    f, p, x = _dense(t=40, d_in=128, d_out=128, n=16)
+    model = mtl.Model(tuple(f"t{i}" for i in range(40)), lambda s, sp, b: f(s, b))
+    q = engine.compute(model, mtl.Params(p, {}), x, needs="gramian", gramian="auto", chunk_size=8)
+    assert q.jacobian is not None
     assert not chosen(t=40, n=256, width=8)
     # The step cost benchmark's MLP (B = 256, H = 512): layer-wise from T = 10, not at T = 2.
     for t, expected in ((2, False), (10, True), (40, True)):

@@ -486,8 +486,8 @@ def compute(
         gradients of the dense weights where that is cheaper,
         :func:`mtljax.gramian_layerwise`; at feature level without ``J_z`` where the heads
         apply ``z`` densely, :func:`_feature_layerwise`; no Jacobian is returned) or
-        ``"auto"``: at parameter level over all shared parameters, without chunks or a
-        constraint, whichever of the two :func:`layerwise_pays` finds cheaper by its
+        ``"auto"``: at parameter level over all shared parameters, without chunks (either
+        kind) or a constraint, whichever of the two :func:`layerwise_pays` finds cheaper by its
         multiply-adds, ``"jacobian"`` otherwise.
     """
     t = model.num_tasks
@@ -498,7 +498,8 @@ def compute(
     if gramian not in ("jacobian", "layerwise", "auto"):
         raise ValueError(f"gramian must be 'jacobian', 'layerwise' or 'auto', got {gramian!r}")
     if gramian == "auto":
-        plain = gramian_chunk_size is None and constraint is None and subset == "all"
+        chunked = chunk_size is not None or gramian_chunk_size is not None
+        plain = not chunked and constraint is None and subset == "all"
         gramian = "jacobian"
         if needs == "gramian" and mode == "parameter" and plain:
 
