@@ -318,12 +318,11 @@ def run_training(
                 f"{ckpt_dir} already holds checkpoints (latest: step {e.latest}); pass --resume "
                 "to continue from it, --overwrite to replace them, or choose another --ckpt-dir"
             ) from None
-        if gramian is None:
-            gramian = _saved_gramian_path(ckpt) if resume else "auto"
-            if gramian != "jacobian":
-                ckpt.config["gramian"] = gramian
-    gramian = "auto" if gramian is None else gramian
     try:
+        if gramian is None:  # a resumed run continues on its checkpoints' path
+            gramian = _saved_gramian_path(ckpt) if ckpt is not None and resume else "auto"
+            if ckpt is not None and gramian != "jacobian":
+                ckpt.config["gramian"] = gramian
         model = problem.model
         names = model.task_names
         key_train, key_data = jax.random.split(jax.random.key(seed))
