@@ -346,6 +346,20 @@ def _layerwise(model, fns, params, batch, ctx, subset):
     return out.losses, out.gramian, vjp, out.aux
 
 
+def auto_path(
+    needs: base.Needs, mode: Mode, subset: base.ParamSubset, *, chunked: bool, constrained: bool
+) -> GramianPath:
+    """What ``gramian="auto"`` takes before the shapes are known: ``"jacobian"`` unless the
+    Gramian alone is needed, without chunks or a Jacobian constraint; then ``"layerwise"`` at
+    feature level and on a layer subset, whose update is one VJP of ``w · L`` either way (each
+    weight takes the path with fewer multiply-adds, so it never costs more than forming the
+    Jacobian), and over all shared parameters ``"auto"``, which :func:`compute` settles from
+    the shapes with :func:`layerwise_pays`."""
+    if needs != "gramian" or chunked or constrained:
+        return "jacobian"
+    return "layerwise" if (mode == "feature" or subset != "all") else "auto"
+
+
 def layerwise_pays(f: Callable[..., Any], shared: PyTree, *args: PyTree) -> bool:
     """Whether, at parameter level over all shared parameters, the layer-wise Gramian plus
     the backward pass of the update ``∇(w·L)`` costs fewer multiply-adds than the Gramian of
@@ -486,9 +500,8 @@ def compute(
         gradients of the dense weights where that is cheaper,
         :func:`mtljax.gramian_layerwise`; at feature level without ``J_z`` where the heads
         apply ``z`` densely, :func:`_feature_layerwise`; no Jacobian is returned) or
-        ``"auto"``: at parameter level over all shared parameters, without chunks (either
-        kind) or a constraint, whichever of the two :func:`layerwise_pays` finds cheaper by its
-        multiply-adds, ``"jacobian"`` otherwise.
+        ``"auto"`` (:func:`auto_path`; over all shared parameters at parameter level, whichever
+        of the two :func:`layerwise_pays` finds cheaper by its multiply-adds).
     """
     t = model.num_tasks
     fns, ctx = _enter(model, model_state, key)
@@ -499,14 +512,14 @@ def compute(
         raise ValueError(f"gramian must be 'jacobian', 'layerwise' or 'auto', got {gramian!r}")
     if gramian == "auto":
         chunked = chunk_size is not None or gramian_chunk_size is not None
-        plain = not chunked and constraint is None and subset == "all"
-        gramian = "jacobian"
-        if needs == "gramian" and mode == "parameter" and plain:
+        constrained = constraint is not None
+        gramian = auto_path(needs, mode, subset, chunked=chunked, constrained=constrained)
+    if gramian == "auto":
 
-            def f(shared, spec):
-                return fns.losses(shared, spec, batch, ctx)
+        def f(shared, spec):
+            return fns.losses(shared, spec, batch, ctx)
 
-            gramian = "layerwise" if layerwise_pays(f, params.shared, params.specific) else gramian
+        gramian = "layerwise" if layerwise_pays(f, params.shared, params.specific) else "jacobian"
     if gramian == "layerwise" and needs == "gramian":
         if gramian_chunk_size is not None:
             raise ValueError("gramian='layerwise' and gramian_chunk_size exclude each other")

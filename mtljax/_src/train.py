@@ -401,24 +401,21 @@ def resolve_gramian_path(
     gramian_chunk_size: int | None,
     constraint: Callable[[PyTree], PyTree] | None,
 ) -> engine.GramianPath:
-    """The Gramian path ``gramian="auto"`` takes, for a weighting method on the Gramian with
-    neither chunks nor a Jacobian constraint: ``"layerwise"`` at feature level and on a layer
-    subset (GradNorm's last shared layer), whose update is one VJP of ``w · L`` either way;
-    there :func:`mtljax.gramian_layerwise` takes, layer by layer, the path with fewer
-    multiply-adds (the per-task gradients where the layer-wise one is not cheaper), so it
-    never costs more than forming the Jacobian. Over all shared parameters ``"auto"``: the
-    engine compares, from the shapes, the layer-wise Gramian plus one backward pass for the
-    update with the formed Jacobian, whose ``Jᵀw`` saves that pass
-    (:func:`mtljax._src.engine.layerwise_pays`), and takes the cheaper. ``"jacobian"`` for
-    every other method, and wherever ``chunk_size``, ``gramian_chunk_size`` or a constraint
-    asks for the Jacobian."""
+    """The Gramian path ``gramian="auto"`` takes for ``method`` (:func:`engine.auto_path`):
+    ``"layerwise"`` for a weighting method on the Gramian at feature level or on a layer
+    subset (GradNorm's last shared layer); over all shared parameters ``"auto"``, which the
+    engine settles from the shapes (:func:`mtljax._src.engine.layerwise_pays`: the layer-wise
+    Gramian plus one backward pass for the update, against the formed Jacobian whose ``Jᵀw``
+    saves that pass); ``"jacobian"`` for every other method, and wherever ``chunk_size``,
+    ``gramian_chunk_size`` or a constraint asks for the Jacobian."""
     if gramian != "auto":
         return gramian
-    gramian_only = method.weights is not None and method.needs == "gramian"
-    plain = chunk_size is None and gramian_chunk_size is None and constraint is None
-    if not (gramian_only and plain):
+    if method.weights is None:
         return "jacobian"
-    return "layerwise" if (mode == "feature" or method.params != "all") else "auto"
+    chunked = chunk_size is not None or gramian_chunk_size is not None
+    return engine.auto_path(
+        method.needs, mode, method.params, chunked=chunked, constrained=constraint is not None
+    )
 
 
 class StepGradients(NamedTuple):
@@ -1126,8 +1123,9 @@ def make_train_step(
         :func:`mtljax.gramian_layerwise`; at feature level, without the representation
         Jacobian where the heads apply ``z`` densely); the update is ``∇(w·L)``, one VJP.
         ``"auto"`` (default): ``"layerwise"`` at feature level and on a layer subset, where
-        the update is one VJP either way, ``"jacobian"`` otherwise (see
-        :func:`resolve_gramian_path`).
+        the update is one VJP either way; over all shared parameters whichever of the two
+        counts fewer multiply-adds from the shapes, the update's extra backward pass included;
+        ``"jacobian"`` otherwise (see :func:`resolve_gramian_path`).
 
     Metrics: a dict of arrays with the same keys, shapes and dtypes for every method, so that
     a loop that logs them works whichever method it runs (the keys of
