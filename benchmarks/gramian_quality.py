@@ -71,9 +71,6 @@ def build(suite: str, methods, paths, references, seeds: int, steps: int | None)
         given = run_lib._default_args(name, problem, spec.method_args.get(name, {}))
         built[name] = methods_lib.get(name, **given)
         method_args[name] = dict(spec.method_args.get(name, {}))
-    init = None
-    if problem.init_params is None:
-        init = run_lib._params_of_seed(spec.name, dict(spec.options))
     section = run_lib.run_problem(
         problem,
         built,
@@ -81,7 +78,7 @@ def build(suite: str, methods, paths, references, seeds: int, steps: int | None)
         eval_every=run_lib._eval_every(spec, problem),
         seeds=seeds,
         method_args=method_args,
-        init=init,
+        init=run_lib._params_of_seed(spec, problem),
         progress=True,
         plateau=spec.plateau,
         step_args=step_args,

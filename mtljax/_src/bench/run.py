@@ -625,11 +625,15 @@ def auxiliary_report(section: Mapping[str, Any]) -> dict[str, Any] | None:
 # A suite
 
 
-def _params_of_seed(name: str, options: dict[str, Any]) -> Callable[[int], Params]:
-    """Initial parameters of a problem without ``init_params``: those of its seed-``s`` build."""
+def _params_of_seed(spec, problem: Problem) -> Callable[[int], Params] | None:
+    """``run_problem``'s ``init`` for a suite's problem: ``None`` where the problem has
+    ``init_params``; otherwise the parameters of its seed-``s`` build with the spec's options."""
+    if problem.init_params is not None:
+        return None
+    options = dict(spec.options)
 
     def init(seed: int) -> Params:
-        return problems_lib.get(name, seed=seed, **options).params
+        return problems_lib.get(spec.name, seed=seed, **options).params
 
     return init
 
@@ -706,9 +710,6 @@ def run_suite(
     try:
         for spec, problem, names, unavailable, n_steps, every in prepared:
             bar.epoch(problem.steps_per_epoch)
-            init = None
-            if problem.init_params is None:
-                init = _params_of_seed(spec.name, dict(spec.options))
             section = run_problem(
                 problem,
                 names,
@@ -717,7 +718,7 @@ def run_suite(
                 seeds=n_seeds,
                 base_seed=base_seed,
                 method_args=spec.method_args,
-                init=init,
+                init=_params_of_seed(spec, problem),
                 progress=bar,
                 plateau=spec.plateau,
             )
