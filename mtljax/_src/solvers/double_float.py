@@ -1,0 +1,85 @@
+"""Double-float (compensated) arithmetic: a value as an unevaluated sum ``hi + lo`` of two floats.
+
+For the few quantities that a float32 method must know to about ``ε²`` where float64 may not
+exist (accelerators): residuals of nearly singular systems, where the answer's error is the
+residual's times the condition number. The error-free transformations (Knuth's TwoSum;
+Dekker's TwoProduct on a split into 12-bit halves, taken by masking the significand so that no
+compiler contraction or reassociation can change it) are exact in round-to-nearest arithmetic
+without overflow or underflow; sums are pairwise, ``O(log m)`` deep (Dekker, "A floating-point
+technique for extending the available precision", Numer. Math. 1971; Ogita, Rump & Oishi,
+"Accurate sum and dot product", SIAM J. Sci. Comput. 2005). Relative accuracy ``≈ ε²`` times
+the condition number of the sum.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``s + e = a + b`` exactly, ``s = fl(a + b)`` (Knuth)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _fast_two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``s + e = a + b`` exactly when ``|a| ≥ |b|`` (Dekker)."""
+    s = a + b
+    return s, b - (s - a)
+
+
+def split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``a = hi + lo`` exactly, by masking the low bits of the significand: 12 + 12 bits in
+    float32 (every product of two parts is exact); 26 + 27 in float64 (all but ``lo·lo``)."""
+    bits = {jnp.dtype(jnp.float32): (jnp.uint32, 12), jnp.dtype(jnp.float64): (jnp.uint64, 27)}
+    utype, drop = bits[jnp.dtype(a.dtype)]
+    mask = jnp.asarray(~((1 << drop) - 1) & jnp.iinfo(utype).max, utype)
+    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(a, utype) & mask, a.dtype)
+    return hi, a - hi
+
+
+def two_prod(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``p + e = a · b``, ``p = fl(a · b)`` (Dekker's TwoProduct): exact in float32; in float64
+    ``e`` is rounded at ``2⁻¹⁰⁶`` relative to ``|a·b|``."""
+    p = a * b
+    ah, al = split(a)
+    bh, bl = split(b)
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def add(x: tuple[jax.Array, jax.Array], y: tuple[jax.Array, jax.Array]):
+    """``x + y`` in double-float."""
+    s, e = two_sum(x[0], y[0])
+    return _fast_two_sum(s, e + (x[1] + y[1]))
+
+
+def sum_last(hi: jax.Array, lo: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``Σⱼ (hiⱼ + loⱼ)`` over the last axis, pairwise."""
+    while hi.shape[-1] > 1:
+        m = hi.shape[-1]
+        if m % 2:
+            pad = [(0, 0)] * (hi.ndim - 1) + [(0, 1)]
+            hi, lo, m = jnp.pad(hi, pad), jnp.pad(lo, pad), m + 1
+        h = m // 2
+        hi, lo = add((hi[..., :h], lo[..., :h]), (hi[..., h:], lo[..., h:]))
+    if hi.shape[-1] == 0:
+        return jnp.zeros(hi.shape[:-1], hi.dtype), jnp.zeros(lo.shape[:-1], lo.dtype)
+    return hi[..., 0], lo[..., 0]
+
+
+def dot_last(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``Σⱼ aⱼ bⱼ`` over the last axis (broadcast), in double-float."""
+    return sum_last(*two_prod(a, b))
+
+
+def sqrt(x: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """``√x`` of a non-negative double-float, by one Newton step from ``√hi``."""
+    hi, lo = x
+    r = jnp.sqrt(jnp.maximum(hi, 0.0))
+    safe = jnp.where(r > 0, r, 1.0)
+    p, e = two_prod(r, r)
+    corr = jnp.where(r > 0, ((hi - p) - e + lo) / (2.0 * safe), 0.0)
+    return _fast_two_sum(r, corr)
