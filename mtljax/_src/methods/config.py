@@ -15,7 +15,7 @@ from mtljax._src.solvers import double_float as df
 
 PyTree = Any
 
-# Steps of iterative refinement of U⁺𝟙 on residuals in double-float (see conflict_free_direction).
+# Refine U⁺𝟙 on double-float residuals where ε·κ(U) exceeds this (see conflict_free_direction).
 _REFINE_ABOVE = 1e-6
 
 
@@ -111,8 +111,9 @@ def conflict_free_direction(jacobian: PyTree, num_tasks: int) -> PyTree:
        ``g_c`` is refined once by iterative refinement: ``g_c += U⁺r`` with the residuals
        ``rᵢ = 1 − uᵢ · g_c`` computed from ``J`` in double-float (:func:`_unit_residuals`),
        which leaves ``ε`` relative to ``g_c`` plus ``(ε κ(U))²``. The refinement costs two
-       double-float passes over the Jacobian (about 2 ns per entry on a CPU core), paid only
-       by ill-conditioned inputs (under ``vmap``, by every input).
+       double-float passes over the Jacobian, paid only by ill-conditioned inputs (under
+       ``vmap``, by every input): on a 2-core CPU, rows of 131072 entries, 3 → 15 ms at T = 10
+       and 26 → 81 ms at T = 40.
 
     The length: ``U g_c = V_κ V_κᵀ 𝟙`` (``= 𝟙`` for independent gradients) and
     ``g_ConFIG = (nᵀ V_κ V_κᵀ 𝟙 / ‖g_c‖²) g_c``. Zero gradients take no part; all-zero

@@ -3,12 +3,13 @@
 For the few quantities that a float32 method must know to about ``ε²`` where float64 may not
 exist (accelerators): residuals of nearly singular systems, where the answer's error is the
 residual's times the condition number. The error-free transformations (Knuth's TwoSum;
-Dekker's TwoProduct on a split into 12-bit halves, taken by masking the significand so that no
-compiler contraction or reassociation can change it) are exact in round-to-nearest arithmetic
-without overflow or underflow; sums are pairwise, ``O(log m)`` deep (Dekker, "A floating-point
-technique for extending the available precision", Numer. Math. 1971; Ogita, Rump & Oishi,
-"Accurate sum and dot product", SIAM J. Sci. Comput. 2005). Relative accuracy ``≈ ε²`` times
-the condition number of the sum.
+Dekker's TwoProduct on a split into 12-bit halves, taken by masking the significand so that a
+fused multiply-add cannot change it) are exact in round-to-nearest arithmetic without overflow
+or underflow (XLA does not reassociate floating-point sums). Long sums run in 256 interleaved
+double-float partial sums, then pairwise (Dekker, "A floating-point technique for extending
+the available precision", Numer. Math. 1971; Ogita, Rump & Oishi, "Accurate sum and dot
+product", SIAM J. Sci. Comput. 2005): the error is about ``(m/256)·ε²`` times the sum of the
+terms' magnitudes (tested in ``tests/methods/test_double_float.py``).
 """
 
 from __future__ import annotations
@@ -70,9 +71,20 @@ def sum_last(hi: jax.Array, lo: jax.Array) -> tuple[jax.Array, jax.Array]:
     return hi[..., 0], lo[..., 0]
 
 
-def dot_last(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``Σⱼ aⱼ bⱼ`` over the last axis (broadcast), in double-float."""
-    return sum_last(*two_prod(a, b))
+def dot_last(a: jax.Array, b: jax.Array, block: int = 256) -> tuple[jax.Array, jax.Array]:
+    """``Σⱼ aⱼ bⱼ`` over the last axis (broadcast), in double-float: the exact products summed
+    in ``block`` interleaved running sums (one pass, a ``lax.reduce`` whose combiner is the
+    double-float sum), then pairwise."""
+    p, e = two_prod(*jnp.broadcast_arrays(a, b))
+    m = p.shape[-1]
+    if m <= block:
+        return sum_last(p, e)
+    pad = [(0, 0)] * (p.ndim - 1) + [(0, (-m) % block)]
+    shape = (*p.shape[:-1], -1, block)
+    p, e = jnp.pad(p, pad).reshape(shape), jnp.pad(e, pad).reshape(shape)
+    zero = jnp.zeros((), p.dtype)
+    hi, lo = lax.reduce((p, e), (zero, zero), lambda x, y: add(x, y), (p.ndim - 2,))
+    return sum_last(hi, lo)
 
 
 def sqrt(x: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
