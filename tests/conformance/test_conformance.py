@@ -228,7 +228,22 @@ def test_non_conflicting(name, claims):
 # of the verdict below, each with the measured reason. They are listed in the README's solver
 # accuracy section; a case not listed here fails the test, and an entry whose case no longer
 # fails is reported by test_known_failures_still_fail (so the list cannot go stale).
+_ALIGNED_RANK = (
+    "float32 limit of the rank decision: an eigenvalue of K below the cut 4·ε₃₂·λ_max(K), "
+    "which sits above what float32 rounding of G leaves for exactly dependent gradients (up to "
+    "2·ε₃₂·λ_max(K)); a lower cut shrinks their update 2000-fold (test_aligned_mtl_exactly_"
+    "dependent_tasks_keep_their_scale_in_float32)"
+)
 KNOWN_FAILURES: dict[tuple[str, int, str], dict[str, str]] = {
+    ("aligned_mtl", 2, "float32"): {
+        "opposite[δ=0.001]": _ALIGNED_RANK,
+        "stationary[η=0.0001]": _ALIGNED_RANK,
+        "condition[1e+08]": _ALIGNED_RANK,
+    },
+    ("aligned_mtl", 5, "float32"): {
+        "opposite[δ=0.001]": _ALIGNED_RANK,
+        "stationary[η=0.0001]": _ALIGNED_RANK,
+    },
     ("mgda", 5, "float32"): {
         "condition[1e+12]": "float32 limit: the Gramian's condition 1e12 (its cosine "
         "matrix's ≈2e11–1e12, the matrix solved) exceeds 1/ε₃₂",
@@ -642,7 +657,7 @@ def test_rank_cuts_at_100_tasks(name, case):
     gradients: without the refinement on double-float residuals its error was 60–90× the
     allowance. Aligned-MTL: its cut ``0.1·T·ε·λ_max(K)``
     (``10·ε·λ_max`` here) dropped eigenvalues of ``7.5–8·ε·λ_max`` that a float32 eigensolver
-    resolves; it is capped at ``4·ε·λ_max``."""
+    resolves; it is now ``4·ε·λ_max`` at every T."""
     t = 100
     c = {c.name: c for c in corpus.jacobian_corpus(1, t, 2 * t + 2, steps=1, repeats=3)}[case]
     method = mtl.methods.get(name)
