@@ -55,3 +55,21 @@ def test_dot_and_norm_resolve_cancellation_to_about_eps_squared():
         got = float(hi) + float(lo)
         assert abs(got - want) <= 10 * eps**2 * norm, (m, got, want)
         assert abs(float(jnp.sum(a * b)) - float(prod)) > 1e3 * eps**2 * norm  # float32 cannot
+
+
+def test_dot2_is_accurate_to_eps_on_ill_conditioned_sums():
+    """``dot2`` (the CAGrad solver's products) against exact rationals on sums that cancel to
+    about 1e-8 of their terms: error within ``4ε|Σ| + 8·ε·2⁻¹²·Σ|aⱼbⱼ|``, where the plain float32
+    sum errs by ``ε·Σ|aⱼbⱼ|``."""
+    rng = np.random.default_rng(3)
+    eps = float(np.finfo(np.float32).eps)
+    for m in (5, 300, 4097):
+        a = rng.standard_normal(m).astype(np.float32)
+        b = rng.standard_normal(m).astype(np.float32)
+        b[-1] = np.float32(-(a[:-1].astype(np.float64) @ b[:-1]) / a[-1])  # Σ ≈ 0
+        exact = sum((x * y for x, y in zip(_exact(a), _exact(b), strict=True)), Fraction(0))
+        size = float(np.abs(a.astype(np.float64) * b).sum())
+        got = float(jax.jit(df.dot2)(jnp.asarray(a), jnp.asarray(b)))
+        assert abs(got - float(exact)) <= 4 * eps * abs(float(exact)) + 8 * eps * 2**-12 * size, m
+        split = df.split(jnp.asarray(a))
+        assert float(jax.jit(df.dot2)(split, jnp.asarray(b))) == got

@@ -8,10 +8,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from mtljax._src.base import SolverInfo
+from mtljax._src.solvers import double_float as df
 from mtljax._src.solvers._linalg import (
     _BOUNDARY_FRACTION,
     _chol_solver,
@@ -57,52 +57,6 @@ class CAGradSolution(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
-# Products without cancellation error. Nearly opposite gradients make ``Gw`` and ``wᵀGw`` small
-# sums of large terms; computed plainly their rounding (ε|G||w|) is magnified by c/‖g_w‖ in the
-# gradient of the dual. Error-free transformations give them to relative accuracy ε instead.
-
-
-def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``x = hi + lo`` exactly, ``hi`` with the upper half of the significand (bit mask), so
-    that products of halves are exact (or, for ``lo·lo`` in float64, within ε² of exact)."""
-    if _is_f64(x.dtype):
-        kind, mask = jnp.uint64, np.uint64(0xFFFFFFFFF8000000)
-    else:
-        kind, mask = jnp.uint32, np.uint32(0xFFFFF000)
-    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(x, kind) & mask, x.dtype)
-    return hi, x - hi
-
-
-def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``a + b = s + e`` exactly, ``s = fl(a + b)`` (Knuth)."""
-    s = a + b
-    bp = s - a
-    ap = s - bp
-    return s, (a - ap) + (b - bp)
-
-
-def _sum2(x: jax.Array) -> jax.Array:
-    """``Σ x`` over the last axis, pairwise with the rounding errors kept and added back."""
-    err = jnp.zeros(x.shape[:-1], x.dtype)
-    while x.shape[-1] > 1:
-        if x.shape[-1] % 2:
-            x = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], 1), x.dtype)], axis=-1)
-        x, e = _two_sum(x[..., ::2], x[..., 1::2])
-        err = err + jnp.sum(e, axis=-1)
-    return x[..., 0] + err
-
-
-def _dot2(a, b: jax.Array) -> jax.Array:
-    """``Σⱼ aⱼbⱼ`` over the last axis (broadcast) to relative accuracy ε; ``a`` may be given
-    split, as ``(hi, lo)``."""
-    a_hi, a_lo = a if isinstance(a, tuple) else _split(a)
-    b_hi, b_lo = _split(b)
-    # The products of the halves are exact; only the large ones need a compensated sum.
-    small = a_hi * b_lo + a_lo * b_hi + a_lo * b_lo
-    return _sum2(a_hi * b_hi) + jnp.sum(small, axis=-1)
-
-
-# ----------------------------------------------------------------------------------------------
 # The barrier method
 
 
@@ -126,8 +80,8 @@ class _Model(NamedTuple):
 
     def products(self, w):
         """``(Gw, wᵀGw)`` to relative accuracy ε."""
-        u = _dot2(self.g_split, w[None, :])
-        return u, _dot2(w, u)
+        u = df.dot2(self.g_split, w[None, :])
+        return u, df.dot2(w, u)
 
     def ridged(self, w, u, p):
         """``(G'w, wᵀG'w)`` from ``(Gw, wᵀGw)``, ``G' = G + εddᵀ``."""
@@ -153,7 +107,7 @@ def _certificate(model: _Model, w, u, p, m):
     low_path = jnp.min(model.ah + (c / s_path) * u)
     low_full = jnp.min(model.ah + (c / s_full) * u)
     s = jnp.where(low_full > low_path, s_full, s_path)
-    gap = _dot2(model.ah, w) + c * s_full - jnp.maximum(low_path, low_full)
+    gap = df.dot2(model.ah, w) + c * s_full - jnp.maximum(low_path, low_full)
     # Rounding: of the terms (relative ε), and of w itself, whose last digit moves Gw by
     # ε|G|w ≤ εd(dᵀw) and the lower bound by c/s times that; the ridge's share:
     # c(p'^{1/2} − p^{1/2}) in the upper bound, (c/s)εdᵢ(dᵀw) in the lower one.
@@ -220,12 +174,12 @@ def _barrier_method(model: _Model, tol: float, max_iter: int):
         # differences Φ_μ(w + t dw) − Φ_μ(w) are evaluated term by term, without cancellation.
         ts = jnp.minimum(1.0, _BOUNDARY_FRACTION * _max_step(w, dw)) * halvings
         dgd = model.ridged(dw, *model.products(dw))[1]
-        dp = ts * (2.0 * _dot2(u, dw) + ts * dgd)
+        dp = ts * (2.0 * df.dot2(u, dw) + ts * dgd)
         root_t = jnp.sqrt(jnp.maximum(m * m + p + dp, 0.0))
         ds = dp / jnp.maximum(root_t + root, tiny)
         steps = jnp.maximum(ts[:, None] * v, -_BOUNDARY_FRACTION)
         dphi = (
-            ts * _dot2(ah, dw)
+            ts * df.dot2(ah, dw)
             + c * ds
             - mu * jnp.log1p(ds / s)
             - mu * jnp.sum(jnp.log1p(steps), axis=1)
@@ -355,7 +309,7 @@ def _polish_one(model: _Model, mask, *, cos, cos_split, at):
     f = jnp.where(qb >= 0, (qb + root) / qa, qc / (qb - root))
     beta = jnp.where(mask, (f * p - q) / c, 0.0)
     # The KKT conditions, evaluated without cancellation (nearly opposite gradients).
-    ku = _dot2(cos_split, beta[None, :])
+    ku = df.dot2(cos_split, beta[None, :])
     progress = at + c * ku  # ĝᵢ·d̂
     # Each condition relative to the magnitude of its terms (large where gradients cancel).
     size = jnp.abs(at) + c * _dot(jnp.abs(cos), jnp.abs(beta)) + jnp.abs(f) * e
@@ -366,7 +320,7 @@ def _polish_one(model: _Model, mask, *, cos, cos_split, at):
     negative = jnp.maximum(-beta, 0.0) / jnp.maximum(jnp.max(jnp.abs(beta)), tiny)
     violation = jnp.max(jnp.where(mask, jnp.maximum(on, negative), off))
     norm_size = jnp.maximum(_dot(jnp.abs(beta), _dot(jnp.abs(cos), jnp.abs(beta))), tiny)
-    violation = jnp.maximum(violation, jnp.abs(_dot2(beta, ku) - 1.0) / norm_size)
+    violation = jnp.maximum(violation, jnp.abs(df.dot2(beta, ku) - 1.0) / norm_size)
     ok = (disc >= 0) & (qa > 0) & jnp.all(jnp.isfinite(beta)) & (violation <= _POLISH_TOL * eps)
     ok = ok & jnp.any(beta > 0)
     # The next support of an active-set step: without the tasks of negative weight, with the
@@ -392,7 +346,7 @@ def _polish(model: _Model, w, s):
     cos = jnp.clip(model.g * inv[:, None] * inv[None, :], -1.0, 1.0)
     cos = jnp.where(nz[:, None] & nz[None, :], cos, 0.0)
     cos = cos.at[jnp.diag_indices(tn)].set(jnp.where(nz, 1.0, 0.0))
-    cos_split = _split(cos)
+    cos_split = df.split(cos)
     at = model.ah * inv  # ĝᵢ·ĝ₀
     u = model.products(w)[0]
     gt = model.ah + (c / s) * u
@@ -518,9 +472,12 @@ def cagrad_solve(
     eps = float(jnp.finfo(dtype).eps)
     ridge = _RIDGE * eps * eps if ridge is None else float(ridge)
     b = jnp.full((n,), 1.0 / n, dtype)
-    g_split = _split(g)
-    a = _dot2(g_split, b[None, :])
-    n0_sq = _dot2(b, a)
+    # Products without cancellation error: nearly opposite gradients make ``Gw`` and ``wᵀGw``
+    # small sums of large terms, whose plain rounding (ε|G||w|) is magnified by c/‖g_w‖ in the
+    # gradient of the dual; ``df.dot2`` gives them to relative accuracy ε.
+    g_split = df.split(g)
+    a = df.dot2(g_split, b[None, :])
+    n0_sq = df.dot2(b, a)
     trivial = (c <= 0) | (n0_sq <= 0)  # r = 0: λ = b
     n0 = jnp.sqrt(jnp.where(trivial, 1.0, n0_sq))
     c_safe = jnp.where(trivial, 1.0, c)

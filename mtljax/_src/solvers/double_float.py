@@ -95,3 +95,27 @@ def sqrt(x: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
     p, e = two_prod(r, r)
     corr = jnp.where(r > 0, ((hi - p) - e + lo) / (2.0 * safe), 0.0)
     return _fast_two_sum(r, corr)
+
+
+def sum2(x: jax.Array) -> jax.Array:
+    """``Σ x`` over the last axis, pairwise, with the rounding errors kept and added back (Ogita,
+    Rump & Oishi's Sum2 in pairwise order): error about ``ε|Σ x| + ε²·Σ|x|``."""
+    err = jnp.zeros(x.shape[:-1], x.dtype)
+    while x.shape[-1] > 1:
+        if x.shape[-1] % 2:
+            x = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], 1), x.dtype)], axis=-1)
+        x, e = two_sum(x[..., ::2], x[..., 1::2])
+        err = err + jnp.sum(e, axis=-1)
+    return x[..., 0] + err
+
+
+def dot2(a, b: jax.Array) -> jax.Array:
+    """``Σⱼ aⱼbⱼ`` over the last axis (broadcast): the products of the high halves summed by
+    :func:`sum2`, the cross and low ones (each within about ``2⁻¹¹|aⱼbⱼ|`` in float32) plainly,
+    so the error is about
+    ``ε|Σ| + ε·2⁻¹²·Σ|aⱼbⱼ|``; ``a`` may be given split, as ``(hi, lo)`` from :func:`split`."""
+    a_hi, a_lo = a if isinstance(a, tuple) else split(a)
+    b_hi, b_lo = split(b)
+    # The products of the halves are exact; only the large ones need a compensated sum.
+    small = a_hi * b_lo + a_lo * b_hi + a_lo * b_lo
+    return sum2(a_hi * b_hi) + jnp.sum(small, axis=-1)
