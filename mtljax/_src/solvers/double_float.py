@@ -112,8 +112,8 @@ def sum2(x: jax.Array) -> jax.Array:
 def dot2(a, b: jax.Array) -> jax.Array:
     """``Σⱼ aⱼbⱼ`` over the last axis (broadcast): the products of the high halves summed by
     :func:`sum2`, the cross and low ones (each within about ``2⁻¹¹|aⱼbⱼ|`` in float32) plainly,
-    so the error is about
-    ``ε|Σ| + ε·2⁻¹²·Σ|aⱼbⱼ|``; ``a`` may be given split, as ``(hi, lo)`` from :func:`split`."""
+    so the error is about ``ε|Σ| + ε·2⁻¹²·Σ|aⱼbⱼ|``. ``a`` may be given split, as ``(hi, lo)``
+    from :func:`split`."""
     a_hi, a_lo = a if isinstance(a, tuple) else split(a)
     b_hi, b_lo = split(b)
     # The products of the halves are exact; only the large ones need a compensated sum.
