@@ -12,8 +12,8 @@ default) trains with its weights ``w = φ(G)`` taken from:
   from that layer's Jacobian, ``gramian="jacobian"``); the update stays ``∇(w·L)`` over all
   parameters;
 * ``feature``: the Gramian of the Jacobian w.r.t. the shared representation
-  (``mode="feature"``), another approximation of ``G``, for comparison (a layer subset has
-  no effect at feature level).
+  (``mode="feature"``), another approximation of ``G``, for comparison (the train step
+  refuses a layer subset at feature level).
 
 The problem, its options, steps, evaluation interval and method arguments are those of a
 benchmark suite (``quick``: multidigits, the MLP trunk 90→128→128 with four linear heads, its

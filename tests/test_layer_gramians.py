@@ -148,3 +148,22 @@ def test_train_step_and_cli_accept_the_selector():
     with pytest.raises(ValueError, match="last_shared"):
         bare = mtl.Model(model.task_names, model.losses_fn)
         mtl.make_train_step(bare, mtl.on_layers(method, "last"), optax.sgd(1e-2))
+
+
+def test_feature_level_refuses_a_layer_subset():
+    """A layer subset selects shared parameters; the feature-level Jacobian is w.r.t. the
+    representation, so the step refuses the subset instead of ignoring it. GradNorm keeps its
+    own last-layer default there (its feature-level norms are the representation's)."""
+    model, params = tiny_model(T)
+    assert model.has_features
+    opt = optax.sgd(0.1)
+    for layers in ("last", ("encoder/layers/0",)):
+        method = mtl.on_layers(mtl.methods.get("upgrad"), layers)
+        with pytest.raises(ValueError, match="mode='feature' cannot use"):
+            mtl.make_train_step(model, method, opt, mode="feature")
+        mtl.make_train_step(model, method, opt)  # parameter level: fine
+    gradnorm = mtl.methods.get("gradnorm")
+    step = mtl.make_train_step(model, gradnorm, opt, mode="feature")
+    state = mtl.init_train_state(model, params, gradnorm, opt, jax.random.key(0))
+    state, metrics = step(state, tiny_batch(T))
+    assert np.all(np.isfinite(np.asarray(metrics["losses"])))

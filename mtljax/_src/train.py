@@ -696,6 +696,13 @@ class TrainStep:
                 "mode='feature' needs a model given as encoder and heads "
                 "(Model.from_encoder_heads, or from_nnx(encode=..., heads=...))"
             )
+        if mode == "feature" and method.params != "all" and method.name != "gradnorm":
+            raise ValueError(
+                f"{method.name} is set to a layer subset (params={method.params!r}), which "
+                "mode='feature' cannot use: the feature-level Jacobian is taken w.r.t. the shared "
+                "representation, not the shared parameters. Use mode='parameter' with the subset, "
+                f"or {method.name} on all shared parameters (mtl.on_layers(method, 'all'))"
+            )
         if head_grads not in (None, "weighted", "unit"):
             raise ValueError(f"head_grads must be None, 'weighted' or 'unit', got {head_grads!r}")
         if nonfinite not in ("skip", "raise", "apply"):
