@@ -145,6 +145,34 @@ def test_config_no_conflict_below_the_gramian_limit():
         np.testing.assert_allclose(cos, cos.mean(), rtol=1e-2)
 
 
+def test_config_gramian_path_error_within_its_bound():
+    """Where κ(K) ≤ 100 ConFIG solves from the Gramian alone (one pass over J); its float32
+    error stays within the README's κ(K)·ε ≤ 1.2e-5 of the float64 pseudo-inverse, also with
+    row norms spread over e^{±4} and κ(K) near the limit."""
+    method = mtl.methods.get("config")
+    eps = float(np.finfo(np.float32).eps)
+    kappas = []
+    for t in (2, 10, 40):
+        fn = jax.jit(lambda j, t=t: mtl.aggregate(method, j, jnp.ones(t), ())[0])
+        for seed in range(15):
+            rng = np.random.default_rng([t, seed])
+            j = rng.normal(size=(t, 2000)) + rng.uniform(0.5, 3.0) * rng.normal(size=2000)
+            j = j * np.exp(2.0 * rng.normal(size=(t, 1)))
+            j = np.asarray(np.float32(j), np.float64)
+            u = j / np.linalg.norm(j, axis=1, keepdims=True)
+            lam = np.linalg.eigvalsh(u @ u.T)
+            if lam[-1] > 100 * lam[0]:
+                continue  # the rows path, judged elsewhere
+            kappas.append(lam[-1] / lam[0])
+            g_c = np.linalg.pinv(u) @ np.ones(t)
+            g_u = g_c / np.linalg.norm(g_c)
+            ref = (j @ g_u).sum() * g_u
+            d = np.asarray(fn(jnp.asarray(j, jnp.float32)), np.float64)
+            bound = max(lam[-1] / lam[0] * eps, 10 * eps)
+            assert np.linalg.norm(d - ref) <= bound * np.linalg.norm(ref), (t, seed)
+    assert len(kappas) >= 25 and max(kappas) > 50  # the cases reach near the limit
+
+
 @pytest.mark.parametrize("mode", ["parameter", "feature"])
 def test_config_in_the_train_step(mode):
     """ConFIG needs the Jacobian: the step's shared gradient is ConFIG's update of the
