@@ -152,8 +152,9 @@ def test_train_step_and_cli_accept_the_selector():
 
 def test_feature_level_refuses_a_layer_subset():
     """A layer subset selects shared parameters; the feature-level Jacobian is w.r.t. the
-    representation, so the step refuses the subset instead of ignoring it. GradNorm keeps its
-    own last-layer default there (its feature-level norms are the representation's)."""
+    representation, so the step refuses the subset instead of ignoring it. GradNorm's paper
+    takes the last shared layer (``Method.paper_params``), for which the representation stands
+    at feature level: its default runs there, any other subset is refused as for the others."""
     model, params = tiny_model(T)
     assert model.has_features
     opt = optax.sgd(0.1)
@@ -163,6 +164,11 @@ def test_feature_level_refuses_a_layer_subset():
             mtl.make_train_step(model, method, opt, mode="feature")
         mtl.make_train_step(model, method, opt)  # parameter level: fine
     gradnorm = mtl.methods.get("gradnorm")
+    assert gradnorm.paper_params == "last" and mtl.methods.get("upgrad").paper_params == "all"
+    subset = mtl.on_layers(gradnorm, ("encoder/layers/0",))
+    with pytest.raises(ValueError, match="gradnorm is set to a layer subset"):
+        mtl.make_train_step(model, subset, opt, mode="feature")
+    mtl.make_train_step(model, mtl.methods.get("gradnorm", params="all"), opt, mode="feature")
     step = mtl.make_train_step(model, gradnorm, opt, mode="feature")
     state = mtl.init_train_state(model, params, gradnorm, opt, jax.random.key(0))
     state, metrics = step(state, tiny_batch(T))

@@ -137,6 +137,11 @@ class Method(NamedTuple):
         parameters (and ``with_optimizer=None``). :func:`mtljax.init_train_state` and
         :func:`mtljax.make_train_step` bind the model's optimizer through
         :func:`bind_optimizer`; elsewhere the method uses the fallback its docstring gives.
+      paper_params: the shared parameters the method's paper takes its gradients over:
+        ``"all"``, or ``"last"`` for GradNorm (the last shared layer). At feature level
+        (``mode="feature"``) the Jacobian w.r.t. the shared representation stands for them,
+        so :func:`mtljax.make_train_step` accepts ``params`` equal to ``"all"`` or to this
+        there, and refuses any other subset (``on_layers``) instead of ignoring it.
     """
 
     name: str
@@ -150,6 +155,7 @@ class Method(NamedTuple):
     hparams: tuple[tuple[str, Any], ...] = ()
     after_update: AfterUpdateFn | None = None
     with_optimizer: Callable[[Any], Method] | None = None
+    paper_params: ParamSubset = "all"
 
 
 def make_method(
@@ -164,6 +170,7 @@ def make_method(
     min_tasks: int = 1,
     after_update: AfterUpdateFn | None = None,
     with_optimizer: Callable[[Any], Method] | None = None,
+    paper_params: ParamSubset = "all",
 ) -> Method:
     """Builds a :class:`Method`, checking its declaration and wrapping ``init`` to check ``T``."""
     if needs not in _NEEDS:
@@ -173,6 +180,7 @@ def make_method(
     if direction is not None and needs != "jacobian":
         raise ValueError(f"{name}: a direction method needs the jacobian, declared {needs!r}")
     params = check_param_subset(name, params)
+    paper_params = check_param_subset(name, paper_params)
     if head_grads not in ("weighted", "unit"):
         raise ValueError(f"{name}: head_grads must be 'weighted' or 'unit', got {head_grads!r}")
     for hook, fn in (("after_update", after_update), ("with_optimizer", with_optimizer)):
@@ -194,6 +202,7 @@ def make_method(
         min_tasks,
         after_update=after_update,
         with_optimizer=with_optimizer,
+        paper_params=paper_params,
     )
 
 

@@ -696,7 +696,7 @@ class TrainStep:
                 "mode='feature' needs a model given as encoder and heads "
                 "(Model.from_encoder_heads, or from_nnx(encode=..., heads=...))"
             )
-        if mode == "feature" and method.params != "all" and method.name != "gradnorm":
+        if mode == "feature" and method.params not in ("all", method.paper_params):
             raise ValueError(
                 f"{method.name} is set to a layer subset (params={method.params!r}), which "
                 "mode='feature' cannot use: the feature-level Jacobian is taken w.r.t. the shared "

@@ -91,4 +91,12 @@ def gradnorm(
         new_state = GradNormState(new_w, l0, opt_state, state.count + 1)
         return w.astype(dtype), new_state
 
-    return make_method(name, init, needs="gramian", weights=weights, params=params, min_tasks=2)
+    return make_method(
+        name,
+        init,
+        needs="gramian",
+        weights=weights,
+        params=params,
+        min_tasks=2,
+        paper_params="last",
+    )
