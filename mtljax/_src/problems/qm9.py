@@ -46,6 +46,7 @@ from mtljax._src.nn.hard_sharing import HardSharing
 from mtljax._src.nn.mpnn import MPNN, GraphBatch
 from mtljax._src.nn.stacked import StackedLinear
 from mtljax._src.problems import qm9_data as qd
+from mtljax._src.problems._shuffle import permuted_positions
 from mtljax._src.problems.base import Problem
 from mtljax._src.problems.registry import register
 
@@ -197,10 +198,13 @@ def make_epoch_sampler(
     """``(data_key, step) -> batch`` (jittable): epoch by epoch over ``pool`` without
     replacement, as a data loader with ``shuffle=True, drop_last=False`` (the papers' trainer).
 
-    Epoch ``e = step // S`` (``S = ⌈len(pool) / batch_size⌉``) is the permutation
-    ``jax.random.permutation(fold_in(data_key, e), len(pool))``; step ``step`` takes its
-    positions ``[(step mod S)·batch_size, …)``, so every molecule is seen once per epoch and the
-    last batch of an epoch holds the remainder, the empty slots masked. A molecule past the
+    Epoch ``e = step // S`` (``S = ⌈len(pool) / batch_size⌉``) is the permutation ``π`` of
+    :func:`~mtljax._src.problems._shuffle.permuted_positions` keyed by
+    ``fold_in(data_key, e)``; step ``step`` takes its positions ``[(step mod S)·batch_size, …)``,
+    computed for that batch alone (``jax.random.permutation`` of the whole pool at every step
+    cost 52 ms on a 2-core CPU for the 110,831 training molecules; this, about 0.3 ms). Every
+    molecule is seen once per epoch, and the last batch of an epoch holds the remainder, the
+    empty slots masked. A molecule past the
     node or edge budget (about one batch in 10¹¹, :func:`sampling_budget`) is masked out of its
     batch rather than redrawn, which would break the one-pass order.
     """
@@ -211,10 +215,10 @@ def make_epoch_sampler(
 
     def sample_at(data_key, step):
         epoch, position = jnp.divmod(jnp.asarray(step, jnp.int32), per_epoch)
-        order = jax.random.permutation(jax.random.fold_in(data_key, epoch), n)
         at = position * batch_size + offsets
         valid = at < n
-        idx = pool[order[jnp.where(valid, at, 0)]]
+        order = permuted_positions(jax.random.fold_in(data_key, epoch), jnp.where(valid, at, 0), n)
+        idx = pool[order]
         atoms = jnp.where(valid, mols["num_atoms"][idx], 0)
         fits = (jnp.cumsum(atoms) <= max_nodes) & (jnp.cumsum(atoms * (atoms - 1)) <= max_edges)
         return build_batch(mols, idx, valid & fits, max_nodes=max_nodes, max_edges=max_edges)
