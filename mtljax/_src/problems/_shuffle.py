@@ -13,7 +13,8 @@ uniform permutation once the halves are long (Luby & Rackoff, SIAM J. Comput. 19
 says nothing for short halves (small pools), where four rounds leave the positions' joint
 frequencies visibly non-uniform (a chi-square p-value of 1e-125 for the pair ``(π(0), π(1))`` at
 ``n`` = 10). :data:`ROUNDS` = 12 passes those tests at pool sizes 7 to 200
-(``tests/test_shuffle.py``) and costs 0.2 ms for a batch of 120 positions on a 2-core CPU.
+(``tests/test_shuffle.py``) and costs about 0.3 ms for a batch of 120 positions on a 2-core
+CPU.
 """
 
 from __future__ import annotations

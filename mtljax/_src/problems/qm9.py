@@ -204,9 +204,9 @@ def make_epoch_sampler(
     computed for that batch alone (``jax.random.permutation`` of the whole pool at every step
     cost 52 ms on a 2-core CPU for the 110,831 training molecules; this, about 0.3 ms). Every
     molecule is seen once per epoch, and the last batch of an epoch holds the remainder, the
-    empty slots masked. A molecule past the
-    node or edge budget (about one batch in 10¹¹, :func:`sampling_budget`) is masked out of its
-    batch rather than redrawn, which would break the one-pass order.
+    empty slots masked. A molecule past the node or edge budget (about one batch in 10¹¹,
+    :func:`sampling_budget`) is masked out of its batch rather than redrawn, which would break
+    the one-pass order.
     """
     n = len(pool)
     per_epoch = -(-n // batch_size)
