@@ -1019,3 +1019,38 @@ def test_min_norm_norms_spanning_twenty_decades(dtype):
     np.testing.assert_allclose(ga[a > 1e-4], val, atol=TOL[dtype] * val)
     # The vertex of the smallest gradient is feasible: ‖d‖² ≤ ‖g₀‖².
     assert val <= g[0, 0] * (1 + TOL[dtype])
+
+
+class _ExhaustiveCandidates:
+    """``jax.lax`` whose ``cond`` always takes its second branch: CAGrad's refinement then
+    skips its four guessed supports and solves the 2T prefix supports (and active-set steps)."""
+
+    def __getattr__(self, name):
+        return getattr(jax.lax, name)
+
+    @staticmethod
+    def cond(pred, true_fun, false_fun, *operands):
+        return false_fun(*operands)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cagrad_guessed_supports_agree_with_the_exhaustive_candidates(dtype, monkeypatch):
+    """The refinement's first four candidate supports (from the barrier's weights and slacks)
+    give the answer of the 2T prefix supports and active-set steps they short-cut, to the
+    certificate's tolerance, on conflicting, low-rank and badly scaled Gramians (T = 10)."""
+    rng = np.random.default_rng(5)
+    js = rng.normal(size=(24, 10, 3)) @ rng.normal(size=(24, 3, 40))  # rank 3
+    js = js + 0.1 * rng.normal(size=js.shape)
+    js[:8, 1] = -js[:8, 0] + 1e-3 * rng.normal(size=(8, 40))  # nearly opposite pairs
+    js[8:16] *= np.exp(rng.uniform(-9.0, 9.0, size=(8, 10, 1)))  # norms over 1e±4
+    grams = np.einsum("bip,bjp->bij", js, js)
+    with jax.enable_x64(dtype == "float64"):
+        g = jnp.asarray(grams, dtype)
+        fast = jax.jit(jax.vmap(lambda x: cagrad_solve(x, 0.4)))(g)
+        monkeypatch.setattr(solvers_cagrad, "lax", _ExhaustiveCandidates())
+        slow = jax.jit(jax.vmap(lambda x: cagrad_solve(x, 0.4)))(g)
+    assert np.all(np.asarray(fast.info.converged)) and np.all(np.asarray(slow.info.converged))
+    d_fast = np.einsum("bi,bip->bp", np.asarray(fast.lam, float), js)
+    d_slow = np.einsum("bi,bip->bp", np.asarray(slow.lam, float), js)
+    err = np.linalg.norm(d_fast - d_slow, axis=1) / np.linalg.norm(d_slow, axis=1)
+    assert np.all(err <= {"float32": 1e-4, "float64": 1e-10}[dtype]), err.max()
