@@ -347,15 +347,23 @@ def _layerwise(model, fns, params, batch, ctx, subset):
 
 
 def auto_path(
-    needs: base.Needs, mode: Mode, subset: base.ParamSubset, *, chunked: bool, constrained: bool
+    needs: base.Needs,
+    mode: Mode,
+    subset: base.ParamSubset,
+    *,
+    chunk_size: int | None,
+    gramian_chunk_size: int | None,
+    constraint: Callable[[PyTree], PyTree] | None,
 ) -> GramianPath:
     """What ``gramian="auto"`` takes before the shapes are known: ``"jacobian"`` unless the
-    Gramian alone is needed, without chunks or a Jacobian constraint; then ``"layerwise"`` at
-    feature level and on a layer subset, whose update is one VJP of ``w · L`` either way (each
-    weight takes the path with fewer multiply-adds, so it never costs more than forming the
-    Jacobian), and over all shared parameters ``"auto"``, which :func:`compute` settles from
-    the shapes with :func:`layerwise_pays`."""
-    if needs != "gramian" or chunked or constrained:
+    Gramian alone is needed, without chunks (``chunk_size``, ``gramian_chunk_size``) or a
+    Jacobian ``constraint``; then ``"layerwise"`` at feature level and on a layer subset, whose
+    update is one VJP of ``w · L`` either way (each weight takes the path with fewer
+    multiply-adds, so it never costs more than forming the Jacobian), and over all shared
+    parameters ``"auto"``, which :func:`compute` settles from the shapes with
+    :func:`layerwise_pays`."""
+    chunked = chunk_size is not None or gramian_chunk_size is not None
+    if needs != "gramian" or chunked or constraint is not None:
         return "jacobian"
     return "layerwise" if (mode == "feature" or subset != "all") else "auto"
 
@@ -511,9 +519,14 @@ def compute(
     if gramian not in ("jacobian", "layerwise", "auto"):
         raise ValueError(f"gramian must be 'jacobian', 'layerwise' or 'auto', got {gramian!r}")
     if gramian == "auto":
-        chunked = chunk_size is not None or gramian_chunk_size is not None
-        constrained = constraint is not None
-        gramian = auto_path(needs, mode, subset, chunked=chunked, constrained=constrained)
+        gramian = auto_path(
+            needs,
+            mode,
+            subset,
+            chunk_size=chunk_size,
+            gramian_chunk_size=gramian_chunk_size,
+            constraint=constraint,
+        )
     if gramian == "auto":
 
         def f(shared, spec):

@@ -412,9 +412,13 @@ def resolve_gramian_path(
         return gramian
     if method.weights is None:
         return "jacobian"
-    chunked = chunk_size is not None or gramian_chunk_size is not None
     return engine.auto_path(
-        method.needs, mode, method.params, chunked=chunked, constrained=constraint is not None
+        method.needs,
+        mode,
+        method.params,
+        chunk_size=chunk_size,
+        gramian_chunk_size=gramian_chunk_size,
+        constraint=constraint,
     )
 
 
