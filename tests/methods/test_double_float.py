@@ -1,5 +1,7 @@
 """Double-float arithmetic (``mtljax._src.solvers.double_float``) against exact rationals."""
 
+import subprocess
+import sys
 from fractions import Fraction
 
 import jax
@@ -7,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtljax._src.solvers import double_float as df
+from tests.helpers import subprocess_env
 
 
 def _exact(x) -> list[Fraction]:
@@ -20,16 +23,49 @@ def _draws(seed: int, n: int) -> np.ndarray:
 
 def test_error_free_transformations_are_exact():
     a, b = _draws(0, 2000), _draws(1, 2000)
-    for fn, op in ((df.two_sum, lambda x, y: x + y), (df.two_prod, lambda x, y: x * y)):
-        hi, lo = jax.jit(fn)(a, b)
-        for x, y, h, e in zip(_exact(a), _exact(b), _exact(hi), _exact(lo), strict=True):
-            assert h + e == op(x, y)
+    hi, lo = jax.jit(df.two_sum)(a, b)
+    for x, y, h, e in zip(_exact(a), _exact(b), _exact(hi), _exact(lo), strict=True):
+        assert h + e == x + y
     hi, lo = jax.jit(df.split)(a)
     for x, h, e in zip(_exact(a), _exact(hi), _exact(lo), strict=True):
         assert h + e == x
     # 12 bits each: the low 12 bits of hi's significand are zero.
     bits = np.asarray(hi).view(np.uint32)
     assert np.all(bits & 0xFFF == 0)
+
+
+def check_two_prod_in_every_shape() -> None:
+    """``p + e`` is ``a·b`` to ``ε₃₂²|a·b|`` and ``p = fl(a·b)``, also in the shapes where XLA:CPU
+    at its default optimisation contracts a product and a difference into one FMA (8-wide outer
+    products, rows of 7 or 8 against a broadcast row): the textbook
+    ``e = (ah·bh − fl(a·b)) + …`` lost ``p``'s rounding there (``e ≈ 0``, an error of about
+    ``ε|a·b|``)."""
+    eps = float(np.finfo(np.float32).eps)
+    shapes = [((2000,), (2000,)), ((8, 1), (1, 8)), ((8, 7), (1, 7)), ((33, 1), (1, 33))]
+    shapes += [((10, 300), (1, 300)), ((5, 64), (1, 64))]
+    for seed, (sa, sb) in enumerate(shapes):
+        a = _draws(2 * seed, int(np.prod(sa))).reshape(sa)
+        b = _draws(2 * seed + 1, int(np.prod(sb))).reshape(sb)
+        hi, lo = jax.jit(df.two_prod)(jnp.asarray(a), jnp.asarray(b))
+        x, y = np.broadcast_arrays(a, b)
+        np.testing.assert_array_equal(hi, x * y, err_msg=str(sa))
+        for u, v, h, e in zip(_exact(x), _exact(y), _exact(hi), _exact(lo), strict=True):
+            assert abs(h + e - u * v) <= eps**2 * abs(u * v), (sa, sb)
+
+
+def test_two_prod_is_within_eps_squared_in_every_shape():
+    """:func:`check_two_prod_in_every_shape` as the suite compiles (LLVM at level 0) and, in a
+    subprocess, as users compile (XLA's default flags, where the contraction happens)."""
+    check_two_prod_in_every_shape()
+    code = "from tests.methods.test_double_float import check_two_prod_in_every_shape as c; c()"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(XLA_FLAGS=""),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_dot_and_norm_resolve_cancellation_to_about_eps_squared():

@@ -43,12 +43,21 @@ def split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def two_prod(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``p + e = a · b``, ``p = fl(a · b)`` (Dekker's TwoProduct): exact in float32; in float64
-    ``e`` is rounded at ``2⁻¹⁰⁶`` relative to ``|a·b|``."""
-    p = a * b
+    """``p + e = a · b`` (Dekker's TwoProduct, summed from the split): in float32 the four
+    products of the 12-bit halves are exact and ``p + e`` equals ``a · b`` up to a rounding of
+    about ``ε²|a·b|`` in ``e`` (exactly, wherever ``a·b`` fits in two floats, as in the tests);
+    in float64 ``lo·lo`` is rounded at ``2⁻¹⁰⁶|a·b|``.
+
+    Every product taken is exact, so a compiler that contracts a product and a sum into a fused
+    multiply-add cannot change the result. The textbook form ``e = ((ah·bh − p) + …)`` with
+    ``p = fl(a·b)`` can be: XLA:CPU recomputes ``a·b`` inside a fusion and may contract
+    ``ah·bh − a·b`` into one FMA, which subtracts the exact product instead of ``p``, and ``e``
+    then misses ``p``'s rounding (seen on 8-wide outer products)."""
     ah, al = split(a)
     bh, bl = split(b)
-    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    s, e1 = two_sum(ah * bh, ah * bl)
+    s, e2 = two_sum(s, al * bh)
+    return _fast_two_sum(s, (e1 + e2) + al * bl)
 
 
 def add(x: tuple[jax.Array, jax.Array], y: tuple[jax.Array, jax.Array]):
