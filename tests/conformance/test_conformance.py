@@ -244,10 +244,6 @@ KNOWN_FAILURES: dict[tuple[str, int, str], dict[str, str]] = {
         "opposite[δ=0.001]": _ALIGNED_RANK,
         "stationary[η=0.0001]": _ALIGNED_RANK,
     },
-    ("mgda", 5, "float32"): {
-        "condition[1e+12]": "float32 limit: the Gramian's condition 1e12 (its cosine "
-        "matrix's ≈2e11–1e12, the matrix solved) exceeds 1/ε₃₂",
-    },
 }
 
 

@@ -128,3 +128,84 @@ def dot2(a, b: jax.Array) -> jax.Array:
     # The products of the halves are exact; only the large ones need a compensated sum.
     small = a_hi * b_lo + a_lo * b_hi + a_lo * b_lo
     return sum2(a_hi * b_hi) + jnp.sum(small, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Double-float linear algebra on small matrices: values as pairs ``(hi, lo)`` of arrays.
+
+DD = tuple[jax.Array, jax.Array]
+
+
+def mul(x: DD, y: DD) -> DD:
+    """``x · y`` in double-float (relative error about ``4ε²``)."""
+    p, e = two_prod(x[0], y[0])
+    return _fast_two_sum(p, e + (x[0] * y[1] + x[1] * y[0]))
+
+
+def div(x: DD, y: DD) -> DD:
+    """``x / y`` in double-float: the quotient of the high parts, corrected by the double-float
+    remainder ``x − q·y`` (relative error about ``4ε²``)."""
+    q = x[0] / y[0]
+    r = add(x, mul((-q, jnp.zeros_like(q)), y))
+    return _fast_two_sum(q, (r[0] + r[1]) / y[0])
+
+
+def matvec(a: DD, x: DD) -> DD:
+    """``A x`` for a square double-float ``A`` and vector ``x``: exact products of the pairs'
+    parts, summed pairwise in double-float (:func:`sum_last`)."""
+    p, e = two_prod(a[0], x[0][None, :])
+    e = e + (a[0] * x[1][None, :] + a[1] * x[0][None, :])
+    return sum_last(*_fast_two_sum(p, e))
+
+
+def cholesky(a: DD) -> DD:
+    """The lower Cholesky factor ``L`` (``LLᵀ = A``) of a symmetric positive definite
+    double-float ``A`` (``n × n``), right-looking: column ``j`` is ``A[:, j]/√A_jj`` of the
+    remaining block, then that block loses ``l lᵀ``; ``n`` steps of ``O(n²)`` double-float
+    operations. A non-positive pivot gives NaN in the factor (callers check finiteness)."""
+    n = a[0].shape[0]
+    rows = jnp.arange(n)
+
+    def step(j, carry):
+        (ah, al), (lh, ll) = carry
+        piv = (ah[j, j], al[j, j])
+        root = sqrt(piv)
+        root = (jnp.where(piv[0] > 0, root[0], jnp.nan), root[1])
+        col = div((ah[:, j], al[:, j]), (root[0][None], root[1][None]))
+        below = rows > j
+        col = (jnp.where(below, col[0], 0.0), jnp.where(below, col[1], 0.0))
+        col = (col[0].at[j].set(root[0]), col[1].at[j].set(root[1]))
+        p, e = two_prod(col[0][:, None], col[0][None, :])
+        e = e + (col[0][:, None] * col[1][None, :] + col[1][:, None] * col[0][None, :])
+        block = below[:, None] & below[None, :]
+        upd = add((ah, al), (-jnp.where(block, p, 0.0), -jnp.where(block, e, 0.0)))
+        lh, ll = lh.at[:, j].set(col[0]), ll.at[:, j].set(col[1])
+        return upd, (lh, ll)
+
+    zero = jnp.zeros_like(a[0])
+    _, low = lax.fori_loop(0, n, step, (a, (zero, zero)))
+    return low
+
+
+def cholesky_solve(low: DD, b: DD) -> DD:
+    """``x`` with ``L Lᵀ x = b`` (double-float), by forward then backward substitution."""
+    n = b[0].shape[0]
+    rows = jnp.arange(n)
+
+    def forward(i, y):
+        # y_i = (b_i − Σ_{k<i} L_ik y_k) / L_ii, the other entries of y still zero.
+        row = (jnp.where(rows < i, low[0][i], 0.0), jnp.where(rows < i, low[1][i], 0.0))
+        s = sum_last(*mul(row, y))
+        yi = div(add((b[0][i], b[1][i]), (-s[0], -s[1])), (low[0][i, i], low[1][i, i]))
+        return (y[0].at[i].set(yi[0]), y[1].at[i].set(yi[1]))
+
+    def backward(k, x):
+        i = n - 1 - k
+        col = (jnp.where(rows > i, low[0][:, i], 0.0), jnp.where(rows > i, low[1][:, i], 0.0))
+        s = sum_last(*mul(col, x))
+        xi = div(add((y[0][i], y[1][i]), (-s[0], -s[1])), (low[0][i, i], low[1][i, i]))
+        return (x[0].at[i].set(xi[0]), x[1].at[i].set(xi[1]))
+
+    zero = jnp.zeros_like(b[0])
+    y = lax.fori_loop(0, n, forward, (zero, zero))
+    return lax.fori_loop(0, n, backward, (zero, zero))
