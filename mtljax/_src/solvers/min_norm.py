@@ -8,7 +8,7 @@ from jax import lax
 
 from mtljax._src.base import SolverInfo
 from mtljax._src.solvers import double_float as df
-from mtljax._src.solvers._linalg import _mm, correlation, regularize
+from mtljax._src.solvers._linalg import _dot, _mm, correlation, regularize
 from mtljax._src.solvers.interior_point import IPM_MAX_ITER, _qp, certify_tol
 
 # Relative tolerance of the double-float certificate (:func:`_double_float_active_set`), in
@@ -114,8 +114,8 @@ def _near_stationary_in_double_float(
     off). There :func:`_double_float_active_set` solves the same problem, on the given float32
     ``K`` taken as exact, in double-float; its answer replaces ``β`` when its own certificate
     holds, and its steps count as iterations."""
-    quad = jnp.dot(beta, _mm(k, beta))
-    size = jnp.dot(jnp.abs(beta), _mm(jnp.abs(k), jnp.abs(beta)))
+    quad = _dot(beta, _mm(k, beta))
+    size = _dot(jnp.abs(beta), _mm(jnp.abs(k), jnp.abs(beta)))
     near = quad <= certify_tol(k.dtype) * size
 
     def refine(_):
