@@ -153,9 +153,7 @@ def div(x: DD, y: DD) -> DD:
 def matvec(a: DD, x: DD) -> DD:
     """``A x`` for a square double-float ``A`` and vector ``x``: exact products of the pairs'
     parts, summed pairwise in double-float (:func:`sum_last`)."""
-    p, e = two_prod(a[0], x[0][None, :])
-    e = e + (a[0] * x[1][None, :] + a[1] * x[0][None, :])
-    return sum_last(*_fast_two_sum(p, e))
+    return sum_last(*mul(a, (x[0][None, :], x[1][None, :])))
 
 
 def cholesky(a: DD) -> DD:
@@ -175,8 +173,7 @@ def cholesky(a: DD) -> DD:
         below = rows > j
         col = (jnp.where(below, col[0], 0.0), jnp.where(below, col[1], 0.0))
         col = (col[0].at[j].set(root[0]), col[1].at[j].set(root[1]))
-        p, e = two_prod(col[0][:, None], col[0][None, :])
-        e = e + (col[0][:, None] * col[1][None, :] + col[1][:, None] * col[0][None, :])
+        p, e = mul((col[0][:, None], col[1][:, None]), (col[0][None, :], col[1][None, :]))
         block = below[:, None] & below[None, :]
         upd = add((ah, al), (-jnp.where(block, p, 0.0), -jnp.where(block, e, 0.0)))
         lh, ll = lh.at[:, j].set(col[0]), ll.at[:, j].set(col[1])

@@ -154,6 +154,7 @@ def _double_float_active_set(
     tau = _DD_TOL * float(jnp.finfo(dtype).eps) ** 2
     steps = _DD_MAX_STEPS if max_steps is None else max_steps
     zero = jnp.zeros_like(k)
+    a2 = (a, jnp.zeros_like(a))  # a as a double-float
     abs_k = jnp.abs(k)
 
     def solve(free):
@@ -162,13 +163,14 @@ def _double_float_active_set(
         low = df.cholesky((m, zero))
         rhs = jnp.where(free, a, 0.0)
         y = df.cholesky_solve(low, (rhs, jnp.zeros_like(rhs)))
-        s = df.sum_last(*df.mul(y, (a, jnp.zeros_like(a))))
+        s = df.sum_last(*df.mul(y, a2))
         one = jnp.ones((), dtype)
         nu = df.div((one, jnp.zeros_like(one)), s)
         beta = df.mul(y, (nu[0][None], nu[1][None]))
         beta = (jnp.where(free, beta[0], 0.0), jnp.where(free, beta[1], 0.0))
         kb = df.matvec((k, zero), beta)
-        g = df.add(kb, df.mul((-nu[0] * a, -nu[1] * a), (jnp.ones_like(a), jnp.zeros_like(a))))
+        nu_a = df.mul((jnp.broadcast_to(-nu[0], a.shape), jnp.broadcast_to(-nu[1], a.shape)), a2)
+        g = df.add(kb, nu_a)
         g = g[0] + g[1]
         mag = _mm(abs_k, jnp.abs(beta[0])) + jnp.abs(nu[0]) * a
         primal = jnp.where(free, -beta[0], 0.0) / jnp.maximum(jnp.max(jnp.abs(beta[0])), 1e-30)
