@@ -119,7 +119,7 @@ def _near_stationary_in_double_float(
     near = quad <= certify_tol(k.dtype) * size
 
     def refine(_):
-        return _double_float_active_set(k, a, beta > 0)
+        return _double_float_active_set(k, a, beta)
 
     def keep(_):
         return beta, jnp.zeros((), bool), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
@@ -135,7 +135,7 @@ def _near_stationary_in_double_float(
 
 
 def _double_float_active_set(
-    k: jax.Array, a: jax.Array, free: jax.Array, max_steps: int | None = None
+    k: jax.Array, a: jax.Array, beta0: jax.Array, max_steps: int | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``min βᵀKβ`` over ``{β ≥ 0, aᵀβ = 1}`` by a primal-dual active-set method in double-float
     (:mod:`~mtljax._src.solvers.double_float`), ``K`` and ``a`` taken as exact.
@@ -143,10 +143,13 @@ def _double_float_active_set(
     On the free set ``F``: ``β_F = y/(a_Fᵀy)`` with ``K_FF y = a_F`` (double-float Cholesky;
     the multiplier is ``ν = 1/(a_Fᵀy) = βᵀKβ``), and the reduced gradient
     ``g = Kβ − νa``. Certified when ``β_F ≥ 0`` and ``g ≥ −τm`` off ``F``, with
-    ``m = |K||β| + νa`` and ``τ = _DD_TOL·ε²``; otherwise coordinates with ``β < 0`` leave ``F``
-    and those with ``g < −τm`` join it, for at most ``max_steps`` (default
-    :data:`_DD_MAX_STEPS`) steps; a ``K_FF`` that is not positive definite (``K`` rounded to an
-    indefinite matrix) ends the method uncertified.
+    ``m = |K||β| + νa`` and ``τ = _DD_TOL·ε²``. ``F`` starts as the support of ``β₀`` (the
+    float32 solution). At the first step every violated coordinate changes sides (``β ≤ 0``
+    leave ``F``, ``g < −τm`` join it); then the coordinates with ``β ≤ 0`` leave, or if there
+    are none the one with the most negative ``g/m`` joins. Where ``K_FF`` is not positive
+    definite (``K`` rounded to an indefinite matrix; the float32 support can then include a
+    direction of negative curvature) the free coordinate with the smallest current ``β``
+    leaves. At most ``max_steps`` (default :data:`_DD_MAX_STEPS`) steps.
     Returns ``(β, certified, steps, residual)``: ``β`` rounded to the working precision, the
     residual ``max(max_F(−β)/‖β‖∞, max_A(−g/m))`` (0 when certified with margin)."""
     n = k.shape[0]
@@ -178,25 +181,35 @@ def _double_float_active_set(
         residual = jnp.maximum(jnp.max(primal), jnp.max(dual))
         finite = jnp.all(jnp.isfinite(beta[0])) & jnp.isfinite(residual)
         ok = finite & (residual <= tau) & jnp.any(free)
-        new_free = (free & (beta[0] > 0)) | (~free & (g < -tau * mag))
-        return beta[0], ok, jnp.maximum(residual, 0.0), new_free, finite
+        leave = free & ~(beta[0] > 0)
+        join = ~free & (g < -tau * mag)
+        # After the first step: coordinates with β ≤ 0 leave F; if none, the one with the most
+        # negative g/m joins it.
+        most = jnp.arange(n) == jnp.argmax(jnp.where(join, dual, -jnp.inf))
+        flip = jnp.where(jnp.any(leave), leave, join & most)
+        return beta[0], ok, jnp.maximum(residual, 0.0), (leave | join, flip), finite
 
     def cond(state):
-        _, _, ok, i, _, finite = state
-        return ~ok & finite & (i < steps)
+        _, _, ok, i, _ = state
+        return ~ok & (i < steps)
 
     def body(state):
-        free, _, _, i, _, _ = state
-        beta, ok, res, new_free, finite = solve(free)
-        return new_free, beta, ok, i + 1, res, finite
+        free, last, _, i, _ = state
+        beta, ok, res, (every, flip), finite = solve(free)
+        # Every violated coordinate changes sides at the first step; a K_FF that is not
+        # positive definite loses the free coordinate with the smallest β so far.
+        smallest = free & (jnp.arange(n) == jnp.argmin(jnp.where(free, last, jnp.inf)))
+        flip = jnp.where(finite, jnp.where(i == 0, every, flip), smallest)
+        beta = jnp.where(finite, beta, last)
+        return free ^ flip, beta, ok, i + 1, jnp.where(finite, res, jnp.inf)
 
+    beta0 = beta0.astype(dtype)
     init = (
-        free,
-        jnp.zeros((n,), dtype),
+        beta0 > 0,
+        beta0,
         jnp.zeros((), bool),
         jnp.zeros((), jnp.int32),
         jnp.asarray(jnp.inf, dtype),
-        jnp.ones((), bool),
     )
-    _, beta, ok, i, res, _ = lax.while_loop(cond, body, init)
+    _, beta, ok, i, res = lax.while_loop(cond, body, init)
     return jnp.maximum(beta, 0.0), ok, i, res.astype(jnp.float32)
