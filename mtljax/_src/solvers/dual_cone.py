@@ -68,7 +68,11 @@ def project_dual_cone(
     and certified the same way; where one still is not, the batch is solved by
     ``"interior_point"``: the primal-dual interior point (at most ``max_iter`` iterations,
     default :data:`IPM_MAX_ITER`) and its active-set polish. Certified projections keep their
-    earlier solution; each stage runs only when some projection needs it.
+    earlier solution; each stage runs only when some projection needs it. In float32, up to
+    :data:`DOUBLE_FLOAT_MAX_TASKS` tasks, projections near Pareto-stationarity (``yᵀKy``
+    within the certificate's tolerance of ``|y|ᵀ|K||y|``) are solved again in double-float on
+    the unridged ``K`` (:func:`_near_stationary_in_double_float`); a certified answer replaces
+    the float32 one, its steps count as iterations and its residual is reported.
 
     With ``return_info`` returns ``(v, SolverInfo)``, summarised over the batch with
     :meth:`SolverInfo.of`: ``iterations`` counts the pivots, plus one for the pass that
