@@ -17,7 +17,7 @@ from mtljax._src.solvers.interior_point import (
     certify_tol,
     qp_residual,
 )
-from mtljax._src.solvers.min_norm import _DD_MAX_STEPS, _DD_TOL
+from mtljax._src.solvers.min_norm import _DD_MAX_STEPS, _active_set_in_double_float
 
 ALGORITHMS = ("pivoting", "interior_point")
 # The double-float stage (:func:`_near_stationary_in_double_float`) runs up to 16 tasks: it
@@ -215,18 +215,14 @@ def _double_float_projection(
 
     On the free set ``F`` (``yᵢ > y₀ᵢ``; ``y = y₀`` elsewhere): ``K_FF y_F = −K_FA y₀_A``
     (double-float Cholesky), and ``w = Ky``. Certified when ``x_F ≥ −τ‖x‖∞`` and
-    ``w ≥ −τm`` off ``F``, with ``m = |K||y|`` and ``τ = 10⁵ε²``. ``F`` starts as the support
-    of ``x₀`` (the float32 solution) and changes as in MGDA's stage
-    (:func:`~mtljax._src.solvers.min_norm._double_float_active_set`): every violated
-    coordinate at the first step, then those with ``x ≤ 0`` leave or else the one with the
-    most negative ``w/m`` joins, and where ``K_FF`` is not positive definite the free
-    coordinate with the smallest current ``x`` leaves; at most ``max_steps`` (default 4)
-    steps. Returns ``(x, certified, steps, residual)``: ``x`` rounded to the working
+    ``w ≥ −τm`` off ``F``, with ``m = |K||y|`` and ``τ = 10⁵ε²``; ``F`` starts as the support
+    of ``x₀`` (the float32 solution) and changes by the rule of MGDA's stage
+    (:func:`~mtljax._src.solvers.min_norm._active_set_in_double_float`), for at most
+    ``max_steps`` (default 4) steps.
+    Returns ``(x, certified, steps, residual)``: ``x`` rounded to the working
     precision, the residual ``max(max_F(−x)/‖x‖∞, max_A(−w/m))`` (0 when certified with
     margin)."""
-    n = k.shape[0]
     dtype = k.dtype
-    tau = _DD_TOL * float(jnp.finfo(dtype).eps) ** 2
     steps = _DD_MAX_STEPS if max_steps is None else max_steps
     zero_k = jnp.zeros_like(k)
     zero = jnp.zeros_like(y0)
@@ -245,43 +241,9 @@ def _double_float_projection(
         x = df.add(y, (-y0, zero))
         x = jnp.where(free, x[0] + x[1], 0.0)
         mag = _mm(abs_k, jnp.abs(y[0]))
-        primal = jnp.where(free, -x, 0.0) / jnp.maximum(jnp.max(jnp.abs(x)), 1e-30)
-        dual = jnp.where(free, 0.0, -w / jnp.where(mag > 0, mag, 1.0))
-        residual = jnp.maximum(jnp.max(primal), jnp.max(dual))
-        finite = jnp.all(jnp.isfinite(x)) & jnp.isfinite(residual)
-        ok = finite & (residual <= tau)
-        leave = free & ~(x > 0)
-        join = ~free & (w < -tau * mag)
-        # After the first step: coordinates with x ≤ 0 leave F; if none, the one with the most
-        # negative w/m joins it.
-        most = jnp.arange(n) == jnp.argmax(jnp.where(join, dual, -jnp.inf))
-        flip = jnp.where(jnp.any(leave), leave, join & most)
-        return x, ok, jnp.maximum(residual, 0.0), (leave | join, flip), finite
+        return x, w, mag, jnp.ones((), bool)
 
-    def cond(state):
-        _, _, ok, i, _ = state
-        return ~ok & (i < steps)
-
-    def body(state):
-        free, last, _, i, _ = state
-        x, ok, res, (every, flip), finite = solve(free)
-        # Every violated coordinate changes sides at the first step; a K_FF that is not
-        # positive definite loses the free coordinate with the smallest x so far.
-        smallest = free & (jnp.arange(n) == jnp.argmin(jnp.where(free, last, jnp.inf)))
-        flip = jnp.where(finite, jnp.where(i == 0, every, flip), smallest)
-        x = jnp.where(finite, x, last)
-        return free ^ flip, x, ok, i + 1, jnp.where(finite, res, jnp.inf)
-
-    x0 = x0.astype(dtype)
-    init = (
-        x0 > 0,
-        x0,
-        jnp.zeros((), bool),
-        jnp.zeros((), jnp.int32),
-        jnp.asarray(jnp.inf, dtype),
-    )
-    _, x, ok, i, res = lax.while_loop(cond, body, init)
-    return jnp.maximum(x, 0.0), ok, i, res.astype(jnp.float32)
+    return _active_set_in_double_float(solve, x0.astype(dtype), steps)
 
 
 def _pivoting(

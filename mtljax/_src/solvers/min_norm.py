@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -143,18 +145,12 @@ def _double_float_active_set(
     On the free set ``F``: ``β_F = y/(a_Fᵀy)`` with ``K_FF y = a_F`` (double-float Cholesky;
     the multiplier is ``ν = 1/(a_Fᵀy) = βᵀKβ``), and the reduced gradient
     ``g = Kβ − νa``. Certified when ``β_F ≥ 0`` and ``g ≥ −τm`` off ``F``, with
-    ``m = |K||β| + νa`` and ``τ = _DD_TOL·ε²``. ``F`` starts as the support of ``β₀`` (the
-    float32 solution). At the first step every violated coordinate changes sides (``β ≤ 0``
-    leave ``F``, ``g < −τm`` join it); then the coordinates with ``β ≤ 0`` leave, or if there
-    are none the one with the most negative ``g/m`` joins. Where ``K_FF`` is not positive
-    definite (``K`` rounded to an indefinite matrix; the float32 support can then include a
-    direction of negative curvature) the free coordinate with the smallest current ``β``
-    leaves. At most ``max_steps`` (default :data:`_DD_MAX_STEPS`) steps.
+    ``m = |K||β| + νa`` and ``τ = _DD_TOL·ε²``; ``F`` starts as the support of ``β₀`` (the
+    float32 solution) and changes by the rule of :func:`_active_set_in_double_float`, for at
+    most ``max_steps`` (default :data:`_DD_MAX_STEPS`) steps.
     Returns ``(β, certified, steps, residual)``: ``β`` rounded to the working precision, the
     residual ``max(max_F(−β)/‖β‖∞, max_A(−g/m))`` (0 when certified with margin)."""
-    n = k.shape[0]
     dtype = k.dtype
-    tau = _DD_TOL * float(jnp.finfo(dtype).eps) ** 2
     steps = _DD_MAX_STEPS if max_steps is None else max_steps
     zero = jnp.zeros_like(k)
     a2 = (a, jnp.zeros_like(a))  # a as a double-float
@@ -176,18 +172,37 @@ def _double_float_active_set(
         g = df.add(kb, nu_a)
         g = g[0] + g[1]
         mag = _mm(abs_k, jnp.abs(beta[0])) + jnp.abs(nu[0]) * a
-        primal = jnp.where(free, -beta[0], 0.0) / jnp.maximum(jnp.max(jnp.abs(beta[0])), 1e-30)
-        dual = jnp.where(free, 0.0, -g / jnp.where(mag > 0, mag, 1.0))
-        residual = jnp.maximum(jnp.max(primal), jnp.max(dual))
-        finite = jnp.all(jnp.isfinite(beta[0])) & jnp.isfinite(residual)
-        ok = finite & (residual <= tau) & jnp.any(free)
-        leave = free & ~(beta[0] > 0)
-        join = ~free & (g < -tau * mag)
-        # After the first step: coordinates with β ≤ 0 leave F; if none, the one with the most
-        # negative g/m joins it.
-        most = jnp.arange(n) == jnp.argmax(jnp.where(join, dual, -jnp.inf))
-        flip = jnp.where(jnp.any(leave), leave, join & most)
-        return beta[0], ok, jnp.maximum(residual, 0.0), (leave | join, flip), finite
+        return beta[0], g, mag, jnp.any(free)
+
+    return _active_set_in_double_float(solve, beta0.astype(dtype), steps)
+
+
+def _active_set_in_double_float(
+    solve: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array]],
+    x0: jax.Array,
+    steps: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The active-set iteration shared by the double-float stages (MGDA's
+    :func:`_double_float_active_set`, the dual cone's
+    :func:`~mtljax._src.solvers.dual_cone._double_float_projection`), for a problem over
+    ``x ≥ 0`` (with its own equality constraints, if any, inside ``solve``).
+
+    ``solve(F)`` gives, for the free set ``F``, the candidate ``x`` (zero off ``F``), the
+    reduced gradient ``g`` (its multipliers off ``F``), their magnitudes ``m`` and whether the
+    candidate may be certified at all. It is certified when finite and
+    ``max(max_F(−x)/‖x‖∞, max_A(−g/m)) ≤ τ = _DD_TOL·ε²``. ``F`` starts as the support of
+    ``x₀`` (the float32 solution). At the first step every violated coordinate changes sides
+    (``x ≤ 0`` leave ``F``, ``g < −τm`` join it); then the coordinates with ``x ≤ 0`` leave, or
+    if there are none the one with the most negative ``g/m`` joins. A non-finite candidate
+    (``K_FF`` not positive definite: ``K`` rounded to an indefinite matrix, whose float32
+    support can include a direction of negative curvature) keeps the last ``x``, and the free
+    coordinate with the smallest ``x`` leaves. At most ``steps`` steps. Returns
+    ``(x, certified, steps, residual)``: ``x`` rounded to the working precision and clipped at
+    0, the residual (0 when certified with margin, ``inf`` after a non-finite candidate)."""
+    n = x0.shape[0]
+    dtype = x0.dtype
+    tau = _DD_TOL * float(jnp.finfo(dtype).eps) ** 2
+    idx = jnp.arange(n)
 
     def cond(state):
         _, _, ok, i, _ = state
@@ -195,21 +210,28 @@ def _double_float_active_set(
 
     def body(state):
         free, last, _, i, _ = state
-        beta, ok, res, (every, flip), finite = solve(free)
-        # Every violated coordinate changes sides at the first step; a K_FF that is not
-        # positive definite loses the free coordinate with the smallest β so far.
-        smallest = free & (jnp.arange(n) == jnp.argmin(jnp.where(free, last, jnp.inf)))
-        flip = jnp.where(finite, jnp.where(i == 0, every, flip), smallest)
-        beta = jnp.where(finite, beta, last)
-        return free ^ flip, beta, ok, i + 1, jnp.where(finite, res, jnp.inf)
+        x, g, mag, valid = solve(free)
+        primal = jnp.where(free, -x, 0.0) / jnp.maximum(jnp.max(jnp.abs(x)), 1e-30)
+        dual = jnp.where(free, 0.0, -g / jnp.where(mag > 0, mag, 1.0))
+        residual = jnp.maximum(jnp.max(primal), jnp.max(dual))
+        finite = jnp.all(jnp.isfinite(x)) & jnp.isfinite(residual)
+        ok = finite & (residual <= tau) & valid
+        leave = free & ~(x > 0)
+        join = ~free & (g < -tau * mag)
+        most = idx == jnp.argmax(jnp.where(join, dual, -jnp.inf))
+        flip = jnp.where(i == 0, leave | join, jnp.where(jnp.any(leave), leave, join & most))
+        smallest = free & (idx == jnp.argmin(jnp.where(free, last, jnp.inf)))
+        flip = jnp.where(finite, flip, smallest)
+        x = jnp.where(finite, x, last)
+        res = jnp.where(finite, jnp.maximum(residual, 0.0), jnp.inf)
+        return free ^ flip, x, ok, i + 1, res
 
-    beta0 = beta0.astype(dtype)
     init = (
-        beta0 > 0,
-        beta0,
+        x0 > 0,
+        x0,
         jnp.zeros((), bool),
         jnp.zeros((), jnp.int32),
         jnp.asarray(jnp.inf, dtype),
     )
-    _, beta, ok, i, res = lax.while_loop(cond, body, init)
-    return jnp.maximum(beta, 0.0), ok, i, res.astype(jnp.float32)
+    _, x, ok, i, res = lax.while_loop(cond, body, init)
+    return jnp.maximum(x, 0.0), ok, i, res.astype(jnp.float32)
