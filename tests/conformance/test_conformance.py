@@ -674,6 +674,22 @@ def test_rank_cuts_at_100_tasks(name, case):
     assert verdict[0].outcome == "pass", verdict
 
 
+def _float32_verdict_at_five_tasks(name: str, case: str):
+    """The judge's verdict on ``name``'s float32 weights for a case at T = 5 of
+    ``benchmarks/solver_accuracy.py``'s corpus (seed 1, six draws; the case's judge seed)."""
+    t = 5
+    cases = corpus.jacobian_corpus(1, t, properties.dims(t), steps=1, repeats=6)
+    index = [c.name for c in cases].index(case)
+    c = cases[index]
+    method = mtl.methods.get(name)
+    g = jnp.asarray(references.gramians(c.jacobians[0]), jnp.float32)
+    w, _ = jax.jit(lambda g: mtl.weights_from_gramian(method, g, jnp.ones(t), method.init(t)))(g)
+    verdict = references.judge(
+        name, case, c.jacobians, c.losses, [np.asarray(w)], {}, "float32", seed=index
+    )
+    return verdict[0]
+
+
 @pytest.mark.parametrize(
     "name, case",
     [
@@ -692,17 +708,20 @@ def test_double_float_stages_on_indefinite_rounded_cosines(name, case):
     the indefinite K_FF of the float32 support (#3: the smallest β leaves the free set) nor
     cycles between supports (#4: after the first step one coordinate changes sides at a time),
     and UPGrad's and DualProj's projections have the same stage."""
-    t = 5
-    cases = corpus.jacobian_corpus(1, t, properties.dims(t), steps=1, repeats=6)
-    index = [c.name for c in cases].index(case)
-    c = cases[index]
-    method = mtl.methods.get(name)
-    g = jnp.asarray(references.gramians(c.jacobians[0]), jnp.float32)
-    w, _ = jax.jit(lambda g: mtl.weights_from_gramian(method, g, jnp.ones(t), method.init(t)))(g)
-    verdict = references.judge(
-        name, case, c.jacobians, c.losses, [np.asarray(w)], {}, "float32", seed=index
-    )
-    assert verdict[0].outcome == "pass", verdict
+    verdict = _float32_verdict_at_five_tasks(name, case)
+    assert verdict.outcome == "pass", verdict
+
+
+def test_the_dual_cone_stage_runs_up_to_16_tasks(monkeypatch):
+    """UPGrad's double-float stage is what passes ``condition[1e12]`` #4 at T = 5 (above), and
+    it runs up to ``DOUBLE_FLOAT_MAX_TASKS`` = 16 tasks: with the bound set below T the same
+    case fails again, as it did before the stage."""
+    from mtljax._src.solvers import dual_cone
+
+    assert dual_cone.DOUBLE_FLOAT_MAX_TASKS == 16
+    monkeypatch.setattr(dual_cone, "DOUBLE_FLOAT_MAX_TASKS", 4)
+    verdict = _float32_verdict_at_five_tasks("upgrad", "condition[1e+12#4]")
+    assert verdict.outcome == "fail", verdict
 
 
 def test_rlw_default_weights_follow_a_softmax_of_a_standard_normal():
