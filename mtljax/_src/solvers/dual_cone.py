@@ -148,18 +148,20 @@ def project_dual_cone(
                 jnp.all(converged), lambda args: args, stage, (x, iters, converged)
             )
 
-    residual = jax.vmap(lambda ck, xk: qp_residual(q, ck, xk, simplex=False))(c, x)
+    refined = jnp.zeros(x.shape[:1], bool)
+    refined_residual = jnp.zeros(x.shape[:1], jnp.float32)
     if dtype == jnp.float32 and n <= DOUBLE_FLOAT_MAX_TASKS:
         k = corr + jnp.diag(jnp.where(nz, 0.0, 1.0))
-        x, iters, converged, residual = _near_stationary_in_double_float(
-            k, y0, x, iters, converged, residual
-        )
+        x, iters, refined, refined_residual = _near_stationary_in_double_float(k, y0, x, iters)
     y = (y0 + x) * size
     v = jnp.where(nz, y / jnp.where(nz, r, 1.0), us)
     v = v if u.ndim == 2 else v[0]
     if not return_info:
         return v
-    converged = converged | (residual <= certify_tol(dtype))
+    # A projection certified by the double-float stage reports that stage's residual.
+    residual = jax.vmap(lambda ck, xk: qp_residual(q, ck, xk, simplex=False))(c, x)
+    residual = jnp.where(refined, refined_residual, residual).astype(residual.dtype)
+    converged = converged | refined | (residual <= certify_tol(dtype))
     return v, SolverInfo.of(iters, converged, residual)
 
 
@@ -168,8 +170,6 @@ def _near_stationary_in_double_float(
     y0: jax.Array,
     x: jax.Array,
     iters: jax.Array,
-    converged: jax.Array,
-    residual: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Near Pareto-stationarity, the projections again by an active-set method in double-float.
 
@@ -183,6 +183,8 @@ def _near_stationary_in_double_float(
     same problem on the float32 ``K`` (unit diagonal, no ridge) taken as exact; its answer
     replaces ``x`` where its own certificate holds, its steps add to the iterations and its
     residual (to ``10⁵ε²``) is reported. The stage runs only when some projection needs it.
+    Returns ``(x, iterations, certified, residual)``, the last two per projection (the
+    residual meaningful where certified).
     """
     y = y0 + x
     quad = jnp.sum(y * _mm(y, k), axis=1)
@@ -194,16 +196,11 @@ def _near_stationary_in_double_float(
 
     def keep(_):
         b = y0.shape[0]
-        return x, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), residual
+        return x, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.float32)
 
     x2, ok, steps, res2 = lax.cond(jnp.any(near), refine, keep, None)
     ok = ok & near
-    return (
-        jnp.where(ok[:, None], x2, x),
-        iters + jnp.where(near, steps, 0),
-        converged | ok,
-        jnp.where(ok, res2, residual).astype(residual.dtype),
-    )
+    return jnp.where(ok[:, None], x2, x), iters + jnp.where(near, steps, 0), ok, res2
 
 
 def _double_float_projection(
