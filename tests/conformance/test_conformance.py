@@ -705,11 +705,53 @@ def test_double_float_stages_on_indefinite_rounded_cosines(name, case):
     eigenvalue about −6e-8), judged against the float64 reference. The float32 solvers failed
     them (MGDA 0.58 and 0.26, UPGrad 0.20, DualProj 1.8× the allowance) where float64 on the
     same float32 K passes. The double-float stages now pass them: MGDA's no longer stops at
-    the indefinite K_FF of the float32 support (#3: the smallest β leaves the free set) nor
-    cycles between supports (#4: after the first step one coordinate changes sides at a time),
-    and UPGrad's and DualProj's projections have the same stage."""
+    the indefinite K_FF of the float32 support (#3: a coordinate leaves the free set) nor
+    cycles between supports (#4: one coordinate changes sides at a time, by Wolfe's primal
+    rule), and UPGrad's and DualProj's projections have the same stage."""
     verdict = _float32_verdict_at_five_tasks(name, case)
     assert verdict.outcome == "pass", verdict
+
+
+def _mgda_float32_verdicts(t: int, seed: int, case: str):
+    """The judge's verdicts on MGDA's float32 weights for every step of a case of the
+    conformance corpus (seed ``seed``, ``properties.STEPS`` steps; the case's judge seed)."""
+    cases = corpus.jacobian_corpus(seed, t, properties.dims(t), steps=properties.STEPS)
+    index = [c.name for c in cases].index(case)
+    c = cases[index]
+    method = mtl.methods.get("mgda")
+    g = jnp.asarray(references.rounded(references.gramians(c.jacobians), "float32"))
+    fn = jax.vmap(lambda g: mtl.weights_from_gramian(method, g, jnp.ones(t), method.init(t))[0])
+    w = np.asarray(jax.jit(fn)(g))
+    return references.judge("mgda", case, c.jacobians, c.losses, list(w), {}, "float32", seed=index)
+
+
+@pytest.mark.parametrize(
+    "t, seed, case",
+    [(6, 3, "condition[1e+12]"), (6, 4, "condition[1e+12]"), (6, 0, "condition[1e+08]")],
+)
+def test_mgda_double_float_stage_on_wider_condition_draws(t, seed, case):
+    """Float32 MGDA on ``condition`` draws of the conformance corpus beyond the suite's seeds
+    (T = 6, seeds 0, 3 and 4), where the stage above failed (31×, 1.7× and 3.8× the
+    allowance) and float64 on the same float32 K passes. Its active-set rule had no guarantee:
+    it removed every negative coordinate at once, and at an indefinite K_FF the smallest
+    (seed 3: K_FF of {0, 2, 4, 5} is indefinite and the answer is {2, 4, 5}; it removed 2 and
+    then cycled). It is now Wolfe's primal method (the objective never increases), and at an
+    indefinite K_FF it removes the coordinate whose face gives the feasible minimiser of least
+    objective."""
+    verdicts = _mgda_float32_verdicts(t, seed, case)
+    assert all(v.outcome == "pass" for v in verdicts), verdicts
+
+
+def test_mgda_stage_searches_the_removal_up_to_16_tasks(monkeypatch):
+    """MGDA's search for the coordinate to remove at an indefinite K_FF is what passes
+    ``condition[1e12]`` at T = 6, seed 3 (above), and it runs up to 16 tasks: with the bound
+    set below T the case fails again."""
+    from mtljax._src.solvers import min_norm
+
+    assert min_norm._DD_SEARCH_MAX_TASKS == 16
+    monkeypatch.setattr(min_norm, "_DD_SEARCH_MAX_TASKS", 4)
+    verdicts = _mgda_float32_verdicts(6, 3, "condition[1e+12]")
+    assert any(v.outcome == "fail" for v in verdicts), verdicts
 
 
 def test_the_dual_cone_stage_runs_up_to_16_tasks(monkeypatch):

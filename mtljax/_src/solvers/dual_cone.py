@@ -206,7 +206,7 @@ def _near_stationary_in_double_float(
 def _double_float_projection(
     k: jax.Array, y0: jax.Array, x0: jax.Array, max_steps: int | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``min yᵀKy`` over ``y ≥ y₀`` by a primal-dual active-set method in double-float
+    """``min yᵀKy`` over ``y ≥ y₀`` by a primal active-set method in double-float
     (:mod:`~mtljax._src.solvers.double_float`), ``K`` and ``y₀`` taken as exact; returns
     ``x = y − y₀``.
 
@@ -215,7 +215,7 @@ def _double_float_projection(
     ``w ≥ −τm`` off ``F``, with ``m = |K||y|`` and ``τ = 10⁵ε²``; ``F`` starts as the support
     of ``x₀`` (the float32 solution) and changes by the rule of MGDA's stage
     (:func:`~mtljax._src.solvers.min_norm._active_set_in_double_float`), for at most
-    ``max_steps`` (default 4) steps.
+    ``max_steps`` (default :data:`~mtljax._src.solvers.min_norm._DD_MAX_STEPS`) steps.
     Returns ``(x, certified, steps, residual)``: ``x`` rounded to the working
     precision, the residual ``max(max_F(−x)/‖x‖∞, max_A(−w/m))`` (0 when certified with
     margin)."""
@@ -238,7 +238,7 @@ def _double_float_projection(
         x = df.add(y, (-y0, zero))
         x = jnp.where(free, x[0] + x[1], 0.0)
         mag = _mm(abs_k, jnp.abs(y[0]))
-        return x, w, mag, jnp.ones((), bool)
+        return x, w, mag, jnp.ones((), bool), jnp.zeros((), dtype)
 
     return _active_set_in_double_float(solve, x0.astype(dtype), steps)
 

@@ -18,8 +18,12 @@ from mtljax._src.solvers.interior_point import IPM_MAX_ITER, _qp, certify_tol
 # (1.4e-9 in float32), four orders below the float32 certificate's 10³ε.
 _DD_TOL = 1e5
 # Active-set steps of the double-float stage: one step costs a double-float Cholesky
-# factorisation, 0.13 / 0.64 / 5.0 ms at T = 10 / 40 / 100 on a 2-core CPU.
-_DD_MAX_STEPS = 4
+# factorisation, 0.13 / 0.64 / 5.0 ms at T = 10 / 40 / 100 on a 2-core CPU. The primal method
+# adds or removes one coordinate per step.
+_DD_MAX_STEPS = 8
+# Up to this many tasks, MGDA's stage chooses the coordinate to remove at an indefinite K_FF
+# by solving on each face F ∖ {j} (|F| more factorisations, in one batch).
+_DD_SEARCH_MAX_TASKS = 16
 
 
 def min_norm_simplex(
@@ -57,10 +61,11 @@ def min_norm_simplex(
     iterations.
 
     In float32, near Pareto-stationarity (``βᵀKβ`` within the certificate's tolerance of 0,
-    where float32 cannot tell the supports apart) up to four active-set steps in double-float
-    follow (:func:`_near_stationary_in_double_float`); when they certify their answer it
-    replaces ``β``, their steps add to the iterations and their residual (to ``10⁵ε²``) is
-    reported.
+    where float32 cannot tell the supports apart) up to eight steps of Wolfe's primal
+    active-set method in double-float follow (:func:`_near_stationary_in_double_float`; up to
+    ``T`` more where a face's ``K_FF`` is indefinite, up to 16 tasks); when they certify their
+    answer it replaces ``β``, their steps add to the iterations and their residual (to
+    ``10⁵ε²``) is reported.
     """
     k, norms = correlation(gramian)
     n = k.shape[0]
@@ -139,18 +144,21 @@ def _near_stationary_in_double_float(
 def _double_float_active_set(
     k: jax.Array, a: jax.Array, beta0: jax.Array, max_steps: int | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``min βᵀKβ`` over ``{β ≥ 0, aᵀβ = 1}`` by a primal-dual active-set method in double-float
+    """``min βᵀKβ`` over ``{β ≥ 0, aᵀβ = 1}`` by a primal active-set method in double-float
     (:mod:`~mtljax._src.solvers.double_float`), ``K`` and ``a`` taken as exact.
 
     On the free set ``F``: ``β_F = y/(a_Fᵀy)`` with ``K_FF y = a_F`` (double-float Cholesky;
     the multiplier is ``ν = 1/(a_Fᵀy) = βᵀKβ``), and the reduced gradient
     ``g = Kβ − νa``. Certified when ``β_F ≥ 0`` and ``g ≥ −τm`` off ``F``, with
     ``m = |K||β| + νa`` and ``τ = _DD_TOL·ε²``; ``F`` starts as the support of ``β₀`` (the
-    float32 solution) and changes by the rule of :func:`_active_set_in_double_float`, for at
-    most ``max_steps`` (default :data:`_DD_MAX_STEPS`) steps.
+    float32 solution) and changes by the rule of :func:`_active_set_in_double_float` (up to
+    :data:`_DD_SEARCH_MAX_TASKS` tasks choosing the coordinate to remove at an indefinite
+    ``K_FF`` by the least objective ``ν`` of the faces), for at most ``max_steps`` (default
+    :data:`_DD_MAX_STEPS`) steps.
     Returns ``(β, certified, steps, residual)``: ``β`` rounded to the working precision, the
     residual ``max(max_F(−β)/‖β‖∞, max_A(−g/m))`` (0 when certified with margin)."""
     dtype = k.dtype
+    n = k.shape[0]
     steps = _DD_MAX_STEPS if max_steps is None else max_steps
     zero = jnp.zeros_like(k)
     a2 = (a, jnp.zeros_like(a))  # a as a double-float
@@ -172,66 +180,123 @@ def _double_float_active_set(
         g = df.add(kb, nu_a)
         g = g[0] + g[1]
         mag = _mm(abs_k, jnp.abs(beta[0])) + jnp.abs(nu[0]) * a
-        return beta[0], g, mag, jnp.any(free)
+        return beta[0], g, mag, jnp.any(free), nu[0]
 
-    return _active_set_in_double_float(solve, beta0.astype(dtype), steps)
+    return _active_set_in_double_float(
+        solve, beta0.astype(dtype), steps, search=n <= _DD_SEARCH_MAX_TASKS
+    )
 
 
 def _active_set_in_double_float(
-    solve: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array]],
+    solve: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]],
     x0: jax.Array,
     steps: int,
+    search: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The active-set iteration shared by the double-float stages (MGDA's
     :func:`_double_float_active_set`, the dual cone's
-    :func:`~mtljax._src.solvers.dual_cone._double_float_projection`), for a problem over
-    ``x ≥ 0`` (with its own equality constraints, if any, inside ``solve``).
+    :func:`~mtljax._src.solvers.dual_cone._double_float_projection`), for a convex quadratic
+    problem over ``x ≥ 0`` (with its own equality constraints, if any, inside ``solve``).
 
-    ``solve(F)`` gives, for the free set ``F``, the candidate ``x`` (zero off ``F``), the
-    reduced gradient ``g`` (its multipliers off ``F``), their magnitudes ``m`` and whether the
-    candidate may be certified at all. It is certified when finite and
-    ``max(max_F(−x)/‖x‖∞, max_A(−g/m)) ≤ τ = _DD_TOL·ε²``. ``F`` starts as the support of
-    ``x₀`` (the float32 solution). At the first step every violated coordinate changes sides
-    (``x ≤ 0`` leave ``F``, ``g < −τm`` join it); then the coordinates with ``x ≤ 0`` leave, or
-    if there are none the one with the most negative ``g/m`` joins. A non-finite candidate
-    (``K_FF`` not positive definite: ``K`` rounded to an indefinite matrix, whose float32
-    support can include a direction of negative curvature) keeps the last ``x``, and the free
-    coordinate with the smallest ``x`` leaves. At most ``steps`` steps. Returns
-    ``(x, certified, steps, residual)``: ``x`` rounded to the working precision and clipped at
-    0, the residual (0 when certified with margin, ``inf`` after a non-finite candidate)."""
+    ``solve(F)`` gives, for the free set ``F``, the minimiser ``z`` on the face (zero off
+    ``F``), the reduced gradient ``g`` (its multipliers off ``F``), their magnitudes ``m``,
+    whether ``z`` may be certified at all, and the objective at ``z``. ``z`` is certified when
+    finite and ``max(max_F(−z)/‖z‖∞, max_A(−g/m)) ≤ τ = _DD_TOL·ε²``.
+
+    A primal active-set method (Wolfe's, "Finding the nearest point in a polytope", Math.
+    Programming 1976): the iterate ``x`` stays feasible and the objective does not increase.
+    ``x`` starts at ``x₀`` (the float32 solution) and ``F`` at its support. If ``z`` is
+    feasible, ``x = z`` and the coordinate with the most negative ``g/m`` joins ``F``;
+    otherwise ``x`` moves towards ``z`` until a coordinate of ``F`` reaches 0, and it leaves
+    ``F``. A non-finite ``z`` (``K_FF`` not positive definite: ``K`` rounded to an indefinite
+    matrix, whose float32 support can include a direction of negative curvature) makes one
+    coordinate leave: with ``search``, the one whose removal gives the feasible ``z`` of least
+    objective (the faces ``F ∖ {j}`` are solved one per step, so that ``solve`` is traced
+    once), else (or if there is none) the one with the smallest ``x``. At most ``steps`` steps
+    (plus ``n`` with ``search``). Returns ``(x, certified, steps, residual)``: the certified
+    ``z`` rounded to the working precision and clipped at 0 (``x₀`` if none), the last
+    residual (0 when certified with margin, ``inf`` after a non-finite ``z``)."""
     n = x0.shape[0]
     dtype = x0.dtype
     tau = _DD_TOL * float(jnp.finfo(dtype).eps) ** 2
     idx = jnp.arange(n)
 
+    def violations(free, z, g, mag):
+        scale = jnp.maximum(jnp.max(jnp.abs(z)), 1e-30)
+        primal = jnp.where(free, -z, 0.0) / scale
+        dual = jnp.where(free, 0.0, -g / jnp.where(mag > 0, mag, 1.0))
+        return primal, dual
+
+    def first(mask, after):
+        """The first index of ``mask`` above ``after`` (``n`` if none)."""
+        later = mask & (idx > after)
+        return jnp.where(jnp.any(later), jnp.argmax(later), n).astype(jnp.int32)
+
     def cond(state):
-        _, _, ok, i, _ = state
-        return ~ok & (i < steps)
+        return ~state["ok"] & (state["i"] < limit)
 
     def body(state):
-        free, last, _, i, _ = state
-        x, g, mag, valid = solve(free)
-        primal = jnp.where(free, -x, 0.0) / jnp.maximum(jnp.max(jnp.abs(x)), 1e-30)
-        dual = jnp.where(free, 0.0, -g / jnp.where(mag > 0, mag, 1.0))
+        free, x, searching, j = state["free"], state["x"], state["searching"], state["j"]
+        trial = jnp.where(searching, free & (idx != j), free)
+        z, g, mag, valid, objective = solve(trial)
+        primal, dual = violations(trial, z, g, mag)
         residual = jnp.maximum(jnp.max(primal), jnp.max(dual))
-        finite = jnp.all(jnp.isfinite(x)) & jnp.isfinite(residual)
+        finite = jnp.all(jnp.isfinite(z)) & jnp.isfinite(residual) & jnp.isfinite(objective)
         ok = finite & (residual <= tau) & valid
-        leave = free & ~(x > 0)
-        join = ~free & (g < -tau * mag)
-        most = idx == jnp.argmax(jnp.where(join, dual, -jnp.inf))
-        flip = jnp.where(i == 0, leave | join, jnp.where(jnp.any(leave), leave, join & most))
-        smallest = free & (idx == jnp.argmin(jnp.where(free, last, jnp.inf)))
-        flip = jnp.where(finite, flip, smallest)
-        x = jnp.where(finite, x, last)
-        res = jnp.where(finite, jnp.maximum(residual, 0.0), jnp.inf)
-        return free ^ flip, x, ok, i + 1, res
+        feasible = finite & (jnp.max(primal) <= tau)
+        # z feasible: x = z, and the most violated multiplier joins.
+        joins = ~ok & (idx == jnp.argmax(jnp.where(free, -jnp.inf, dual)))
+        # z infeasible: x + t(z − x) up to the first coordinate of F that reaches 0.
+        block = free & (primal > tau)
+        ratio = jnp.where(block, x / jnp.where(block, x - z, 1.0), jnp.inf)
+        t = jnp.clip(jnp.min(ratio), 0.0, 1.0)
+        x_step = jnp.where(free & (idx != jnp.argmin(ratio)), x + t * (z - x), 0.0)
+        moved_free = jnp.where(feasible, free | joins, free & (x_step > 0))
+        moved_x = jnp.where(feasible, jnp.where(free, jnp.maximum(z, 0.0), 0.0), x_step)
+        # Search (K_FF indefinite): the feasible face F ∖ {j} of least objective so far.
+        better = searching & feasible & (objective < state["pick_objective"])
+        pick = jnp.where(better, j, state["pick"])
+        pick_objective = jnp.where(better, objective, state["pick_objective"])
+        pick_x = jnp.where(better, jnp.maximum(z, 0.0), state["pick_x"])
+        start = search & ~searching & ~finite
+        j_next = jnp.where(start, first(free, -1), first(free, j))
+        done = searching & (j_next >= n)
+        found = pick < n
+        smallest = free & (idx == jnp.argmin(jnp.where(free, x, jnp.inf)))
+        drop = jnp.where(done & found, idx == pick, smallest)
+        dropped = (free & ~drop, jnp.where(done & found, pick_x, jnp.where(drop, 0.0, x)))
+        stays = searching & ~done | start
+        # Without a search, a non-finite z drops the smallest coordinate at once.
+        end_free = jnp.where(finite & ~searching, moved_free, dropped[0])
+        end_x = jnp.where(finite & ~searching, moved_x, dropped[1])
+        return {
+            "free": jnp.where(stays, free, end_free),
+            "x": jnp.where(stays, x, end_x),
+            "best": jnp.where(ok, z, state["best"]),
+            "ok": ok,
+            "i": state["i"] + 1,
+            "residual": jnp.where(finite, jnp.maximum(residual, 0.0), jnp.inf),
+            "searching": stays,
+            "j": jnp.where(stays, j_next, n),
+            "pick": jnp.where(stays, pick, n),
+            "pick_objective": jnp.where(stays, pick_objective, jnp.inf),
+            "pick_x": pick_x,
+        }
 
-    init = (
-        x0 > 0,
-        x0,
-        jnp.zeros((), bool),
-        jnp.zeros((), jnp.int32),
-        jnp.asarray(jnp.inf, dtype),
-    )
-    _, x, ok, i, res = lax.while_loop(cond, body, init)
+    limit = steps + (n if search else 0)
+    init = {
+        "free": x0 > 0,
+        "x": jnp.maximum(x0, 0.0),
+        "best": x0,
+        "ok": jnp.zeros((), bool),
+        "i": jnp.zeros((), jnp.int32),
+        "residual": jnp.asarray(jnp.inf, dtype),
+        "searching": jnp.zeros((), bool),
+        "j": jnp.asarray(n, jnp.int32),
+        "pick": jnp.asarray(n, jnp.int32),
+        "pick_objective": jnp.asarray(jnp.inf, dtype),
+        "pick_x": jnp.zeros_like(x0),
+    }
+    out = lax.while_loop(cond, body, init)
+    x, ok, i, res = out["best"], out["ok"], out["i"], out["residual"]
     return jnp.maximum(x, 0.0), ok, i, res.astype(jnp.float32)
