@@ -59,12 +59,29 @@ def check_two_prod_in_every_shape(quick: bool = False) -> None:
             assert abs(h + e - u * v) <= eps**2 * abs(u * v), (sa, sb)
 
 
+def _check_solution(a: np.ndarray, b: np.ndarray, hi: jax.Array, lo: jax.Array) -> None:
+    """The double-float solution ``hi + lo`` of ``Ax = b`` (float32 ``a``, ``b`` taken as
+    exact): the exact residual (rationals) is within ``4nε₃₂²(|A||x| + |b|)`` componentwise,
+    and ``x`` agrees with float64's solve to ``1e-8`` relative."""
+    eps = float(np.finfo(np.float32).eps)
+    n = b.shape[0]
+    x = [h + e for h, e in zip(_exact(hi), _exact(lo), strict=True)]
+    rows = np.asarray(a, np.float64)
+    for i in range(n):
+        terms = [Fraction(float(rows[i, j])) * x[j] for j in range(n)]
+        resid = Fraction(float(b[i])) - sum(terms, Fraction(0))
+        size = sum(abs(t) for t in terms) + abs(Fraction(float(b[i])))
+        assert abs(resid) <= 4 * n * eps**2 * size, (n, i, float(resid / size))
+    want = np.linalg.solve(rows, b.astype(np.float64))
+    got = np.asarray(hi, np.float64) + np.asarray(lo, np.float64)
+    assert np.linalg.norm(got - want) <= 1e-8 * np.linalg.norm(want), n
+
+
 def check_cholesky_solve(quick: bool = False) -> None:
     """``cholesky_solve(cholesky(A), b)`` on graded SPD matrices (``n`` = 3, 8, 40, condition
     up to 1e5, float32 entries taken as exact): the exact residual ``b − Ax`` (rationals) is
     within ``4nε₃₂²(|A||x| + |b|)`` componentwise, and ``x`` agrees with float64's solve to
     ``1e-8`` relative."""
-    eps = float(np.finfo(np.float32).eps)
     rng = np.random.default_rng(4)
     solve = jax.jit(lambda a, b: df.cholesky_solve(df.cholesky(a), b))
     for n in (3, 8, 40):
@@ -76,16 +93,35 @@ def check_cholesky_solve(quick: bool = False) -> None:
         b = rng.standard_normal(n).astype(np.float32)
         zero = jnp.zeros((n,), jnp.float32)
         hi, lo = solve((jnp.asarray(a), jnp.zeros((n, n), jnp.float32)), (jnp.asarray(b), zero))
-        x = [h + e for h, e in zip(_exact(hi), _exact(lo), strict=True)]
-        rows = np.asarray(a, np.float64)
-        for i in range(n):
-            terms = [Fraction(float(rows[i, j])) * x[j] for j in range(n)]
-            resid = Fraction(float(b[i])) - sum(terms, Fraction(0))
-            size = sum(abs(t) for t in terms) + abs(Fraction(float(b[i])))
-            assert abs(resid) <= 4 * n * eps**2 * size, (n, i, float(resid / size))
-        want = np.linalg.solve(rows, b.astype(np.float64))
-        got = np.asarray(hi, np.float64) + np.asarray(lo, np.float64)
-        assert np.linalg.norm(got - want) <= 1e-8 * np.linalg.norm(want), n
+        _check_solution(a, b, hi, lo)
+
+
+def test_signed_cholesky_solves_a_slightly_indefinite_matrix_to_eps_squared():
+    """``signed_cholesky`` (``L diag(s) Lᵀ = A``) on graded symmetric matrices whose smallest
+    eigenvalue is negative (−1e-5 of the largest; ``n`` = 3, 8, 40), as rounding leaves a nearly
+    singular cosine matrix: it finds the one negative pivot where :func:`cholesky` gives NaN,
+    the exact residual of the solve is within ``4nε₃₂²(|A||x| + |b|)`` and ``x`` agrees with
+    float64's solve to ``1e-8`` relative."""
+    rng = np.random.default_rng(5)
+
+    def solve(a, b):
+        low, signs = df.signed_cholesky(a)
+        return df.cholesky_solve(low, b, signs), signs, df.cholesky(a)[0]
+
+    solve = jax.jit(solve)
+    for n in (3, 8, 40):
+        q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        eig = np.logspace(0, -5, n) * np.where(np.arange(n) == n - 1, -1.0, 1.0)
+        a = ((q * eig) @ q.T).astype(np.float32)
+        a = ((a + a.T) / 2).astype(np.float32)
+        assert np.sum(np.linalg.eigvalsh(a.astype(np.float64)) < 0) == 1
+        b = rng.standard_normal(n).astype(np.float32)
+        zero = jnp.zeros((n,), jnp.float32)
+        (hi, lo), signs, plain = solve(
+            (jnp.asarray(a), jnp.zeros((n, n), jnp.float32)), (jnp.asarray(b), zero)
+        )
+        assert np.sum(np.asarray(signs) < 0) == 1 and not np.all(np.isfinite(plain)), n
+        _check_solution(a, b, hi, lo)
 
 
 def test_cholesky_solve_is_backward_stable_to_eps_squared():

@@ -161,31 +161,49 @@ def cholesky(a: DD) -> DD:
     double-float ``A`` (``n × n``), right-looking: column ``j`` is ``A[:, j]/√A_jj`` of the
     remaining block, then that block loses ``l lᵀ``; ``n`` steps of ``O(n²)`` double-float
     operations. A non-positive pivot gives NaN in the factor (callers check finiteness)."""
+    return _factor(a, signed=False)[0]
+
+
+def signed_cholesky(a: DD) -> tuple[DD, jax.Array]:
+    """``(L, s)`` with ``L diag(s) Lᵀ = A`` for a symmetric double-float ``A`` whose leading
+    principal minors do not vanish (``LDLᵀ`` without pivoting, ``D = diag(s)·L_jj²``, written
+    as :func:`cholesky` with ``√|d_j|`` and the signs ``s_j = ±1``): a negative pivot flips the
+    sign of its column's update instead of failing. For a matrix that rounding left slightly
+    indefinite, where a Cholesky factorisation stops; no pivoting, so a pivot near 0 amplifies
+    errors (callers certify the solution). A zero pivot gives NaN."""
+    return _factor(a, signed=True)
+
+
+def _factor(a: DD, *, signed: bool) -> tuple[DD, jax.Array]:
     n = a[0].shape[0]
     rows = jnp.arange(n)
 
     def step(j, carry):
-        (ah, al), (lh, ll) = carry
+        (ah, al), (lh, ll), signs = carry
         piv = (ah[j, j], al[j, j])
-        root = sqrt(piv)
-        root = (jnp.where(piv[0] > 0, root[0], jnp.nan), root[1])
+        flip = (piv[0] < 0) if signed else jnp.zeros((), bool)
+        sign = jnp.where(flip, -1.0, 1.0).astype(ah.dtype)
+        mag = (sign * piv[0], sign * piv[1])
+        root = sqrt(mag)
+        root = (jnp.where(mag[0] > 0, root[0], jnp.nan), root[1])
         col = div((ah[:, j], al[:, j]), (root[0][None], root[1][None]))
         below = rows > j
-        col = (jnp.where(below, col[0], 0.0), jnp.where(below, col[1], 0.0))
+        col = (jnp.where(below, sign * col[0], 0.0), jnp.where(below, sign * col[1], 0.0))
         col = (col[0].at[j].set(root[0]), col[1].at[j].set(root[1]))
         p, e = mul((col[0][:, None], col[1][:, None]), (col[0][None, :], col[1][None, :]))
         block = below[:, None] & below[None, :]
-        upd = add((ah, al), (-jnp.where(block, p, 0.0), -jnp.where(block, e, 0.0)))
+        upd = add((ah, al), (-sign * jnp.where(block, p, 0.0), -sign * jnp.where(block, e, 0.0)))
         lh, ll = lh.at[:, j].set(col[0]), ll.at[:, j].set(col[1])
-        return upd, (lh, ll)
+        return upd, (lh, ll), signs.at[j].set(sign)
 
     zero = jnp.zeros_like(a[0])
-    _, low = lax.fori_loop(0, n, step, (a, (zero, zero)))
-    return low
+    _, low, signs = lax.fori_loop(0, n, step, (a, (zero, zero), jnp.ones((n,), a[0].dtype)))
+    return low, signs
 
 
-def cholesky_solve(low: DD, b: DD) -> DD:
-    """``x`` with ``L Lᵀ x = b`` (double-float), by forward then backward substitution."""
+def cholesky_solve(low: DD, b: DD, signs: jax.Array | None = None) -> DD:
+    """``x`` with ``L Lᵀ x = b`` (double-float), by forward then backward substitution; with
+    the ``signs`` of :func:`signed_cholesky`, ``L diag(signs) Lᵀ x = b``."""
     n = b[0].shape[0]
     rows = jnp.arange(n)
 
@@ -205,4 +223,6 @@ def cholesky_solve(low: DD, b: DD) -> DD:
 
     zero = jnp.zeros_like(b[0])
     y = lax.fori_loop(0, n, forward, (zero, zero))
+    if signs is not None:
+        y = (signs * y[0], signs * y[1])
     return lax.fori_loop(0, n, backward, (zero, zero))

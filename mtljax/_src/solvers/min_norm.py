@@ -147,10 +147,11 @@ def _double_float_active_set(
     """``min βᵀKβ`` over ``{β ≥ 0, aᵀβ = 1}`` by a primal active-set method in double-float
     (:mod:`~mtljax._src.solvers.double_float`), ``K`` and ``a`` taken as exact.
 
-    On the free set ``F``: ``β_F = y/(a_Fᵀy)`` with ``K_FF y = a_F`` (double-float Cholesky;
-    the multiplier is ``ν = 1/(a_Fᵀy) = βᵀKβ``), and the reduced gradient
-    ``g = Kβ − νa``. Certified when ``β_F ≥ 0`` and ``g ≥ −τm`` off ``F``, with
-    ``m = |K||β| + νa`` and ``τ = _DD_TOL·ε²``; ``F`` starts as the support of ``β₀`` (the
+    On the free set ``F``: ``β_F = y/(a_Fᵀy)`` with ``K_FF y = a_F`` (double-float
+    :func:`~mtljax._src.solvers.double_float.signed_cholesky`, which also solves where rounding
+    left ``K_FF`` slightly indefinite; the multiplier is ``ν = 1/(a_Fᵀy) = βᵀKβ``), and the
+    reduced gradient ``g = Kβ − νa``. Certified when ``β_F ≥ 0`` and ``g ≥ −τm`` off ``F``,
+    with ``m = |K||β| + |ν|a`` and ``τ = _DD_TOL·ε²``; ``F`` starts as the support of ``β₀`` (the
     float32 solution) and changes by the rule of :func:`_active_set_in_double_float` (up to
     :data:`_DD_SEARCH_MAX_TASKS` tasks choosing the coordinate to remove at an indefinite
     ``K_FF`` by the least objective ``ν`` of the faces), for at most ``max_steps`` (default
@@ -167,9 +168,9 @@ def _double_float_active_set(
     def solve(free):
         ff = free[:, None] & free[None, :]
         m = jnp.where(ff, k, 0.0) + jnp.diag(jnp.where(free, 0.0, 1.0)).astype(dtype)
-        low = df.cholesky((m, zero))
+        low, signs = df.signed_cholesky((m, zero))
         rhs = jnp.where(free, a, 0.0)
-        y = df.cholesky_solve(low, (rhs, jnp.zeros_like(rhs)))
+        y = df.cholesky_solve(low, (rhs, jnp.zeros_like(rhs)), signs)
         s = df.sum_last(*df.mul(y, a2))
         one = jnp.ones((), dtype)
         nu = df.div((one, jnp.zeros_like(one)), s)
@@ -180,7 +181,7 @@ def _double_float_active_set(
         g = df.add(kb, nu_a)
         g = g[0] + g[1]
         mag = _mm(abs_k, jnp.abs(beta[0])) + jnp.abs(nu[0]) * a
-        return beta[0], g, mag, jnp.any(free), nu[0]
+        return beta[0], g, mag, jnp.any(free), nu[0], jnp.all(signs > 0)
 
     return _active_set_in_double_float(
         solve, beta0.astype(dtype), steps, search=n <= _DD_SEARCH_MAX_TASKS
@@ -188,7 +189,9 @@ def _double_float_active_set(
 
 
 def _active_set_in_double_float(
-    solve: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]],
+    solve: Callable[
+        [jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
+    ],
     x0: jax.Array,
     steps: int,
     search: bool = False,
@@ -198,24 +201,27 @@ def _active_set_in_double_float(
     :func:`~mtljax._src.solvers.dual_cone._double_float_projection`), for a convex quadratic
     problem over ``x ≥ 0`` (with its own equality constraints, if any, inside ``solve``).
 
-    ``solve(F)`` gives, for the free set ``F``, the minimiser ``z`` on the face (zero off
-    ``F``), the reduced gradient ``g`` (its multipliers off ``F``), their magnitudes ``m``,
-    whether ``z`` may be certified at all, and the objective at ``z``. ``z`` is certified when
-    finite and ``max(max_F(−z)/‖z‖∞, max_A(−g/m)) ≤ τ = _DD_TOL·ε²``.
+    ``solve(F)`` gives, for the free set ``F``, the stationary point ``z`` on the face (zero
+    off ``F``), the reduced gradient ``g`` (its multipliers off ``F``), their magnitudes ``m``,
+    whether ``z`` may be certified at all, the objective at ``z`` and whether ``K_FF`` is
+    positive definite (``z`` its minimiser). ``z`` is certified when finite and
+    ``max(max_F(−z)/‖z‖∞, max_A(−g/m)) ≤ τ = _DD_TOL·ε²``: a KKT point, also on a face whose
+    ``K_FF`` rounding left slightly indefinite (where the exact problem's answer can lie).
 
     A primal active-set method (Wolfe's, "Finding the nearest point in a polytope", Math.
-    Programming 1976): the iterate ``x`` stays feasible and the objective does not increase.
-    ``x`` starts at ``x₀`` (the float32 solution) and ``F`` at its support. If ``z`` is
-    feasible, ``x = z`` and the coordinate with the most negative ``g/m`` joins ``F``;
-    otherwise ``x`` moves towards ``z`` until a coordinate of ``F`` reaches 0, and it leaves
-    ``F``. A non-finite ``z`` (``K_FF`` not positive definite: ``K`` rounded to an indefinite
-    matrix, whose float32 support can include a direction of negative curvature) makes one
-    coordinate leave: with ``search``, the one whose removal gives the feasible ``z`` of least
-    objective (the faces ``F ∖ {j}`` are solved one per step, so that ``solve`` is traced
-    once), else (or if there is none) the one with the smallest ``x``. At most ``steps`` steps
-    (plus ``n`` with ``search``). Returns ``(x, certified, steps, residual)``: the certified
-    ``z`` rounded to the working precision and clipped at 0 (``x₀`` if none), the last
-    residual (0 when certified with margin, ``inf`` after a non-finite ``z``)."""
+    Programming 1976) on the positive definite faces: the iterate ``x`` stays feasible and the
+    objective does not increase. ``x`` starts at ``x₀`` (the float32 solution) and ``F`` at
+    its support. If ``z`` is feasible, ``x = z`` and the coordinate with the most negative
+    ``g/m`` joins ``F``; otherwise ``x`` moves towards ``z`` until a coordinate of ``F``
+    reaches 0, and it leaves ``F``. At a ``K_FF`` that is not positive definite (``K`` rounded
+    to an indefinite matrix, whose float32 support can include a direction of negative
+    curvature) and no certified ``z``, one coordinate leaves: with ``search``, the one whose
+    removal gives a certified ``z``, or else the feasible minimiser of least objective (the
+    faces ``F ∖ {j}`` are solved one per step, so that ``solve`` is traced once); without
+    (or if there is none) the one with the smallest ``x``. At most ``steps`` steps (plus ``n``
+    with ``search``). Returns ``(x, certified, steps, residual)``: the certified ``z`` rounded
+    to the working precision and clipped at 0 (``x₀`` if none), the last residual (0 when
+    certified with margin, ``inf`` after a non-finite ``z``)."""
     n = x0.shape[0]
     dtype = x0.dtype
     tau = _DD_TOL * float(jnp.finfo(dtype).eps) ** 2
@@ -238,11 +244,13 @@ def _active_set_in_double_float(
     def body(state):
         free, x, searching, j = state["free"], state["x"], state["searching"], state["j"]
         trial = jnp.where(searching, free & (idx != j), free)
-        z, g, mag, valid, objective = solve(trial)
+        z, g, mag, valid, objective, definite = solve(trial)
         primal, dual = violations(trial, z, g, mag)
         residual = jnp.maximum(jnp.max(primal), jnp.max(dual))
-        finite = jnp.all(jnp.isfinite(z)) & jnp.isfinite(residual) & jnp.isfinite(objective)
-        ok = finite & (residual <= tau) & valid
+        computed = jnp.all(jnp.isfinite(z)) & jnp.isfinite(residual) & jnp.isfinite(objective)
+        # A KKT point is certified on any face; the steps use positive definite faces only.
+        ok = computed & (residual <= tau) & valid
+        finite = computed & definite
         feasible = finite & (jnp.max(primal) <= tau)
         # z feasible: x = z, and the most violated multiplier joins.
         joins = ~ok & (idx == jnp.argmax(jnp.where(free, -jnp.inf, dual)))
@@ -275,7 +283,7 @@ def _active_set_in_double_float(
             "best": jnp.where(ok, z, state["best"]),
             "ok": ok,
             "i": state["i"] + 1,
-            "residual": jnp.where(finite, jnp.maximum(residual, 0.0), jnp.inf),
+            "residual": jnp.where(computed, jnp.maximum(residual, 0.0), jnp.inf),
             "searching": stays,
             "j": jnp.where(stays, j_next, n),
             "pick": jnp.where(stays, pick, n),
