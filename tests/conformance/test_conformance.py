@@ -779,8 +779,8 @@ def test_dual_cone_refines_the_pivoting_solution_until_it_stops_improving(monkey
     ill-conditioned intermediate blocks, so the tableau's inverse block is accurate only to
     ``‖I − T_FF Q_FF‖ ≈ 0.07``; one step of iterative refinement left x 2e-3 off, within the
     certificate (residual 4e-5 < 10³ε) but 1.2× the judge's allowance. Up to
-    ``REFINE_STEPS`` = 3 steps, each kept where it lowers the stationarity error, pass it; with
-    one step the case fails again."""
+    ``REFINE_STEPS`` = 3 steps (after the first, each kept where it lowers the stationarity
+    error) pass it; with one step the case fails again."""
     from mtljax._src.solvers import dual_cone
 
     case = ("upgrad", "condition[1e+12#0]")
