@@ -791,6 +791,15 @@ def test_dual_cone_refines_the_pivoting_solution_until_it_stops_improving(monkey
     assert verdict.outcome == "fail", verdict
 
 
+def test_dual_cone_takes_the_first_refinement_step_unconditionally():
+    """UPGrad in float32 at T = 40 on ``condition[1e8]`` #1 of ``benchmarks/solver_accuracy.py``'s
+    corpus (seed 1): the float32 stationarity residual is all rounding there, so a first
+    refinement step kept only where it lowers that residual was rejected, and the answer was
+    3e-3 off (1.4× the allowance); the first step is always taken (9e-5 off)."""
+    verdict = _float32_verdict_at_five_tasks("upgrad", "condition[1e+08#1]", t=40, seed=1)
+    assert verdict.outcome == "pass", verdict
+
+
 def test_dual_cone_stage_searches_the_removal_at_an_indefinite_face(monkeypatch):
     """UPGrad in float32 at T = 5 on ``condition[1e12]`` #2 of ``benchmarks/solver_accuracy.py``'s
     corpus with seed 3 (float32 K with the eigenvalue −7.5e-9): projection 4's double-float
