@@ -821,6 +821,35 @@ def test_dual_cone_stage_searches_the_removal_at_an_indefinite_face(monkeypatch)
     assert verdict.outcome == "fail", verdict
 
 
+@pytest.mark.parametrize(
+    "seed, case", [(1, "condition[1e+08#2]"), (2, "condition[1e+08#0]"), (2, "condition[1e+08#1]")]
+)
+def test_imtl_g_solves_a_nearly_singular_cosine_matrix_in_double_float(monkeypatch, seed, case):
+    """IMTL-G in float32 at T = 8 on ``condition[1e8]`` draws of
+    ``benchmarks/solver_accuracy.py``'s corpus (seeds 1 and 2, six draws): K's smallest
+    eigenvalue is about 1e-7, so a genuine singular value of the centred K falls under the
+    null-space cut ``4·ε·‖K‖_∞`` and the two-dimensional null space gave a direction 9–155×
+    the reference's (1.6–11× the judge's allowance), where float64 on the same float32 K is
+    1e-10 off. Where the cut leaves more than one null direction and K is positive definite to
+    a double-float Cholesky factorisation, ``β = K⁻¹𝟙`` is solved in double-float; with the
+    stage's task bound set below T the cases fail again."""
+    from mtljax._src.methods import imtl_g
+
+    assert _float32_verdict_at_five_tasks("imtl_g", case, t=8, seed=seed).outcome == "pass"
+    assert imtl_g.DOUBLE_FLOAT_MAX_TASKS == 16
+    monkeypatch.setattr(imtl_g, "DOUBLE_FLOAT_MAX_TASKS", 4)
+    cases = corpus.jacobian_corpus(seed, 8, properties.dims(8), steps=1, repeats=6)
+    index = [c.name for c in cases].index(case)
+    c = cases[index]
+    g = jnp.asarray(references.gramians(c.jacobians[0]), jnp.float32)
+    # The unjitted function in a new trace, so that the patched bound is read.
+    w = jax.jit(lambda g: imtl_g.impartial_weights.__wrapped__(g))(g)
+    verdict = references.judge(
+        "imtl_g", case, c.jacobians, c.losses, [np.asarray(w)], {}, "float32", seed=index
+    )
+    assert verdict[0].outcome == "fail", verdict
+
+
 def test_rlw_default_weights_follow_a_softmax_of_a_standard_normal():
     """RLW's default distribution (Lin et al. 2022: ``softmax(λ̃)``, ``λ̃ ~ N(0, I)``): the
     first weight's distribution matches draws from numpy (Kolmogorov–Smirnov, 4000 samples)."""

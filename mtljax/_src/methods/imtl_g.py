@@ -4,20 +4,42 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from mtljax._src.base import Method, make_method
 from mtljax._src.methods import _gramian_tools as gt
+from mtljax._src.solvers import double_float as df
+
+# The double-float solve (:func:`_double_float_equal_projections`) runs up to 16 tasks, as the
+# solvers' double-float stages: it factors K once, about T³/3 double-float operations.
+DOUBLE_FLOAT_MAX_TASKS = 16
 
 
-def _null_space_projection(a: jax.Array, b: jax.Array, size: jax.Array) -> jax.Array:
+def _null_space_projection(
+    a: jax.Array, b: jax.Array, size: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """The orthogonal projection of ``b`` on the numerical null space of ``a`` (T×T, entries
     accurate to a few ε relative to ``size``): the right singular vectors with singular value
-    ``≤ 4·ε·size``, and always the last one (``a`` is singular by construction)."""
+    ``≤ 4·ε·size``, and always the last one (``a`` is singular by construction). Returns the
+    projection and the null space's dimension."""
     _, s, vt = jnp.linalg.svd(a)
     t = s.shape[0]
     tol = 4.0 * jnp.finfo(a.dtype).eps * size
     null = (s <= tol) | (jnp.arange(t) == t - 1)
-    return vt.T @ jnp.where(null, vt @ b, 0.0)
+    return vt.T @ jnp.where(null, vt @ b, 0.0), jnp.sum(null)
+
+
+def _double_float_equal_projections(k: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``β = K⁻¹𝟙`` on the non-zero tasks (``m``), with ``K`` taken as exact: a double-float
+    signed Cholesky factorisation and solve (:mod:`~mtljax._src.solvers.double_float`), whose
+    error is about ``κ(K)·ε²``. Returns ``(β, ok)``: ``ok`` where ``K`` is positive definite to
+    that factorisation (every pivot positive) and ``β`` is finite. For a positive definite
+    ``K`` the null space of the centred ``K`` is exactly the line of ``K⁻¹𝟙``."""
+    kk = jnp.where(m[:, None] * m[None, :] > 0, k, 0.0) + jnp.diag(1.0 - m)
+    low, signs = df.signed_cholesky((kk, jnp.zeros_like(kk)))
+    hi, lo = df.cholesky_solve(low, (m, jnp.zeros_like(m)), signs)
+    beta = hi + lo
+    return beta, jnp.all(signs > 0) & jnp.all(jnp.isfinite(beta))
 
 
 @jax.jit
@@ -47,6 +69,15 @@ def impartial_weights(gramian: jax.Array) -> jax.Array:
     tasks than dimensions) only a zero direction has equal projections, and ``β`` lies in the
     null space of ``K``, so ``d = Σβₖuₖ = 0``. Then ``α = (β/n) / Σ(β/n)``.
 
+    In float32, up to :data:`DOUBLE_FLOAT_MAX_TASKS` tasks, where the cut leaves a null space
+    of two or more dimensions, the float32 SVD cannot tell a genuine singular value near
+    ``ε‖A‖`` from zero (a Gramian of condition 1e8 at T = 8: K's smallest eigenvalue 1e-7 and
+    a direction 9–155× the float64 answer on the same K). There ``β = K⁻¹𝟙`` is solved with
+    ``K`` taken as exact by a double-float signed Cholesky factorisation, error about
+    ``κ(K)·ε²``; it replaces the SVD's answer where ``K`` is positive definite to that
+    factorisation (then ``K⁻¹𝟙`` spans the null space of ``A``). Where it is not (e.g.
+    exactly dependent gradients, whose rounded ``K`` is indefinite) the SVD's answer stays.
+
     Zero gradients take no part (``αᵢ = 0``): the centring runs over the non-zero tasks and
     ``βᵢ = 0`` is imposed for the others. If ``Σ βᵢ/nᵢ`` vanishes (to ``10·T·ε`` relative), every
     direction with equal projections has ``Σα = 0`` and the paper's ``DUᵀ`` is singular: no
@@ -60,7 +91,14 @@ def impartial_weights(gramian: jax.Array) -> jax.Array:
     count = jnp.sum(m)
     centre = jnp.diag(m) - jnp.outer(m, m) / jnp.maximum(count, 1.0)
     a = centre @ k + jnp.diag(1.0 - m)
-    beta = _null_space_projection(a, m, jnp.max(jnp.sum(jnp.abs(k), axis=1)))
+    beta, null = _null_space_projection(a, m, jnp.max(jnp.sum(jnp.abs(k), axis=1)))
+    if k.dtype == jnp.float32 and t <= DOUBLE_FLOAT_MAX_TASKS:
+        # A second singular value under the cut: float32 cannot tell a genuine one from zero.
+        def solve(beta):
+            beta_df, ok = _double_float_equal_projections(k, m)
+            return jnp.where(ok, beta_df, beta)
+
+        beta = lax.cond(null >= 2, solve, lambda beta: beta, beta)
     beta = jnp.where(nonzero, beta, 0.0)
     # β/n, scaled by the smallest non-zero norm so that norms far apart stay finite.
     low = jnp.min(jnp.where(nonzero, norms, jnp.inf))
