@@ -850,6 +850,33 @@ def test_imtl_g_solves_a_nearly_singular_cosine_matrix_in_double_float(monkeypat
     assert verdict[0].outcome == "fail", verdict
 
 
+def test_judge_measures_a_zero_reference_direction_against_its_terms():
+    """Float64, T = 3, ``rank[r=1]`` #4 of ``benchmarks/solver_accuracy.py``'s corpus (seed 1):
+    one gradient opposes the two others, so MGDA's exact direction is 0 and the reference's is
+    rounding noise (1e-16 of the largest gradient). The relative error compared two noises and
+    failed MGDA's float64 answer (3.5×); against the size of the terms, ``Σ|wᵢ|‖gᵢ‖``, weights
+    off by 1e-12 pass and a wrong direction fails. On ``scales[1e±8]`` the reference's 1e-8
+    is not 0 (its terms are as small), and uniform weights still fail."""
+    cases = corpus.jacobian_corpus(1, 3, properties.dims(3), steps=1, repeats=6)
+    names = [c.name for c in cases]
+    ref = references.REFERENCES["mgda"]
+
+    def verdict(case, weights_of):
+        index = names.index(case)
+        c = cases[index]
+        x, loss = references.method_input(ref, c.jacobians, c.losses, "float64")
+        w = weights_of(np.asarray(references.evaluate(ref, x, loss, {})[0], np.float64))
+        return references.judge(
+            "mgda", case, c.jacobians, c.losses, [w], {}, "float64", seed=index
+        )[0]
+
+    zero = "rank[r=1#4]"
+    assert verdict(zero, lambda w: w * (1 + 1e-12 * np.arange(3))).outcome == "pass"
+    assert verdict(zero, lambda w: np.eye(3)[0]).outcome == "fail"
+    assert verdict("scales[1e±8#0]", lambda w: w).outcome == "pass"
+    assert verdict("scales[1e±8#0]", lambda w: np.full(3, 1 / 3)).outcome == "fail"
+
+
 def test_rlw_default_weights_follow_a_softmax_of_a_standard_normal():
     """RLW's default distribution (Lin et al. 2022: ``softmax(λ̃)``, ``λ̃ ~ N(0, I)``): the
     first weight's distribution matches draws from numpy (Kolmogorov–Smirnov, 4000 samples)."""
