@@ -69,7 +69,7 @@ def impartial_weights(gramian: jax.Array) -> jax.Array:
     tasks than dimensions) only a zero direction has equal projections, and ``β`` lies in the
     null space of ``K``, so ``d = Σβₖuₖ = 0``. Then ``α = (β/n) / Σ(β/n)``.
 
-    In float32, up to :data:`DOUBLE_FLOAT_MAX_TASKS` tasks, where the cut leaves a null space
+    In float32, from 3 up to :data:`DOUBLE_FLOAT_MAX_TASKS` tasks, where the cut leaves a null space
     of two or more dimensions, the float32 SVD cannot tell a genuine singular value near
     ``ε‖A‖`` from zero (a Gramian of condition 1e8 at T = 8: K's smallest eigenvalue 1e-7 and
     a direction 9–155× the float64 answer on the same K). There ``β = K⁻¹𝟙`` is solved with
@@ -92,7 +92,8 @@ def impartial_weights(gramian: jax.Array) -> jax.Array:
     centre = jnp.diag(m) - jnp.outer(m, m) / jnp.maximum(count, 1.0)
     a = centre @ k + jnp.diag(1.0 - m)
     beta, null = _null_space_projection(a, m, jnp.max(jnp.sum(jnp.abs(k), axis=1)))
-    if k.dtype == jnp.float32 and t <= DOUBLE_FLOAT_MAX_TASKS:
+    # Not at T = 2, where K⁻¹𝟙 ∝ 𝟙 for every K with a unit diagonal, as the SVD's answer.
+    if k.dtype == jnp.float32 and 2 < t <= DOUBLE_FLOAT_MAX_TASKS:
         # A second singular value under the cut: float32 cannot tell a genuine one from zero.
         def solve(beta):
             beta_df, ok = _double_float_equal_projections(k, m)
