@@ -821,7 +821,8 @@ def direction_errors(dirs, base, finite, sizes) -> tuple[list, list]:
             errors.append(np.nan)
             zero.append(False)
             continue
-        is_zero = bool(size > 0 and np.linalg.norm(b) <= ZERO_DIRECTION * 2.0**-53 * size)
+        limit = ZERO_DIRECTION * UNIT_ROUNDOFF["float64"] * size
+        is_zero = bool(size > 0 and np.linalg.norm(b) <= limit)
         errors.append(float(np.linalg.norm(d - b) / size) if is_zero else relative_error(d, b))
         zero.append(is_zero)
     return errors, zero
@@ -1192,8 +1193,8 @@ def judge(
             verdicts.append(Verdict(case_name, s, np.nan, np.nan, tol, "undefined"))
             continue
         if zero[s]:
-            # Against the zero direction the tolerance applies on the gradients' scale; a
-            # relative sensitivity of a rounding noise means nothing.
+            # Against the zero direction the tolerance applies to the size of the reference's
+            # terms; a relative sensitivity of a rounding noise means nothing.
             verdicts.append(Verdict(case_name, s, err, 0.0, tol, "fail" if err > tol else "pass"))
             continue
         sens = max(

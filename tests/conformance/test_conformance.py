@@ -674,16 +674,22 @@ def test_rank_cuts_at_100_tasks(name, case):
     assert verdict[0].outcome == "pass", verdict
 
 
-def _float32_verdict_at_five_tasks(name: str, case: str, t: int = 5, seed: int = 1):
-    """The judge's verdict on ``name``'s float32 weights for a case at T = 5 (or ``t``) of
-    ``benchmarks/solver_accuracy.py``'s corpus (seed 1 or ``seed``, six draws; the case's
-    judge seed)."""
+def _float32_verdict(name: str, case: str, t: int = 5, seed: int = 1, weights=None):
+    """The judge's verdict on ``name``'s float32 weights for a case at T = ``t`` of
+    ``benchmarks/solver_accuracy.py``'s corpus (seed ``seed``, six draws; the case's judge
+    seed); ``weights(G)`` instead of the registered method, when given."""
     cases = corpus.jacobian_corpus(seed, t, properties.dims(t), steps=1, repeats=6)
     index = [c.name for c in cases].index(case)
     c = cases[index]
-    method = mtl.methods.get(name)
+    if weights is None:
+        method = mtl.methods.get(name)
+
+        def weights(g):
+            return mtl.weights_from_gramian(method, g, jnp.ones(t), method.init(t))[0]
+
     g = jnp.asarray(references.gramians(c.jacobians[0]), jnp.float32)
-    w, _ = jax.jit(lambda g: mtl.weights_from_gramian(method, g, jnp.ones(t), method.init(t)))(g)
+    # A new function each call: jit traces it again, so a patched module constant is read.
+    w = jax.jit(lambda g: weights(g))(g)
     verdict = references.judge(
         name, case, c.jacobians, c.losses, [np.asarray(w)], {}, "float32", seed=index
     )
@@ -708,7 +714,7 @@ def test_double_float_stages_on_indefinite_rounded_cosines(name, case):
     the indefinite K_FF of the float32 support (#3: a coordinate leaves the free set) nor
     cycles between supports (#4: one coordinate changes sides at a time, by Wolfe's primal
     rule), and UPGrad's and DualProj's projections have the same stage."""
-    verdict = _float32_verdict_at_five_tasks(name, case)
+    verdict = _float32_verdict(name, case)
     assert verdict.outcome == "pass", verdict
 
 
@@ -769,7 +775,7 @@ def test_the_dual_cone_stage_runs_up_to_16_tasks(monkeypatch):
 
     assert dual_cone.DOUBLE_FLOAT_MAX_TASKS == 16
     monkeypatch.setattr(dual_cone, "DOUBLE_FLOAT_MAX_TASKS", 4)
-    verdict = _float32_verdict_at_five_tasks("upgrad", "condition[1e+12#4]")
+    verdict = _float32_verdict("upgrad", "condition[1e+12#4]")
     assert verdict.outcome == "fail", verdict
 
 
@@ -784,10 +790,10 @@ def test_dual_cone_refines_the_pivoting_solution_until_it_stops_improving(monkey
     from mtljax._src.solvers import dual_cone
 
     case = ("upgrad", "condition[1e+12#0]")
-    assert _float32_verdict_at_five_tasks(*case, t=6, seed=2).outcome == "pass"
+    assert _float32_verdict(*case, t=6, seed=2).outcome == "pass"
     assert dual_cone.REFINE_STEPS == 3
     monkeypatch.setattr(dual_cone, "REFINE_STEPS", 1)
-    verdict = _float32_verdict_at_five_tasks(*case, t=6, seed=2)
+    verdict = _float32_verdict(*case, t=6, seed=2)
     assert verdict.outcome == "fail", verdict
 
 
@@ -796,7 +802,7 @@ def test_dual_cone_takes_the_first_refinement_step_unconditionally():
     corpus (seed 1): the float32 stationarity residual is all rounding there, so a first
     refinement step kept only where it lowers that residual was rejected, and the answer was
     3e-3 off (1.4× the allowance); the first step is always taken (9e-5 off)."""
-    verdict = _float32_verdict_at_five_tasks("upgrad", "condition[1e+08#1]", t=40, seed=1)
+    verdict = _float32_verdict("upgrad", "condition[1e+08#1]", t=40, seed=1)
     assert verdict.outcome == "pass", verdict
 
 
@@ -811,13 +817,13 @@ def test_dual_cone_stage_searches_the_removal_at_an_indefinite_face(monkeypatch)
     from mtljax._src.solvers import dual_cone, min_norm
 
     case = ("upgrad", "condition[1e+12#2]")
-    assert _float32_verdict_at_five_tasks(*case, seed=3).outcome == "pass"
+    assert _float32_verdict(*case, seed=3).outcome == "pass"
 
     def without_search(solve, x0, steps, search=False):
         return min_norm._active_set_in_double_float(solve, x0, steps)
 
     monkeypatch.setattr(dual_cone, "_active_set_in_double_float", without_search)
-    verdict = _float32_verdict_at_five_tasks(*case, seed=3)
+    verdict = _float32_verdict(*case, seed=3)
     assert verdict.outcome == "fail", verdict
 
 
@@ -835,19 +841,14 @@ def test_imtl_g_solves_a_nearly_singular_cosine_matrix_in_double_float(monkeypat
     stage's task bound set below T the cases fail again."""
     from mtljax._src.methods import imtl_g
 
-    assert _float32_verdict_at_five_tasks("imtl_g", case, t=8, seed=seed).outcome == "pass"
+    assert _float32_verdict("imtl_g", case, t=8, seed=seed).outcome == "pass"
     assert imtl_g.DOUBLE_FLOAT_MAX_TASKS == 16
     monkeypatch.setattr(imtl_g, "DOUBLE_FLOAT_MAX_TASKS", 4)
-    cases = corpus.jacobian_corpus(seed, 8, properties.dims(8), steps=1, repeats=6)
-    index = [c.name for c in cases].index(case)
-    c = cases[index]
-    g = jnp.asarray(references.gramians(c.jacobians[0]), jnp.float32)
-    # The unjitted function in a new trace, so that the patched bound is read.
-    w = jax.jit(lambda g: imtl_g.impartial_weights.__wrapped__(g))(g)
-    verdict = references.judge(
-        "imtl_g", case, c.jacobians, c.losses, [np.asarray(w)], {}, "float32", seed=index
+    # The unjitted function, so that the patched bound is read when it is traced.
+    verdict = _float32_verdict(
+        "imtl_g", case, t=8, seed=seed, weights=imtl_g.impartial_weights.__wrapped__
     )
-    assert verdict[0].outcome == "fail", verdict
+    assert verdict.outcome == "fail", verdict
 
 
 def test_judge_measures_a_zero_reference_direction_against_its_terms():

@@ -35,8 +35,7 @@ def _double_float_equal_projections(k: jax.Array, m: jax.Array) -> tuple[jax.Arr
     error is about ``κ(K)·ε²``. Returns ``(β, ok)``: ``ok`` where ``K`` is positive definite to
     that factorisation (every pivot positive) and ``β`` is finite. For a positive definite
     ``K`` the null space of the centred ``K`` is exactly the line of ``K⁻¹𝟙``."""
-    kk = jnp.where(m[:, None] * m[None, :] > 0, k, 0.0) + jnp.diag(1.0 - m)
-    low, signs = df.signed_cholesky((kk, jnp.zeros_like(kk)))
+    low, signs = df.signed_cholesky_on(k, m > 0)
     hi, lo = df.cholesky_solve(low, (m, jnp.zeros_like(m)), signs)
     beta = hi + lo
     return beta, jnp.all(signs > 0) & jnp.all(jnp.isfinite(beta))

@@ -174,6 +174,15 @@ def signed_cholesky(a: DD) -> tuple[DD, jax.Array]:
     return _factor(a, signed=True)
 
 
+def signed_cholesky_on(k: jax.Array, free: jax.Array) -> tuple[DD, jax.Array]:
+    """:func:`signed_cholesky` of ``K_FF``: the working-precision ``K`` (taken as exact)
+    restricted to the rows and columns of the boolean mask ``free``, the identity elsewhere,
+    so that the factor solves the system on ``F`` and leaves the other coordinates at 0."""
+    ff = free[:, None] & free[None, :]
+    m = jnp.where(ff, k, 0.0) + jnp.diag(jnp.where(free, 0.0, 1.0)).astype(k.dtype)
+    return signed_cholesky((m, jnp.zeros_like(m)))
+
+
 def _factor(a: DD, *, signed: bool) -> tuple[DD, jax.Array]:
     n = a[0].shape[0]
     rows = jnp.arange(n)
