@@ -56,9 +56,14 @@ def db_mtl(
     level the Jacobian's rows belong to different examples from one step to the next.
 
     Args:
-      beta: ``β`` ∈ [0, 1), the EMA's decay (0.9 as in the paper's experiments).
-      beta_sigma: ``σ`` ≥ 0, the decay's exponent in ``βₜ = β / t^σ`` (0.5; 0 keeps ``β``).
-      eps: ``ε`` > 0 inside the logarithm (the method is defined for positive losses).
+      beta: ``β`` ∈ [0, 1), the EMA's decay (0.9 as in the paper's experiments; LibMTL's
+        ``--DB_beta`` default).
+      beta_sigma: ``σ`` ≥ 0, the decay's exponent in ``βₜ = β / t^σ``. The default 0.5 is this
+        library's choice: ``βₜ`` then falls from ``β`` like ``t^{-1/2}``, so the average weights
+        the current log-gradient more as training goes on; ``σ = 0`` keeps ``βₜ = β``, LibMTL's
+        default (``--DB_beta_sigma``).
+      eps: ``ε`` > 0 inside the logarithm (the method is defined for positive losses); 1e-8 as
+        in LibMTL's DB-MTL (``torch.log(losses + 1e-8)``), a numerical guard for a zero loss.
       like: required by ``init``: the structure of the direction, i.e. the shared parameters
         (arrays or ``jax.ShapeDtypeStruct``; in the train step ``params.shared``), from which
         ``init(T)`` builds the zero EMA with a leading task axis. ``init`` receives ``T`` only,

@@ -10,7 +10,8 @@ from mtljax._src.methods import _common
 
 
 def geometric_mean(losses: jax.Array, eps: float = 1e-8) -> jax.Array:
-    """GLS's objective ``(Πᵢ max(Lᵢ, ε))^{1/T}``, computed in log space."""
+    """GLS's objective ``(Πᵢ max(Lᵢ, ε))^{1/T}``, computed in log space (``ε`` as in
+    :func:`gls`)."""
     clamped = jnp.maximum(losses, eps)
     return jnp.exp(jnp.mean(jnp.log(clamped)))
 
@@ -35,7 +36,9 @@ def gls(*, eps: float = 1e-8) -> Method:
     for any finite losses.
 
     Args:
-      eps: the loss floor ``ε > 0``.
+      eps: the loss floor ``ε > 0``. The default 1e-8 is this library's numerical guard, not in
+        the paper (LibMTL's GLS, ``torch.pow(losses.prod(), 1./T)``, has no floor either): it
+        keeps ``log Lᵢ`` finite for a zero loss and changes nothing when every loss exceeds it.
 
     Scale: the gradient of the geometric mean (weights ``1/T`` each when all losses are equal).
     Task-specific parameters get ``wᵢ∇Lᵢ``.

@@ -53,8 +53,12 @@ def gradnorm(
     with ``params="last"`` the per-task backward passes stop at the last shared layer.
 
     Args:
-      alpha: the asymmetry α ≥ 0 (the paper uses 0.12 to 3.0; 1.5 is a common default).
-      learning_rate: Adam's learning rate for ``w`` (ignored when ``optimizer`` is given).
+      alpha: the asymmetry α ≥ 0 (the paper uses 0.12 to 3.0; the default 1.5 is LibMTL's,
+        ``--alpha`` in ``LibMTL/config.py``).
+      learning_rate: Adam's learning rate for ``w`` (ignored when ``optimizer`` is given). The
+        default 0.025 is this library's choice (LibMTL trains ``w`` with the model's optimizer
+        instead): Adam's steps are of the order of its learning rate, here 2.5% of the initial
+        weight 1.
       optimizer: an optax optimizer for ``w``.
       params: ``"last"`` (the model's ``last_shared`` layer) or ``"all"`` shared parameters.
 

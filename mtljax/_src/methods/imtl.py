@@ -71,8 +71,10 @@ def imtl(
     Optimizer of ``s``: by default the model's own (``make_train_step``'s ``optimizer``, with
     its own state for ``s``), as for IMTL-L; this equals the joint training for any optimizer
     that treats parameters coordinate-wise (SGD, momentum, Adam…). Outside a train step
-    (:func:`mtljax.aggregate`, :func:`mtljax.gradients`) there is no model optimizer to share
-    and ``s`` takes Adam(1e-3) steps.
+    (:func:`mtljax.aggregate`, :func:`mtljax.gradients`) there is no model optimizer to share and
+    ``s`` takes Adam(1e-3) steps, a fallback of this library (the paper trains ``s`` with the
+    model's optimizer, which is not available there): 10⁻³ is the step size Kingma & Ba suggest as
+    Adam's default (ICLR 2015, Algorithm 1). ``optimizer`` or ``learning_rate`` replace it.
 
     Args:
       optimizer: an optax optimizer of its own for ``s`` instead of the model's.

@@ -18,20 +18,26 @@ def rlw(distribution: str = "normal", *, alpha: float = 1.0, p: float = 0.5) -> 
     Multi-Task Learning", TMLR 2022. At each step ``λ̃ ~ p(λ̃)`` is drawn and normalised onto
     the simplex, ``λ = f(λ̃)``; the shared update is ``∇ Σᵢ λᵢ Lᵢ``. Distributions:
 
-    * ``"normal"`` (default): ``λ = softmax(λ̃)``, ``λ̃ ~ N(0, I)``;
+    * ``"normal"`` (default; the default of the authors' code and the only distribution of
+      LibMTL's current ``RLW``): ``λ = softmax(λ̃)``, ``λ̃ ~ N(0, I)``;
     * ``"uniform"``: ``λ = softmax(λ̃)``, ``λ̃ ~ U(0, 1)ᵀ``;
     * ``"dirichlet"``: ``λ ~ Dir(α·1)``, already on the simplex (``alpha``, default 1);
     * ``"bernoulli"``: ``λ̃ᵢ ~ Bernoulli(p)`` independently, redrawn until at least one task is
       selected, then ``λ = λ̃ / Σⱼ λ̃ⱼ`` (the selected tasks share the step equally);
     * ``"constrained_bernoulli"``: exactly one task, chosen uniformly, gets ``λᵢ = 1``.
 
+    ``α = 1`` and ``p = ½`` are the parameters of the authors' first code (LibMTL's ``RLW``
+    with its ``dist`` argument, commit d884c93: ``Dirichlet(1)``, ``Bernoulli(0.5)``), which
+    also passes Dirichlet samples through the softmax and leaves Bernoulli's 0/1 weights
+    unnormalised.
+
     The weights depend on the ``key`` only (not on the losses): the same key gives the same
     weights, and the train step passes a fresh key at every step. Needs the losses only.
 
     Args:
       distribution: one of the names above.
-      alpha: the Dirichlet concentration (> 0), for ``"dirichlet"``.
-      p: the selection probability in ``(0, 1]``, for ``"bernoulli"``.
+      alpha: the Dirichlet concentration (> 0), for ``"dirichlet"`` (default 1, see above).
+      p: the selection probability in ``(0, 1]``, for ``"bernoulli"`` (default ½, see above).
 
     Scale: ``λ`` lies on the simplex, ``Σᵢ λᵢ = 1`` (``ew(reduction="mean")`` is its average).
     Task-specific parameters get ``λᵢ∇Lᵢ``.

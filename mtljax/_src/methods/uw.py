@@ -52,8 +52,11 @@ def uw(
     its own state for ``s``), so that training equals the paper's joint training of ``(θ, s)``
     for any optimizer that treats parameters coordinate-wise (SGD, momentum, Adam, AdamW…; a
     transformation that couples parameters, like global-norm clipping, sees ``s`` apart from
-    ``θ``). Outside a train step (:func:`mtljax.aggregate`, :func:`mtljax.gradients`) there is
-    no model optimizer to share and ``s`` takes Adam(1e-3) steps.
+    ``θ``). Outside a train step (:func:`mtljax.aggregate`, :func:`mtljax.gradients`) there is no
+    model optimizer to share and ``s`` takes Adam(1e-3) steps, a fallback of this library (the paper
+    trains ``s`` with the model's optimizer, which is not available there): 10⁻³ is the step size
+    Kingma & Ba suggest as Adam's default (ICLR 2015, Algorithm 1). ``optimizer`` or
+    ``learning_rate`` replace it.
 
     Args:
       kinds: ``"regression"``, ``"classification"``, or one of these per task.
