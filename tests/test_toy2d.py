@@ -276,3 +276,73 @@ def test_stalls_in_the_valley_of_l1_from_the_upper_left(name):
     assert x2 > 1 and abs(-(x1 + 7) / 2 + math.tanh(x2)) < 0.05, (x1, x2)
     moved = np.linalg.norm(path[toy2d.STEPS // EVERY] - path[(toy2d.STEPS - 5000) // EVERY])
     assert moved < 0.2, moved
+
+
+# The findings of notebooks/02_pareto_toy.ipynb, checked on the same runs (the notebook's
+# small run in the test suite trains four methods only).
+
+EW_POINT = -63 / 11  # the minimiser of ℓ₁ + ℓ₂ on the front (see the test above)
+
+
+def ends_on_front(name: str) -> np.ndarray:
+    """x₁ after 35 000 steps of the runs that OUTCOMES expects on the front (F)."""
+    at = reproduction(name).positions[:, toy2d.STEPS // EVERY]
+    return np.asarray([x[0] for c, x in zip(OUTCOMES[name], at, strict=True) if c == "F"])
+
+
+def test_cagrad_reaches_the_front_at_the_equal_weighting_point():
+    np.testing.assert_allclose(ends_on_front("cagrad"), EW_POINT, atol=0.01)
+
+
+@pytest.mark.parametrize("name", ["nash_mtl", "imtl_g", "fairgrad"])
+def test_spread_across_the_front(name):
+    x1 = ends_on_front(name)
+    assert np.ptp(x1) > 6, x1
+
+
+def test_famo_ends_near_the_middle_of_the_front():
+    x1 = ends_on_front("famo")
+    assert np.all(np.abs(x1) < 2.5), x1
+
+
+def test_stch_ends_at_one_point_of_the_front():
+    np.testing.assert_allclose(ends_on_front("stch"), 4.85, atol=0.02)
+
+
+def test_gls_does_not_move_from_the_origin():
+    """At (0, 0) both losses are 0: GLS's geometric mean of the floored losses has no gradient."""
+    x = reproduction("gls").positions[1, toy2d.STEPS // EVERY]
+    assert np.linalg.norm(x) < 0.05, x
+
+
+def test_equal_weighting_stalls_in_the_valley_of_l2_from_the_upper_right():
+    """From (9, 9) EW ends above the axis in the valley of ℓ₂'s log term, a₂ = 0."""
+    x1, x2 = reproduction("ew").positions[2, toy2d.STEPS // EVERY]
+    assert x2 > 1 and abs(-(x1 - 3) / 2 - math.tanh(x2) + 2) < 0.05, (x1, x2)
+
+
+def test_imtl_reaches_the_front_then_slides_to_l1s_optimum():
+    """README: IMTL reaches the front from all five starts and then slides along it to x₁ = 7."""
+    positions = reproduction("imtl").positions
+    for start, path in zip(toy2d.STARTS, positions, strict=True):
+        on = np.flatnonzero(toy2d.on_front(path))
+        assert on.size, f"imtl from {start} never on the front: {path.tolist()}"
+        later = path[on[0] :]
+        assert np.all(np.diff(later[:, 0]) > -0.05), later[:, 0]  # towards x₁ = 7 only
+        assert toy2d.at_task_optimum(path[-1]) and path[-1, 0] > 0, path[-1]
+
+
+def test_imtl_g_without_adams_epsilon_drifts_to_l1s_optimum():
+    """README: with Adam's ε = 0, IMTL-G's rounding-level updates along the front become full
+    steps too, and it slides to x₁ = 7 from the four starts where it has a gradient (at (0, 0)
+    both gradients are 0 and Adam without ε divides 0 by 0)."""
+    import optax
+
+    out = toy2d.run(
+        toy2d.build_method("imtl_g"), steps=80_000, every=EVERY, optimizer=optax.adam(1e-3, eps=0.0)
+    )
+    for start, path in zip(toy2d.STARTS, out.positions, strict=True):
+        if start == (0.0, 0.0):
+            continue
+        assert toy2d.on_front(path).any(), f"imtl_g from {start} never on the front"
+        assert toy2d.at_task_optimum(path[-1]) and path[-1, 0] > 0, (start, path[-1])
