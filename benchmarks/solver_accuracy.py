@@ -21,9 +21,10 @@ ConFIG's T × (2T + 2) Jacobian up to T = 10), beyond that one column per group 
 four passes of at most ``--max-columns`` groups each; the random draws alone can under-read
 it several times. Per method and task count the table gives the failure rate, the worst
 relative error, the worst ratio of the error to what the judge allows, the median and largest
-solver iterations and the share of converged solves (from the ``SolverInfo`` in the method's
-state, where it keeps one), and the median time of one jitted call on one Gramian (after
-warm-up). The float64 references are small dense problems: OpenBLAS runs single-threaded here
+solver iterations, the share of converged solves and the largest final residual (from the
+``SolverInfo`` in the method's state, where it keeps one), and the time of one jitted call
+(after warm-up), timed on every case: the median over the cases and the slowest case. The
+float64 references are small dense problems: OpenBLAS runs single-threaded here
 (``OPENBLAS_NUM_THREADS=1`` unless set), which on a shared machine makes them tens of times
 faster than with threads that contend for the cores.
 
@@ -122,22 +123,27 @@ def run_corpus(name: str, kwargs: dict, cases, t: int, dtype: str):
     return w, info
 
 
-def time_call(name: str, kwargs: dict, case, t: int, dtype: str, reps: int) -> float:
-    """Median milliseconds of one jitted call on one case, after two warm-up calls."""
+def time_calls(name: str, kwargs: dict, cases, t: int, dtype: str, reps: int) -> list[float]:
+    """Milliseconds of one jitted call on each case: the median of ``reps`` calls, after two
+    warm-up calls on the first case (one compilation serves every case: same shapes)."""
     method = mtl.methods.get(name, **kwargs)
     with jax.enable_x64(dtype == "float64"):
         fn = jax.jit(_call(method))
-        x = jnp.asarray(_inputs(method, case), dtype)
-        loss = jnp.asarray(case.losses[0], dtype)
         state = method.init(t)
+        args = [
+            (jnp.asarray(_inputs(method, c), dtype), jnp.asarray(c.losses[0], dtype)) for c in cases
+        ]
         for _ in range(2):
-            jax.block_until_ready(fn(x, loss, state))
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(x, loss, state))
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+            jax.block_until_ready(fn(*args[0], state))
+        per_case = []
+        for x, loss in args:
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(x, loss, state))
+                times.append(time.perf_counter() - t0)
+            per_case.append(1e3 * statistics.median(times))
+    return per_case
 
 
 def measure(name: str, t: int, dtype: str, repeats: int, reps: int, seed: int) -> dict:
@@ -164,14 +170,21 @@ def measure(name: str, t: int, dtype: str, repeats: int, reps: int, seed: int) -
         "worst_error": max(errors, default=float("nan")),
         "worst_excess": max(excess, default=float("nan")),
         "failed_cases": sorted({v.case for v in failed}),
-        "ms_per_call": time_call(name, kwargs, cases[0], t, dtype, reps),
     }
+    ms = time_calls(name, kwargs, cases, t, dtype, reps)
+    slowest = int(np.argmax(ms))
+    row.update(
+        ms_per_call=float(np.median(ms)),
+        ms_per_call_max=float(ms[slowest]),
+        slowest_case=cases[slowest].name,
+    )
     if info is not None:
-        iters, conv, _ = info
+        iters, conv, residual = info
         row.update(
             iterations_median=float(np.median(iters)),
             iterations_max=int(np.max(iters)),
             converged=float(np.mean(conv)),
+            residual_max=float(np.max(residual)),
         )
     return row
 
@@ -186,9 +199,9 @@ def print_tables(rows: list[dict]) -> None:
         print(f"\n### `{name}`\n")
         print(
             "| T | dtype | failures | worst error | worst error / allowed | iterations "
-            "(median / max) | converged | ms per call |"
+            "(median / max) | converged | worst solver residual | ms per call (median / max) |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in (r for r in rows if r["method"] == name):
             its = (
                 f"{fmt(r.get('iterations_median'), 'g')} / {fmt(r.get('iterations_max'), 'd')}"
@@ -199,7 +212,9 @@ def print_tables(rows: list[dict]) -> None:
             print(
                 f"| {r['T']} | {r['dtype']} | {r['failures']}/{r['cases']} "
                 f"({r['failure_rate']:.0%}) | {fmt(r['worst_error'], '.1e')} | "
-                f"{fmt(r['worst_excess'], '.2g')} | {its} | {conv} | {r['ms_per_call']:.3f} |"
+                f"{fmt(r['worst_excess'], '.2g')} | {its} | {conv} | "
+                f"{fmt(r.get('residual_max'), '.1e')} | {r['ms_per_call']:.3g} / "
+                f"{r['ms_per_call_max']:.3g} (`{r['slowest_case']}`) |"
             )
 
 
@@ -208,7 +223,7 @@ def main(argv=None):
     p.add_argument("--tasks", type=int, nargs="+", default=[2, 10, 40, 100])
     p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "float64"])
     p.add_argument("--repeats", type=int, default=3, help="draws of every corpus family")
-    p.add_argument("--reps", type=int, default=20, help="timed calls per method and T")
+    p.add_argument("--reps", type=int, default=5, help="timed calls per case")
     p.add_argument("--methods", nargs="*", default=None, help=f"default: {' '.join(METHODS)}")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
@@ -224,7 +239,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     references.MAX_COLUMNS = args.max_columns
     if args.quick:
-        args.tasks, args.repeats, args.reps = [2, 10], 1, 5
+        args.tasks, args.repeats, args.reps = [2, 10], 1, 3
     methods = args.methods or list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
