@@ -161,6 +161,15 @@ def aligned_mtl(importance: Sequence[float] | None = None) -> Method:
     Only the Gramian is needed; on the Jacobian w.r.t. the shared representation
     (``mode="feature"``) this is the paper's Aligned-MTL-UB.
 
+    Float32 limit: the rank is decided on the Gramian, whose float32 rounding cannot tell an
+    eigenvalue of the cosine matrix below a few ``ε₃₂·λ_max`` from the zero of exactly dependent
+    gradients. Such directions count as dependent (:func:`_rank_cut`: ``4·ε₃₂·λ_max(K)``), as
+    the authors' code drops eigenvalues of ``G`` below ``T·ε·λ_max(G)`` in the working dtype:
+    nearly opposite pairs at an angle ``π − δ`` with ``δ²/2 ≤ 4·ε₃₂·λ_max(K)`` (``δ ≤ 1.4·10⁻³``
+    for two tasks), and cones as close to Pareto-stationarity, get the update of the reduced
+    rank, where float64 keeps the direction.
+    The README's solver-accuracy section lists the corpus cases this changes.
+
     Args:
       importance: ``ω``, one positive weight per task (default: ones).
 
