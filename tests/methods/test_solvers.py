@@ -1067,3 +1067,38 @@ def test_cagrad_guessed_supports_agree_with_the_exhaustive_candidates(dtype, mon
     d_slow = np.einsum("bi,bip->bp", np.asarray(slow.lam, float), js)
     err = np.linalg.norm(d_fast - d_slow, axis=1) / np.linalg.norm(d_slow, axis=1)
     assert np.all(err <= {"float32": 1e-4, "float64": 1e-10}[dtype]), err.max()
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_projections_reaching_the_interior_point_are_solved_alone(monkeypatch, chunk):
+    """The interior-point stage of ``project_dual_cone`` solves only the projections the
+    earlier stages left uncertified, ``IPM_CHUNK`` at a time (the last chunk clamped to the
+    batch's end, repeating earlier ones): the same answers and iteration counts as one batch
+    of all of them. ``max_iter=1`` (one pivot, one interior-point iteration) sends most of
+    seven projections there."""
+    from mtljax._src.solvers import dual_cone
+
+    rng = np.random.default_rng(3)
+    j = rng.normal(size=(7, 9))
+    j[1] = -j[0] + 0.1 * rng.normal(size=9)  # conflicting pairs: pivots are needed
+    j[3] = -0.5 * j[2] + 0.1 * rng.normal(size=9)
+    g = jnp.asarray(j @ j.T, jnp.float32)
+    us = jnp.asarray(rng.uniform(0.1, 1.0, size=(7, 7)), jnp.float32)
+
+    def solve():
+        return jax.jit(
+            lambda g, u: dual_cone.project_dual_cone(
+                g, u, max_iter=1, return_info=True, algorithm="pivoting"
+            )
+        )(g, us)
+
+    monkeypatch.setattr(dual_cone, "IPM_CHUNK", 1000)
+    v_all, info_all = solve()
+    monkeypatch.setattr(dual_cone, "IPM_CHUNK", chunk)
+    v, info = solve()
+    np.testing.assert_allclose(v, v_all, rtol=1e-6, atol=1e-7)
+    assert int(info.iterations) == int(info_all.iterations) > 2
+    per_row = [
+        dual_cone.project_dual_cone(g, u, max_iter=1, return_info=True)[1].iterations for u in us
+    ]
+    assert int(info.iterations) == max(int(i) for i in per_row)
