@@ -233,6 +233,9 @@ def test_reproduction(name):
     assert not errors, "\n".join(errors)
 
 
+EW_POINT = -63 / 11  # the minimiser of ℓ₁ + ℓ₂ on the front (see the test below)
+
+
 def test_equal_weighting_ends_at_the_minimiser_of_the_summed_losses():
     """EW minimises ℓ₁ + ℓ₂ = 0.1 f₁ + f₂; below the axis both are c₂(x₂) gᵢ, and
     d/dx₁ [0.1 (x₁ − 7)² + (x₁ + 7)²] = 0 gives x₁ = −63/11 ≈ −5.727, next to ℓ₂'s optimum."""
@@ -240,7 +243,7 @@ def test_equal_weighting_ends_at_the_minimiser_of_the_summed_losses():
     at = out.positions[:, toy2d.STEPS // EVERY]
     reached = toy2d.on_front(at)
     assert reached.sum() >= 3
-    np.testing.assert_allclose(at[reached, 0], -63 / 11, atol=0.01)
+    np.testing.assert_allclose(at[reached, 0], EW_POINT, atol=0.01)
 
 
 def test_paper_settings():
@@ -280,8 +283,6 @@ def test_stalls_in_the_valley_of_l1_from_the_upper_left(name):
 
 # The findings of notebooks/02_pareto_toy.ipynb, checked on the same runs (the notebook's
 # small run in the test suite trains four methods only).
-
-EW_POINT = -63 / 11  # the minimiser of ℓ₁ + ℓ₂ on the front (see the test above)
 
 
 def ends_on_front(name: str) -> np.ndarray:

@@ -1154,7 +1154,6 @@ def judge(
     *,
     seed: int = 0,
     tolerance: float | None = None,
-    precomputed=None,
     max_columns: int | None = None,
 ) -> list[Verdict]:
     """The verdicts of one case: ``outputs`` are the method's outputs per step (weights for a
@@ -1172,10 +1171,7 @@ def judge(
             err = ref.fn(x[s] if ref.given != "losses" else loss[s], out)
             verdicts.append(Verdict(case_name, s, err, 0.0, tol, "fail" if err > tol else "pass"))
         return verdicts
-    if precomputed is None:
-        base, others, sizes = _reference_outputs(name, jacs, losses, kwargs, dtype, seed)
-    else:
-        (base, others), sizes = precomputed, [0.0] * len(outputs)
+    base, others, sizes = _reference_outputs(name, jacs, losses, kwargs, dtype, seed)
     dirs = [to_direction(ref, jacs, s, out) for s, out in enumerate(outputs)]
     finite = [bool(np.all(np.isfinite(d))) for d in dirs]
     errors, zero = direction_errors(dirs, base, finite, sizes)
