@@ -102,12 +102,9 @@ def _inputs(method, case) -> np.ndarray:
     return references.gramians(j) if method.weights is not None else j
 
 
-def run_corpus(name: str, kwargs: dict, cases, t: int, dtype: str):
-    """The method's weights (or direction) and solver figures on every case (one jitted,
-    vmapped call)."""
-    method = mtl.methods.get(name, **kwargs)
-    inputs = np.stack([_inputs(method, c) for c in cases])
-    losses = np.stack([c.losses[0] for c in cases])
+def run_corpus(method, inputs: np.ndarray, losses: np.ndarray, t: int, dtype: str):
+    """The method's weights (or direction) and solver figures on every case (one jitted call
+    mapping over the cases' ``inputs`` and ``losses``)."""
     call = _call(method)
 
     def one(x, loss):
@@ -123,15 +120,17 @@ def run_corpus(name: str, kwargs: dict, cases, t: int, dtype: str):
     return w, info
 
 
-def time_calls(name: str, kwargs: dict, cases, t: int, dtype: str, reps: int) -> list[float]:
+def time_calls(
+    method, inputs: np.ndarray, losses: np.ndarray, t: int, dtype: str, reps: int
+) -> list[float]:
     """Milliseconds of one jitted call on each case: the median of ``reps`` calls, after two
     warm-up calls on the first case (one compilation serves every case: same shapes)."""
-    method = mtl.methods.get(name, **kwargs)
     with jax.enable_x64(dtype == "float64"):
         fn = jax.jit(_call(method))
         state = method.init(t)
         args = [
-            (jnp.asarray(_inputs(method, c), dtype), jnp.asarray(c.losses[0], dtype)) for c in cases
+            (jnp.asarray(x, dtype), jnp.asarray(loss, dtype))
+            for x, loss in zip(inputs, losses, strict=True)
         ]
         for _ in range(2):
             jax.block_until_ready(fn(*args[0], state))
@@ -149,7 +148,10 @@ def time_calls(name: str, kwargs: dict, cases, t: int, dtype: str, reps: int) ->
 def measure(name: str, t: int, dtype: str, repeats: int, reps: int, seed: int) -> dict:
     kwargs = METHODS[name]
     cases = corpus.jacobian_corpus(seed, t, dims(t), steps=1, repeats=repeats)
-    w, info = run_corpus(name, kwargs, cases, t, dtype)
+    method = mtl.methods.get(name, **kwargs)
+    inputs = np.stack([_inputs(method, c) for c in cases])
+    losses = np.stack([c.losses[0] for c in cases])
+    w, info = run_corpus(method, inputs, losses, t, dtype)
     verdicts = []
     for i, c in enumerate(cases):
         verdicts += references.judge(
@@ -171,7 +173,7 @@ def measure(name: str, t: int, dtype: str, repeats: int, reps: int, seed: int) -
         "worst_excess": max(excess, default=float("nan")),
         "failed_cases": sorted({v.case for v in failed}),
     }
-    ms = time_calls(name, kwargs, cases, t, dtype, reps)
+    ms = time_calls(method, inputs, losses, t, dtype, reps)
     slowest = int(np.argmax(ms))
     row.update(
         ms_per_call=float(np.median(ms)),
